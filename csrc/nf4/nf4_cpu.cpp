@@ -1,0 +1,174 @@
+// NF4 quantize / double-quantize / dequantize on the CPU: at::parallel_for over blocks, fp32 math
+// from nf4_common.h (the same functions the CUDA kernels call).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "common/dispatch.h"
+#include "nf4/nf4_checks.h"
+
+namespace lora_ext {
+namespace nf4 {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kGrainElems = 1 << 15;  // elements per parallel task: enough to hide the fork
+
+// Codes for a run of scaled values: 15 - #(midpoints >= s) counts midpoints strictly below s and
+// sends NaN to 15, in one comparison chain per vector.
+void encode_run(const float* s, int64_t len, uint8_t* codes) {
+  int64_t i = 0;
+  const Vec fifteen(15.0f), one(1.0f);
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    const Vec v = Vec::loadu(s + i);
+    Vec below = fifteen;
+    for (int k = 0; k < 15; ++k) below = below - ((Vec(midpoint(k)) >= v) & one);
+    alignas(64) float tmp[Vec::size()];
+    below.store(tmp);
+    for (int j = 0; j < Vec::size(); ++j) codes[i + j] = static_cast<uint8_t>(tmp[j]);
+  }
+  for (; i < len; ++i) codes[i] = static_cast<uint8_t>(encode(s[i]));
+}
+
+template <typename T>
+void quantize_block(const T* x, int64_t len, bool partial, float* absmax_out, uint8_t* packed) {
+  alignas(64) float buf[kMaxBlocksize];
+  alignas(64) uint8_t codes[kMaxBlocksize + 1];
+  for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(x[i]);
+  float am = 0.0f;
+  for (int64_t i = 0; i < len; ++i) am = absmax_step(am, buf[i]);
+  if (partial) {
+    // The trailing block: divided by its clamped absmax, and the clamped value is stored.
+    am = clamp_tiny(am);
+    for (int64_t i = 0; i < len; ++i) buf[i] = div_rn(buf[i], am);
+  } else {
+    const Vec r(div_rn(1.0f, clamp_tiny(am)));
+    int64_t i = 0;
+    for (; i + Vec::size() <= len; i += Vec::size()) (Vec::loadu(buf + i) * r).store(buf + i);
+    for (; i < len; ++i) buf[i] = mul_rn(buf[i], div_rn(1.0f, clamp_tiny(am)));
+  }
+  *absmax_out = am;
+  encode_run(buf, len, codes);
+  if (len & 1) codes[len] = kPadCode;
+  for (int64_t j = 0; j < (len + 1) / 2; ++j) packed[j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& A_in, int64_t blocksize) {
+  check_quantize_args(A_in, blocksize);
+  const at::Tensor A = A_in.contiguous();
+  const int64_t n = A.numel();
+  const int64_t nblocks = ceil_div(n, blocksize);
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, A.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, A.options().dtype(at::kFloat));
+  LORA_DISPATCH_FLOAT_TYPES(A.scalar_type(), "quantize_nf4_cpu", [&] {
+    const scalar_t* x = A.const_data_ptr<scalar_t>();
+    uint8_t* q = packed.data_ptr<uint8_t>();
+    float* am = absmax.data_ptr<float>();
+    at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t len = std::min(blocksize, n - start);
+        quantize_block(x + start, len, start + blocksize > n, am + b, q + start / 2);
+      }
+    });
+  });
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor& absmax_in, const at::Tensor& code_in,
+                                                                int64_t blocksize) {
+  check_double_quant_args(absmax_in, code_in, blocksize);
+  const at::Tensor absmax = absmax_in.contiguous().view(-1);
+  const int64_t n = absmax.numel();
+  // torch's own mean, as bitsandbytes takes it: the offset must round the same way.
+  at::Tensor offset = n > 0 ? absmax.mean() : at::zeros({}, absmax.options());
+  const int64_t nblocks = ceil_div(n, blocksize);
+  at::Tensor q = at::empty({n}, absmax.options().dtype(at::kByte));
+  at::Tensor nested = at::empty({nblocks}, absmax.options());
+  const float off = offset.item<float>();
+  const float* a = absmax.const_data_ptr<float>();
+  const float* code = code_in.const_data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* np = nested.data_ptr<float>();
+  at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize, end = std::min(start + blocksize, n);
+      float am = 0.0f;
+      for (int64_t i = start; i < end; ++i) am = dyn_absmax_step(am, sub_rn(a[i], off));
+      np[b] = am;
+      if (am == 0.0f) {
+        std::memset(qp + start, 0, end - start);
+        continue;
+      }
+      const float inv = div_rn(1.0f, am);
+      for (int64_t i = start; i < end; ++i) qp[i] = static_cast<uint8_t>(dyn_encode(sub_rn(a[i], off), inv, code));
+    }
+  });
+  return {q, nested, offset};
+}
+
+// Per block: the 16 possible outputs are computed once (code * absmax, rounded to T), then each
+// packed byte is two table reads.
+template <typename T, bool kNested>
+void dequantize_blocks(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested,
+                       const float* code8, float offset, int64_t nested_log2, int64_t blocksize, int64_t n, T* out) {
+  const int64_t nblocks = ceil_div(n, blocksize);
+  at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
+    std::array<T, 16> table;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float scale = kNested ? nested_absmax(qabsmax[b], nested[b >> nested_log2], offset, code8) : absmax[b];
+      for (uint32_t c = 0; c < 16; ++c) table[c] = static_cast<T>(mul_rn(code_value(c), scale));
+      const int64_t start = b * blocksize;
+      const int64_t len = std::min(blocksize, n - start);
+      const uint8_t* src = packed + start / 2;
+      T* dst = out + start;
+      const int64_t pairs = len / 2;
+      for (int64_t j = 0; j < pairs; ++j) {
+        const uint8_t byte = src[j];
+        dst[2 * j] = table[byte >> 4];
+        dst[2 * j + 1] = table[byte & 15];
+      }
+      if (len & 1) dst[len - 1] = table[src[pairs] >> 4];
+    }
+  });
+}
+
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              at::IntArrayRef shape, at::ScalarType dtype,
+                              const c10::optional<at::Tensor>& nested_absmax,
+                              const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                              int64_t nested_blocksize) {
+  const auto args = check_dequantize_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                                          nested_blocksize);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  if (args.n == 0) return out;
+  const uint8_t* q = packed.const_data_ptr<uint8_t>();
+  LORA_DISPATCH_FLOAT_TYPES(dtype, "dequantize_nf4_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (args.nested) {
+      dequantize_blocks<scalar_t, true>(q, nullptr, absmax.const_data_ptr<uint8_t>(),
+                                        nested_absmax->const_data_ptr<float>(), nested_code->const_data_ptr<float>(),
+                                        offset->item<float>(), log2_exact(nested_blocksize), blocksize, args.n, o);
+    } else {
+      dequantize_blocks<scalar_t, false>(q, absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, 0.0f, 0,
+                                         blocksize, args.n, o);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("quantize_nf4", &quantize_nf4_cpu);
+  m.impl("double_quant", &double_quant_cpu);
+  m.impl("dequantize_nf4", &dequantize_nf4_cpu);
+}
+
+}  // namespace nf4
+}  // namespace lora_ext

@@ -1,0 +1,168 @@
+// NF4 CUDA kernels. The per-element math is nf4_common.h, shared with the CPU kernels.
+#include <cstdint>
+
+#include "common/cuda_types.cuh"
+#include "nf4/nf4_common.h"
+#include "nf4/nf4_launch.h"
+
+namespace lora_ext {
+namespace nf4 {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kChunk = 32;  // elements one dequant thread writes: 16 packed bytes in
+
+// One warp per quantization block (blocksize >= 32, so every lane has work in full blocks).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(QuantizeParams p) {
+  const T* x = static_cast<const T*>(p.x);
+  const int lane = threadIdx.x & 31;
+  const int64_t bs = int64_t{1} << p.blocksize_log2;
+  const int64_t nblocks = (p.n + bs - 1) >> p.blocksize_log2;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nblocks; b += nwarps) {
+    const int64_t start = b << p.blocksize_log2;
+    const int64_t len = min(bs, p.n - start);
+    const bool partial = start + bs > p.n;
+    float am = 0.0f;
+    for (int64_t i = lane; i < len; i += 32) am = absmax_step(am, to_float(x[start + i]));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) am = absmax_step(am, __shfl_xor_sync(kFullMask, am, off));
+    if (partial) am = clamp_tiny(am);
+    if (lane == 0) p.absmax[b] = am;
+    const float r = div_rn(1.0f, clamp_tiny(am));
+    for (int64_t j = lane; j < (len + 1) / 2; j += 32) {
+      const float x0 = to_float(x[start + 2 * j]);
+      const uint32_t c0 = encode(partial ? div_rn(x0, am) : mul_rn(x0, r));
+      uint32_t c1 = kPadCode;
+      if (2 * j + 1 < len) {
+        const float x1 = to_float(x[start + 2 * j + 1]);
+        c1 = encode(partial ? div_rn(x1, am) : mul_rn(x1, r));
+      }
+      p.packed[(start >> 1) + j] = static_cast<uint8_t>((c0 << 4) | c1);
+    }
+  }
+}
+
+// One warp per nested block of absmax - offset.
+__global__ void __launch_bounds__(kThreads) double_quant_kernel(DoubleQuantParams p) {
+  __shared__ float code_s[kDynCodes];
+  for (int i = threadIdx.x; i < kDynCodes; i += blockDim.x) code_s[i] = p.code[i];
+  __syncthreads();
+  const float off = *p.offset;
+  const int lane = threadIdx.x & 31;
+  const int64_t bs = int64_t{1} << p.blocksize_log2;
+  const int64_t nblocks = (p.n + bs - 1) >> p.blocksize_log2;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nblocks; b += nwarps) {
+    const int64_t start = b << p.blocksize_log2;
+    const int64_t end = min(start + bs, p.n);
+    float am = 0.0f;
+    for (int64_t i = start + lane; i < end; i += 32) am = dyn_absmax_step(am, sub_rn(p.absmax[i], off));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) am = dyn_absmax_step(am, __shfl_xor_sync(kFullMask, am, o));
+    if (lane == 0) p.nested_absmax[b] = am;
+    const float inv = div_rn(1.0f, am);
+    for (int64_t i = start + lane; i < end; i += 32) {
+      p.qabsmax[i] = am == 0.0f ? uint8_t{0} : static_cast<uint8_t>(dyn_encode(sub_rn(p.absmax[i], off), inv, code_s));
+    }
+  }
+}
+
+// Each thread turns 16 packed bytes into 32 outputs. kVec: packed is 16-byte aligned (out always
+// is: we allocate it), so full chunks move as uint4; the ragged tail and unaligned views go
+// element by element.
+template <typename T, bool kNested, bool kVec>
+__global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizeParams p) {
+  __shared__ float code_s[16];
+  if (threadIdx.x < 16) code_s[threadIdx.x] = code_value(threadIdx.x);
+  __syncthreads();
+  const float offset = kNested ? *p.offset : 0.0f;
+  T* out = static_cast<T*>(p.out);
+  const int64_t nchunks = (p.n + kChunk - 1) / kChunk;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride) {
+    const int64_t start = c * kChunk;
+    const int64_t b = start >> p.blocksize_log2;  // a chunk never straddles a block: blocksize >= 32
+    const float scale = kNested ? nested_absmax(p.qabsmax[b], p.nested_absmax[b >> p.nested_blocksize_log2], offset,
+                                                p.nested_code)
+                                : p.absmax[b];
+    if (kVec && start + kChunk <= p.n) {
+      const uint4 w = *reinterpret_cast<const uint4*>(p.packed + start / 2);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+      alignas(16) T vals[kChunk];
+#pragma unroll
+      for (int j = 0; j < kChunk / 2; ++j) {
+        const uint32_t byte = (words[j >> 2] >> (8 * (j & 3))) & 0xffu;
+        vals[2 * j] = from_float<T>(mul_rn(code_s[byte >> 4], scale));
+        vals[2 * j + 1] = from_float<T>(mul_rn(code_s[byte & 15u], scale));
+      }
+      uint4* dst = reinterpret_cast<uint4*>(out + start);
+#pragma unroll
+      for (int k = 0; k < static_cast<int>(kChunk * sizeof(T) / 16); ++k) dst[k] = reinterpret_cast<const uint4*>(vals)[k];
+    } else {
+      const int64_t end = min(start + kChunk, p.n);
+      for (int64_t i = start; i < end; ++i) {
+        const uint32_t byte = p.packed[i >> 1];
+        const uint32_t code = (i & 1) ? (byte & 15u) : (byte >> 4);
+        out[i] = from_float<T>(mul_rn(code_s[code], scale));
+      }
+    }
+  }
+}
+
+template <typename T>
+void quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
+  const long long nblocks = (p.n + (int64_t{1} << p.blocksize_log2) - 1) >> p.blocksize_log2;
+  quantize_nf4_kernel<T><<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(p);
+}
+
+template <typename T, bool kNested>
+void dequantize_typed(const DequantizeParams& p, bool vec, cudaStream_t stream) {
+  const unsigned grid = grid_for((p.n + kChunk - 1) / kChunk, kThreads);
+  if (vec) {
+    dequantize_nf4_kernel<T, kNested, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    dequantize_nf4_kernel<T, kNested, false><<<grid, kThreads, 0, stream>>>(p);
+  }
+}
+
+template <typename T>
+void dequantize_dispatch_nested(const DequantizeParams& p, bool vec, cudaStream_t stream) {
+  if (p.nested) {
+    dequantize_typed<T, true>(p, vec, stream);
+  } else {
+    dequantize_typed<T, false>(p, vec, stream);
+  }
+}
+
+}  // namespace
+
+void launch_quantize_nf4(const QuantizeParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat16: quantize_typed<__half>(p, stream); break;
+    case DType::kBFloat16: quantize_typed<__nv_bfloat16>(p, stream); break;
+    default: quantize_typed<float>(p, stream);
+  }
+}
+
+void launch_double_quant(const DoubleQuantParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const long long nblocks = (p.n + (int64_t{1} << p.blocksize_log2) - 1) >> p.blocksize_log2;
+  double_quant_kernel<<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(p);
+}
+
+void launch_dequantize_nf4(const DequantizeParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const bool vec = (reinterpret_cast<uintptr_t>(p.packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(p.out) % 16 == 0);
+  switch (p.dtype) {
+    case DType::kFloat16: dequantize_dispatch_nested<__half>(p, vec, stream); break;
+    case DType::kBFloat16: dequantize_dispatch_nested<__nv_bfloat16>(p, vec, stream); break;
+    default: dequantize_dispatch_nested<float>(p, vec, stream);
+  }
+}
+
+}  // namespace nf4
+}  // namespace lora_ext

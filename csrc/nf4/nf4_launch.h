@@ -1,0 +1,54 @@
+// Plain parameter structs and launchers of the NF4 CUDA kernels. Included by nf4_cuda.cu and by
+// the torch-side glue nf4_cuda_api.cpp; no torch headers here, so the .cu compiles fast.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora_ext {
+namespace nf4 {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct QuantizeParams {
+  const void* x;       // n elements of `dtype`
+  uint8_t* packed;     // (n + 1) / 2 bytes
+  float* absmax;       // ceil(n / blocksize)
+  int64_t n;
+  int blocksize_log2;
+  DType dtype;
+};
+
+struct DoubleQuantParams {
+  const float* absmax;  // n
+  const float* offset;  // device scalar: mean(absmax)
+  const float* code;    // 256 entries, sorted
+  uint8_t* qabsmax;     // n
+  float* nested_absmax; // ceil(n / blocksize)
+  int64_t n;
+  int blocksize_log2;
+};
+
+struct DequantizeParams {
+  const uint8_t* packed;
+  const float* absmax;         // plain: one float per block
+  const uint8_t* qabsmax;      // nested: one byte per block ...
+  const float* nested_absmax;  // ... decoded with these
+  const float* nested_code;
+  const float* offset;
+  void* out;
+  int64_t n;
+  int blocksize_log2;
+  int nested_blocksize_log2;
+  DType dtype;
+  bool nested;
+};
+
+// Launch on `stream`; the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+void launch_quantize_nf4(const QuantizeParams& p, cudaStream_t stream);
+void launch_double_quant(const DoubleQuantParams& p, cudaStream_t stream);
+void launch_dequantize_nf4(const DequantizeParams& p, cudaStream_t stream);
+
+}  // namespace nf4
+}  // namespace lora_ext

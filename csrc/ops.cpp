@@ -1,0 +1,27 @@
+// The one operator registry of lora_ext: every schema is defined here. Kernels register
+// per device beside their code (csrc/<area>/<area>_cpu.cpp, <area>_cuda.cpp).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import lora_ext._C` only has to load this library so the registrations below run;
+// the operators are reached through torch.ops.lora_ext, not through this module.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "lora_ext kernels, registered as torch.ops.lora_ext.*", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(lora_ext, m) {
+  // NF4, bit-compatible with bitsandbytes. `packed` is uint8 of shape ((n+1)//2, 1), element 2j
+  // in the high nibble; `absmax` is float32, one per block of `blocksize` consecutive elements.
+  m.def("quantize_nf4(Tensor A, int blocksize) -> (Tensor packed, Tensor absmax)");
+  // Double quantization of absmax: offset = mean(absmax); absmax - offset in blocks of `blocksize`
+  // with the 256-entry signed dynamic map `code`, to uint8 plus a float32 absmax per block.
+  m.def("double_quant(Tensor absmax, Tensor code, int blocksize) -> (Tensor qabsmax, Tensor nested_absmax, Tensor offset)");
+  // Dequantize to `dtype` and `shape` in one pass; with nested_* given, `absmax` is the uint8
+  // double-quantized form and is decoded inside the kernel.
+  m.def(
+      "dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int[] shape, ScalarType dtype, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> Tensor");
+}

@@ -1,0 +1,125 @@
+"""Pure-PyTorch versions of every lora_ext operator: the test oracle and the benchmark baseline.
+
+The NF4 functions reproduce bitsandbytes' CPU backend bit for bit (the rules are spelled out in
+csrc/nf4/nf4_common.h); they are slow and allocate freely, and they work without lora_ext._C.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+NF4_CODE = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+    dtype=torch.float32,
+)
+NF4_PAD_CODE = 7  # code of 0.0: the low nibble of an odd element count's last byte
+NESTED_BLOCKSIZE = 256
+DYN_GRID = 65536
+
+
+def nf4_midpoints() -> torch.Tensor:
+    return (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The 8-bit dynamic quantization map bitsandbytes double-quantizes absmax with (sorted, 256)."""
+    data = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                    else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0, 1.0]
+    data += [0] * (2 ** total_bits - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def quantize_nf4(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (packed uint8 ((n+1)//2, 1), absmax float32 (ceil(n/blocksize),))."""
+    x = A.reshape(-1).float()
+    n = x.numel()
+    rem = n % blocksize
+    full = n - rem
+    blk = x[:full].reshape(-1, blocksize)
+    absmax = blk.abs().max(dim=-1)[0] if full else x.new_empty(0)
+    scaled = (blk * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).reshape(-1)
+    if rem:
+        tail_max = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, x[full:] / tail_max])
+    codes = torch.bucketize(scaled, nf4_midpoints().to(x.device)).to(torch.uint8)
+    if n % 2:
+        codes = torch.cat([codes, codes.new_full((1,), NF4_PAD_CODE)])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed.view(-1, 1), absmax
+
+
+def _dyn_grid_codes(code: torch.Tensor) -> torch.Tensor:
+    """Code index of each of the 65536 grid points over [-1, 1] (nearest, ties to the lower)."""
+    mids = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(DYN_GRID, dtype=torch.float32)) / float(DYN_GRID - 1)
+    return torch.searchsorted(mids, grid)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU quantize_blockwise: -> (uint8 codes, float32 absmax per block)."""
+    x = x.reshape(-1).float()
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = torch.nan_to_num(padded.abs(), nan=0.0).max(dim=-1)[0] if n else x.new_empty(0)
+    inv = (1.0 / absmax).view(-1, 1)
+    v = padded * inv
+    v = torch.where(v >= -1.0, v, torch.full_like(v, -1.0)).clamp(max=1.0)  # NaN -> -1
+    t = (((v + 1.0) * 0.5) * float(DYN_GRID - 1)) + 0.5
+    q = _dyn_grid_codes(code.float().cpu()).to(x.device)[t.long()]
+    q = torch.where(absmax.view(-1, 1) == 0, torch.zeros_like(q), q)
+    return q.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def double_quant(absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """-> (qabsmax uint8, nested_absmax float32, offset 0-dim float32)."""
+    absmax = absmax.reshape(-1).float()
+    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    q, nested = quantize_blockwise_8bit(absmax - offset, code, blocksize)
+    return q, nested, offset
+
+
+def decode_absmax(qabsmax, nested_absmax, code, offset, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    idx = torch.arange(qabsmax.numel(), device=qabsmax.device) // nested_blocksize
+    return code.to(qabsmax.device)[qabsmax.long()] * nested_absmax[idx] + offset
+
+
+def unpack_nf4_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    b = packed.reshape(-1).view(torch.uint8)
+    return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n].long()
+
+
+def dequantize_nf4(packed, absmax, blocksize: int, shape: Sequence[int], dtype: torch.dtype,
+                   nested_absmax: Optional[torch.Tensor] = None, nested_code: Optional[torch.Tensor] = None,
+                   offset: Optional[torch.Tensor] = None, nested_blocksize: int = NESTED_BLOCKSIZE,
+                   compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """code * absmax in `compute_dtype` (float32 as bitsandbytes; float64 for an exact oracle), cast to dtype."""
+    n = math.prod(shape)
+    if nested_absmax is not None:
+        absmax = decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    values = NF4_CODE.to(packed.device, compute_dtype)[unpack_nf4_codes(packed, n)]
+    scale = absmax.to(compute_dtype)[torch.arange(n, device=packed.device) // blocksize]
+    return (values * scale).to(dtype).reshape(shape)
