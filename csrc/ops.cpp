@@ -24,4 +24,8 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int[] shape, ScalarType dtype, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> Tensor");
+  // The same into a caller's buffer (a reused workspace): shape and dtype are out's.
+  m.def(
+      "dequantize_nf4_out(Tensor packed, Tensor absmax, int blocksize, Tensor(a!) out, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> ()");
 }

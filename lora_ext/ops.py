@@ -40,6 +40,16 @@ def dequantize_nf4_packed(packed: torch.Tensor, absmax: torch.Tensor, blocksize:
                                              nested_code, offset, nested_blocksize)
 
 
+def dequantize_nf4_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor,
+                       nested_absmax: Optional[torch.Tensor] = None, nested_code: Optional[torch.Tensor] = None,
+                       offset: Optional[torch.Tensor] = None, nested_blocksize: int = 256) -> torch.Tensor:
+    """Dequantize into `out` (a reused workspace: its shape and dtype are the result's)."""
+    require_compiled("dequantize_nf4_out")
+    torch.ops.lora_ext.dequantize_nf4_out(packed, absmax, blocksize, out, nested_absmax, nested_code, offset,
+                                          nested_blocksize)
+    return out
+
+
 if HAS_C:
 
     @torch.library.register_fake("lora_ext::quantize_nf4")
@@ -71,3 +81,11 @@ if HAS_C:
         torch._check(absmax.numel() == (n + blocksize - 1) // blocksize,
                      lambda: f"dequantize_nf4: absmax must have one entry per block")
         return packed.new_empty(tuple(shape), dtype=dtype)
+
+    @torch.library.register_fake("lora_ext::dequantize_nf4_out")
+    def _dequantize_nf4_out_fake(packed, absmax, blocksize, out, nested_absmax=None, nested_code=None, offset=None,
+                                 nested_blocksize=256):
+        torch._check(out.dtype in _FLOAT_TYPES, lambda: f"dequantize_nf4_out: out must be float32/float16/bfloat16, got {out.dtype}")
+        torch._check(packed.numel() == (out.numel() + 1) // 2,
+                     lambda: f"dequantize_nf4_out: packed weight must have {(out.numel() + 1) // 2} elements, got {packed.numel()}")
+        return None

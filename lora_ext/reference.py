@@ -123,3 +123,9 @@ def dequantize_nf4(packed, absmax, blocksize: int, shape: Sequence[int], dtype: 
     values = NF4_CODE.to(packed.device, compute_dtype)[unpack_nf4_codes(packed, n)]
     scale = absmax.to(compute_dtype)[torch.arange(n, device=packed.device) // blocksize]
     return (values * scale).to(dtype).reshape(shape)
+
+
+def dequantize_nf4_out(packed, absmax, blocksize: int, out: torch.Tensor, nested_absmax=None, nested_code=None,
+                       offset=None, nested_blocksize: int = NESTED_BLOCKSIZE) -> None:
+    out.copy_(dequantize_nf4(packed, absmax, blocksize, out.shape, out.dtype, nested_absmax, nested_code, offset,
+                             nested_blocksize))

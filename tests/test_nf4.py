@@ -209,6 +209,20 @@ def test_op_level_checks_name_the_expectation():
         torch.ops.lora_ext.dequantize_nf4(packed, absmax, 64, [8, 64], torch.float32, nested_absmax=absmax)
 
 
+def test_dequantize_out_fills_a_workspace(device):
+    qw = lora_ext.quantize_nf4(_data((70, 130), torch.bfloat16, device), 64, True)
+    for dtype in DTYPES:
+        out = torch.full((70, 130), float("nan"), dtype=dtype, device=device)
+        lora_ext.ops.dequantize_nf4_out(qw.packed, qw.absmax, 64, out, qw.nested_absmax, qw.nested_code, qw.offset)
+        assert torch.equal(out, qw.dequantize(dtype))
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        lora_ext.ops.dequantize_nf4_out(qw.packed, qw.absmax, 64, torch.empty(130, 70, device=device).t(),
+                                        qw.nested_absmax, qw.nested_code, qw.offset)
+    with pytest.raises(RuntimeError, match="packed weight of a shape with this many elements must have"):
+        lora_ext.ops.dequantize_nf4_out(qw.packed, qw.absmax, 64, torch.empty(70, 131, device=device),
+                                        qw.nested_absmax, qw.nested_code, qw.offset)
+
+
 def test_dequantize_rejects_wrong_dtype():
     qw = lora_ext.quantize_nf4(torch.randn(4, 64))
     with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16, got torch.int8"):
@@ -230,6 +244,10 @@ def _op_samples(device):
         (torch.ops.lora_ext.dequantize_nf4.default, (packed, absmax, 64, [33, 65], torch.float16), {}),
         (torch.ops.lora_ext.dequantize_nf4.default, (packed, q, 64, [33, 65], torch.float32),
          {"nested_absmax": nested, "nested_code": code, "offset": offset, "nested_blocksize": 256}),
+        (torch.ops.lora_ext.dequantize_nf4_out.default,
+         (packed, absmax, 64, torch.empty(33, 65, dtype=torch.bfloat16, device=device)), {}),
+        (torch.ops.lora_ext.dequantize_nf4_out.default, (packed, q, 64, torch.empty(33, 65, device=device)),
+         {"nested_absmax": nested, "nested_code": code, "offset": offset}),
     ]
 
 
@@ -319,3 +337,32 @@ def test_cuda_matches_bitsandbytes_cuda():
     out = qw.dequantize()
     ref = BF.dequantize_4bit(packed, state)
     assert (out.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item()
+
+
+def test_portable_cpu_path_matches_simd_path(tmp_path):
+    """The x86 SIMD dequantizer and the portable loop (LORA_EXT_DISABLE_SIMD=1) give the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, lora_ext\n"
+        "torch.manual_seed(7)\n"
+        "w = torch.randn(37, 4096 + 96) * 3\n"
+        "outs = {}\n"
+        "for bs in (32, 64, 4096):\n"
+        "    for dq in (False, True):\n"
+        "        qw = lora_ext.quantize_nf4(w, bs, dq)\n"
+        "        for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "            outs[f'{bs}-{dq}-{dt}'] = qw.dequantize(dt)\n"
+        "torch.save(outs, sys.argv[1])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = {}
+    for flag in ("0", "1"):
+        path = tmp_path / f"out{flag}.pt"
+        env = dict(os.environ, LORA_EXT_DISABLE_SIMD=flag, PYTHONPATH=root)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=root, timeout=300)
+        results[flag] = torch.load(path)
+    for key, simd in results["0"].items():
+        assert torch.equal(simd, results["1"][key]), key

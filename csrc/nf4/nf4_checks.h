@@ -87,5 +87,11 @@ inline DequantArgs check_dequantize_args(const at::Tensor& packed, const at::Ten
   return {n, nblocks, true};
 }
 
+inline void check_dequantize_out(const at::Tensor& out, const at::Tensor& packed) {
+  check_float_type(out.scalar_type(), "dequantize_nf4_out: out");
+  check_contiguous(out, "dequantize_nf4_out: out");
+  check_same_device(out, packed, "dequantize_nf4_out: out");
+}
+
 }  // namespace nf4
 }  // namespace lora_ext

@@ -6,11 +6,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 
 #include "common/dispatch.h"
 #include "nf4/nf4_checks.h"
+#include "nf4/nf4_cpu_simd.h"
 
 namespace lora_ext {
 namespace nf4 {
@@ -112,16 +112,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
   return {q, nested, offset};
 }
 
-// Per block: the 16 possible outputs are computed once (code * absmax, rounded to T), then each
-// packed byte is two table reads.
+// Per block: the 16 outputs it can hold (code * absmax in fp32, rounded once to T), then each
+// packed byte is two table reads. x86 with AVX2 does the reads 16 bytes at a time (nf4_cpu_simd.h).
 template <typename T, bool kNested>
 void dequantize_blocks(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested,
                        const float* code8, float offset, int64_t nested_log2, int64_t blocksize, int64_t n, T* out) {
   const int64_t nblocks = ceil_div(n, blocksize);
+  const auto scale_of = [=](int64_t b) {
+    return kNested ? nested_absmax(qabsmax[b], nested[b >> nested_log2], offset, code8) : absmax[b];
+  };
+  const bool use_simd = simd::enabled();
   at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
-    std::array<T, 16> table;
+#if defined(LORA_EXT_X86_SIMD)
+    if (use_simd) {
+      simd::dequantize_range(packed, scale_of, b0, b1, blocksize, n, out);
+      return;
+    }
+#endif
+    T table[16];
     for (int64_t b = b0; b < b1; ++b) {
-      const float scale = kNested ? nested_absmax(qabsmax[b], nested[b >> nested_log2], offset, code8) : absmax[b];
+      const float scale = scale_of(b);
       for (uint32_t c = 0; c < 16; ++c) table[c] = static_cast<T>(mul_rn(code_value(c), scale));
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
@@ -129,11 +139,28 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, const uint8_t
       T* dst = out + start;
       const int64_t pairs = len / 2;
       for (int64_t j = 0; j < pairs; ++j) {
-        const uint8_t byte = src[j];
-        dst[2 * j] = table[byte >> 4];
-        dst[2 * j + 1] = table[byte & 15];
+        dst[2 * j] = table[src[j] >> 4];
+        dst[2 * j + 1] = table[src[j] & 15];
       }
       if (len & 1) dst[len - 1] = table[src[pairs] >> 4];
+    }
+  });
+}
+
+void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, const DequantArgs& args,
+                         const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                         const c10::optional<at::Tensor>& offset, int64_t nested_blocksize, at::Tensor& out) {
+  if (args.n == 0) return;
+  const uint8_t* q = packed.const_data_ptr<uint8_t>();
+  LORA_DISPATCH_FLOAT_TYPES(out.scalar_type(), "dequantize_nf4_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (args.nested) {
+      dequantize_blocks<scalar_t, true>(q, nullptr, absmax.const_data_ptr<uint8_t>(),
+                                        nested_absmax->const_data_ptr<float>(), nested_code->const_data_ptr<float>(),
+                                        offset->item<float>(), log2_exact(nested_blocksize), blocksize, args.n, o);
+    } else {
+      dequantize_blocks<scalar_t, false>(q, absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, 0.0f, 0,
+                                         blocksize, args.n, o);
     }
   });
 }
@@ -146,20 +173,18 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
   const auto args = check_dequantize_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                                           nested_blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  if (args.n == 0) return out;
-  const uint8_t* q = packed.const_data_ptr<uint8_t>();
-  LORA_DISPATCH_FLOAT_TYPES(dtype, "dequantize_nf4_cpu", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    if (args.nested) {
-      dequantize_blocks<scalar_t, true>(q, nullptr, absmax.const_data_ptr<uint8_t>(),
-                                        nested_absmax->const_data_ptr<float>(), nested_code->const_data_ptr<float>(),
-                                        offset->item<float>(), log2_exact(nested_blocksize), blocksize, args.n, o);
-    } else {
-      dequantize_blocks<scalar_t, false>(q, absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, 0.0f, 0,
-                                         blocksize, args.n, o);
-    }
-  });
+  dequantize_into_cpu(packed, absmax, blocksize, args, nested_absmax, nested_code, offset, nested_blocksize, out);
   return out;
+}
+
+void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, at::Tensor& out,
+                            const c10::optional<at::Tensor>& nested_absmax,
+                            const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                            int64_t nested_blocksize) {
+  check_dequantize_out(out, packed);
+  const auto args = check_dequantize_args(packed, absmax, blocksize, out.sizes(), out.scalar_type(), nested_absmax,
+                                          nested_code, offset, nested_blocksize);
+  dequantize_into_cpu(packed, absmax, blocksize, args, nested_absmax, nested_code, offset, nested_blocksize, out);
 }
 
 }  // namespace
@@ -168,6 +193,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("quantize_nf4", &quantize_nf4_cpu);
   m.impl("double_quant", &double_quant_cpu);
   m.impl("dequantize_nf4", &dequantize_nf4_cpu);
+  m.impl("dequantize_nf4_out", &dequantize_nf4_out_cpu);
 }
 
 }  // namespace nf4

@@ -52,21 +52,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cuda(const at::Tenso
   return {q, nested, offset};
 }
 
-at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               at::IntArrayRef shape, at::ScalarType dtype,
-                               const c10::optional<at::Tensor>& nested_absmax,
-                               const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
-                               int64_t nested_blocksize) {
-  const auto args = check_dequantize_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
-                                          nested_blocksize);
-  const c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                          const DequantArgs& args, const c10::optional<at::Tensor>& nested_absmax,
+                          const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                          int64_t nested_blocksize, at::Tensor& out) {
   DequantizeParams p{};
   p.packed = packed.const_data_ptr<uint8_t>();
   p.out = out.data_ptr();
   p.n = args.n;
   p.blocksize_log2 = log2_exact(blocksize);
-  p.dtype = to_dtype(dtype);
+  p.dtype = to_dtype(out.scalar_type());
   p.nested = args.nested;
   if (args.nested) {
     p.qabsmax = absmax.const_data_ptr<uint8_t>();
@@ -79,7 +74,30 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absma
   }
   launch_dequantize_nf4(p, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                               at::IntArrayRef shape, at::ScalarType dtype,
+                               const c10::optional<at::Tensor>& nested_absmax,
+                               const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                               int64_t nested_blocksize) {
+  const auto args = check_dequantize_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                                          nested_blocksize);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  dequantize_into_cuda(packed, absmax, blocksize, args, nested_absmax, nested_code, offset, nested_blocksize, out);
   return out;
+}
+
+void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, at::Tensor& out,
+                             const c10::optional<at::Tensor>& nested_absmax,
+                             const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                             int64_t nested_blocksize) {
+  check_dequantize_out(out, packed);
+  const auto args = check_dequantize_args(packed, absmax, blocksize, out.sizes(), out.scalar_type(), nested_absmax,
+                                          nested_code, offset, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  dequantize_into_cuda(packed, absmax, blocksize, args, nested_absmax, nested_code, offset, nested_blocksize, out);
 }
 
 }  // namespace
@@ -88,6 +106,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("quantize_nf4", &quantize_nf4_cuda);
   m.impl("double_quant", &double_quant_cuda);
   m.impl("dequantize_nf4", &dequantize_nf4_cuda);
+  m.impl("dequantize_nf4_out", &dequantize_nf4_out_cuda);
 }
 
 }  // namespace nf4
