@@ -1,0 +1,83 @@
+"""Timing that does not flatter: warm-up, CUDA events (or perf_counter on the CPU), the median of
+many runs, and inputs rotated so a small working set does not sit in cache between runs."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    reps: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable, arg_sets: Sequence[tuple], device, warmup: int = 3, min_reps: int = 10,
+            min_time_s: float = 0.3, max_reps: int = 200) -> Timing:
+    """Median time of fn(*arg_sets[i % len(arg_sets)]) over at least min_reps runs and min_time_s."""
+    device = torch.device(device)
+    for i in range(warmup):
+        fn(*arg_sets[i % len(arg_sets)])
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    i = 0
+    while i < max_reps and (i < min_reps or time.perf_counter() - start < min_time_s):
+        args = arg_sets[i % len(arg_sets)]
+        if device.type == "cuda":
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
+            fn(*args)
+            ev1.record()
+            ev1.synchronize()
+            times.append(ev0.elapsed_time(ev1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+        i += 1
+    return Timing(statistics.median(times), min(times), len(times))
+
+
+def rotation(make: Callable[[], tuple], working_set_bytes: int, device, cache_bytes: int | None = None) -> list:
+    """Enough independent argument sets that cycling through them exceeds the cache (2x L2 on a GPU,
+    2x 32 MiB on a CPU), capped at 8 sets."""
+    device = torch.device(device)
+    if cache_bytes is None:
+        cache_bytes = 32 << 20
+        if device.type == "cuda":
+            cache_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    count = max(1, min(8, -(-2 * cache_bytes // max(1, working_set_bytes))))
+    return [make() for _ in range(count)]
+
+
+def copy_bandwidth(device, nbytes: int | None = None) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read + written (the memory-bound ceiling)."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), [()], device, warmup=2, min_reps=10, min_time_s=0.2)
+    return 2 * nbytes / t.median_s
+
+
+def peak_matmul_flops(device, dtype=None, n: int | None = None) -> float:
+    """Dense matmul rate (FLOP/s): bf16 on a GPU, fp32 on the CPU: the compute-bound ceiling."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure(lambda: a @ b, [()], device, warmup=2, min_reps=5, min_time_s=0.2)
+    return 2 * n**3 / t.median_s
