@@ -1,0 +1,33 @@
+# The two Quickstart commands (`make demo`, `make test`) work from a fresh clone: they install what
+# is missing, build the extension in place (incrementally), then run.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: deps build demo test bench install clean
+
+deps:
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+build: deps
+	mkdir -p build
+	$(PYTHON) setup.py build_ext --inplace 2>&1 | tee build/build.log | grep -E "^lora_ext:|error|warning: .*spill" || true
+	test "$${PIPESTATUS[0]}" = 0 || { tail -40 build/build.log; exit 1; }
+	$(PYTHON) -c "import lora_ext; assert lora_ext.HAS_C, 'lora_ext._C did not load'"
+
+demo: build
+	$(PYTHON) -m lora_ext
+
+test: build
+	$(PYTHON) -m pytest -q tests
+
+bench: build
+	$(PYTHON) -m lora_ext bench --quick
+
+install:
+	$(PYTHON) -m pip install --no-build-isolation .
+
+clean:
+	rm -rf build lora_ext/_C*.so lora_ext/_build_config.py

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine (see DESIGN.md, Machines): build for sm_90, run the whole test
+# suite with the GPU tests, compute-sanitizer memcheck over a smoke script, the quick benchmarks.
+# Writes logs, results.json and summary.md under $OUT. Every step runs (a failed build stops it);
+# the exit status is non-zero when any step failed, and the last line names the failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} LORA_EXT_EXPECT_CUDA=1
+failed=()
+t_start=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name"
+  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
+    echo "   ok ($(( $(date +%s) - t0 )) s)"; echo "| $name | ok | $(( $(date +%s) - t0 )) s |" >> "$OUT/steps.md"
+  else
+    echo "   FAILED ($(( $(date +%s) - t0 )) s), log: $OUT/$name.log"; tail -25 "$OUT/$name.log"
+    echo "| $name | FAILED | $(( $(date +%s) - t0 )) s |" >> "$OUT/steps.md"
+    failed+=("$name")
+  fi
+}
+
+echo "| step | result | time |" > "$OUT/steps.md"
+echo "|---|---|---|" >> "$OUT/steps.md"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  PEERS=/tmp/lora_ext_peers
+  step peers 120 python -m pip install -q --no-index --no-deps --target "$PEERS" .whl/*.whl
+  export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+python - > "$OUT/env.json" 2>&1 <<'PY'
+import json, subprocess, torch
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip()
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,
+                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, indent=2))
+PY
+
+step build 300 python setup.py build_ext --inplace
+python .ci/ptxas_summary.py "$OUT/build.log" > "$OUT/ptxas.txt" 2>&1
+if [[ " ${failed[*]} " == *" build "* ]]; then
+  echo "FAILED: build"; exit 1
+fi
+step tests 300 python -m pytest -q -rs tests --junitxml "$OUT/junit.xml"
+if command -v compute-sanitizer > /dev/null; then
+  step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/gpu_smoke.py
+else
+  echo "compute-sanitizer not found" > "$OUT/sanitizer.log"; failed+=("sanitizer")
+fi
+step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json"
+
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo; echo '```'; cat "$OUT/env.json"; echo '```'
+  echo; cat "$OUT/steps.md"
+  echo; echo "## tests"; echo '```'; tail -3 "$OUT/tests.log" 2>/dev/null; echo '```'
+  echo; echo "## bench (quick)"; echo '```'; cat "$OUT/bench.log" 2>/dev/null; echo '```'
+  echo; echo "## ptxas"; echo '```'; cat "$OUT/ptxas.txt"; echo '```'
+} > "$OUT/summary.md"
+echo "total $(( $(date +%s) - t_start )) s; summary: $OUT/summary.md"
+if (( ${#failed[@]} )); then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "ALL OK"

@@ -1,0 +1,41 @@
+"""A short GPU run of every CUDA kernel on odd shapes, checked against the CPU kernels; sized for
+compute-sanitizer (bench/gpu_check.sh runs it under memcheck)."""
+import sys
+
+import torch
+
+import lora_ext
+from lora_ext.ops import dequantize_nf4_out
+
+
+def main() -> int:
+    assert torch.cuda.is_available(), "gpu_smoke needs a CUDA device"
+    torch.manual_seed(0)
+    failures = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape, bs in [((1, 1), 64), ((3, 5), 32), ((7, 33), 64), ((129, 257), 4096), ((2, 4096 + 31), 128)]:
+            for dq in (False, True):
+                w = torch.randn(shape, dtype=dtype)
+                cpu = lora_ext.quantize_nf4(w, bs, dq)
+                gpu = lora_ext.quantize_nf4(w.cuda(), bs, dq)
+                ok = torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
+                ok = ok and torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+                out = torch.empty(shape, dtype=torch.float32, device="cuda")
+                dequantize_nf4_out(gpu.packed, gpu.absmax, bs, out, gpu.nested_absmax, gpu.nested_code, gpu.offset)
+                ok = ok and torch.equal(out.cpu(), cpu.dequantize(torch.float32))
+                if not ok:
+                    failures.append((dtype, shape, bs, dq))
+    # An unaligned packed view takes the element-wise path.
+    qw = lora_ext.quantize_nf4(torch.randn(64, 256, device="cuda"), 64, False)
+    raw = torch.empty(qw.data.numel() + 1, dtype=torch.uint8, device="cuda")
+    raw[1:].copy_(qw.data.view(-1))
+    out = torch.ops.lora_ext.dequantize_nf4(raw[1:].view(-1, 1), qw.absmax, 64, [64, 256], torch.bfloat16)
+    if not torch.equal(out, qw.dequantize(torch.bfloat16)):
+        failures.append("unaligned view")
+    torch.cuda.synchronize()
+    print("gpu_smoke:", "OK" if not failures else f"FAILED {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

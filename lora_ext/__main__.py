@@ -1,0 +1,48 @@
+"""`python -m lora_ext [demo|bench]`; with no command it runs the demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import nf4, report
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda requested but no CUDA device is visible", file=sys.stderr)
+        return 2
+    result = nf4.run(args.device, quick=args.quick)
+    print(f"device {result['device']}: copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s (read + write)")
+    print(report.table(result["rows"], ["kernel", "shape", "dtype", "peer", "ms", "GB/s", "fraction_of_copy_bw",
+                                        "speedup_vs_bitsandbytes"]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"nf4": result, "torch": torch.__version__}, f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_ext")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="quantize a layer to NF4, check it against bitsandbytes, run it")
+    demo.add_argument("--device", default="cpu")
+    bench = sub.add_parser("bench", help="kernel benchmarks against the installed peers")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
+    from . import demo as demo_mod
+
+    summary = demo_mod.main(getattr(args, "device", "cpu"))
+    return 0 if summary.get("bit_exact_with_bitsandbytes") in (True, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
