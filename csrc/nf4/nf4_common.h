@@ -58,24 +58,36 @@ LORA_HD float midpoint(int k) {
 }
 
 // Nearest code of a scaled value: the number of midpoints strictly below it, so a value exactly
-// on a midpoint takes the lower code (torch.bucketize, right=False). NaN takes code 15, as there.
+// on a midpoint takes the lower code (torch.bucketize, right=False); NaN compares false against all
+// and takes code 15, as there. Branch-free against constants, so it vectorizes on the CPU.
 LORA_HD uint32_t encode(float s) {
-  if (is_nan(s)) return 15u;
-  int c = 0;
-  c = s > midpoint(c + 7) ? c + 8 : c;
-  c = s > midpoint(c + 3) ? c + 4 : c;
-  c = s > midpoint(c + 1) ? c + 2 : c;
-  c = s > midpoint(c) ? c + 1 : c;
-  return static_cast<uint32_t>(c);
+  uint32_t c = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 15; ++k) c += !(s <= midpoint(k));
+  return c;
 }
 
 // absmax of a 4-bit block: NaN propagates (torch.max), so a block holding NaN decodes to NaN.
+// Reductions end with canonical_nan so every device stores the same bits.
 LORA_HD float absmax_step(float m, float x) {
   const float a = x < 0.0f ? -x : x;
   if (is_nan(m) || is_nan(a)) return is_nan(m) ? m : a;
   return a > m ? a : m;
 }
 
+LORA_HD float canonical_nan(float x) {
+  if (!is_nan(x)) return x;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(0x7fc00000);
+#else
+  return __builtin_nanf("");
+#endif
+}
+
+// Subnormal on purpose (bitsandbytes' clamp): flushing it to zero (fast math, FTZ) would divide an
+// all-zero trailing block by 0.
 // The multiplier a full block is scaled by: 1 / max(absmax, 1e-38) (torch: x * (1/absmax)).
 // The trailing partial block is divided by max(absmax, 1e-38) instead, and that clamped value
 // is what is stored for it. Both as bitsandbytes' CPU path does.
@@ -88,7 +100,10 @@ LORA_HD float clamp_tiny(float am) { return (am < kTinyAbsmax) ? kTinyAbsmax : a
 constexpr int kDynCodes = 256;
 constexpr int kDynGrid = 65536;
 
-LORA_HD float dyn_midpoint(const float* code, int k) { return mul_rn(0.5f, add_rn(code[k], code[k + 1])); }
+// The 255 midpoints of a sorted 256-entry map, 0.5 * (c[k] + c[k+1]) as bitsandbytes builds its grid.
+LORA_HD void dyn_midpoints(const float* code, float* mids) {
+  for (int k = 0; k < kDynCodes - 1; ++k) mids[k] = mul_rn(0.5f, add_rn(code[k], code[k + 1]));
+}
 
 // absmax of an 8-bit block: NaN ignored, starts at 0 (bitsandbytes' CPU kernel).
 LORA_HD float dyn_absmax_step(float m, float x) {
@@ -96,7 +111,7 @@ LORA_HD float dyn_absmax_step(float m, float x) {
   return a > m ? a : m;
 }
 
-LORA_HD uint32_t dyn_encode(float x, float inv_absmax, const float* code) {
+LORA_HD uint32_t dyn_encode(float x, float inv_absmax, const float* mids) {
   float v = mul_rn(x, inv_absmax);
   if (!(v >= -1.0f)) v = -1.0f;  // NaN -> -1, like the AVX2 max(v, -1) there
   if (v > 1.0f) v = 1.0f;
@@ -109,7 +124,7 @@ LORA_HD uint32_t dyn_encode(float x, float inv_absmax, const float* code) {
   int lo = 0, hi = kDynCodes - 1;  // count of midpoints strictly below g
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    if (dyn_midpoint(code, mid) < g) lo = mid + 1; else hi = mid;
+    if (mids[mid] < g) lo = mid + 1; else hi = mid;
   }
   return static_cast<uint32_t>(lo);
 }

@@ -22,22 +22,8 @@ constexpr int64_t kGrainElems = 1 << 15;  // elements per parallel task: enough 
 // The loops below are written for the compiler's auto-vectorizer rather than with at::vec: this
 // file is not built with ATen's per-CPU flags, so at::vec::Vectorized would be its scalar-array
 // fallback here (measured 2x slower than bitsandbytes on quantize).
-struct Midpoints {
-  float m[15];
-  Midpoints() {
-    for (int k = 0; k < 15; ++k) m[k] = midpoint(k);
-  }
-};
-
-// Same result as encode(): the count of midpoints strictly below s, NaN -> 15, branch-free.
-inline uint32_t encode_count(float s, const Midpoints& mid) {
-  uint32_t c = 0;
-  for (int k = 0; k < 15; ++k) c += !(s <= mid.m[k]);
-  return c;
-}
-
 template <typename T>
-void quantize_block(const T* x, int64_t len, bool partial, const Midpoints& mid, float* absmax_out, uint8_t* packed) {
+void quantize_block(const T* x, int64_t len, bool partial, float* absmax_out, uint8_t* packed) {
   alignas(64) float buf[kMaxBlocksize + 1];
   alignas(64) uint8_t codes[kMaxBlocksize + 1];
   float am = 0.0f;
@@ -59,7 +45,7 @@ void quantize_block(const T* x, int64_t len, bool partial, const Midpoints& mid,
     for (int64_t i = 0; i < len; ++i) buf[i] = mul_rn(buf[i], r);
   }
   *absmax_out = am;
-  for (int64_t i = 0; i < len; ++i) codes[i] = static_cast<uint8_t>(encode_count(buf[i], mid));
+  for (int64_t i = 0; i < len; ++i) codes[i] = static_cast<uint8_t>(encode(buf[i]));
   if (len & 1) codes[len] = kPadCode;
   for (int64_t j = 0; j < (len + 1) / 2; ++j) packed[j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
 }
@@ -75,12 +61,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& A_in, int6
     const scalar_t* x = A.const_data_ptr<scalar_t>();
     uint8_t* q = packed.data_ptr<uint8_t>();
     float* am = absmax.data_ptr<float>();
-    const Midpoints mid;
     at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize;
         const int64_t len = std::min(blocksize, n - start);
-        quantize_block(x + start, len, start + blocksize > n, mid, am + b, q + start / 2);
+        quantize_block(x + start, len, start + blocksize > n, am + b, q + start / 2);
       }
     });
   });
@@ -99,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
   at::Tensor nested = at::empty({nblocks}, absmax.options());
   const float off = offset.item<float>();
   const float* a = absmax.const_data_ptr<float>();
-  const float* code = code_in.const_data_ptr<float>();
+  float mids[kDynCodes - 1];
+  dyn_midpoints(code_in.const_data_ptr<float>(), mids);
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* np = nested.data_ptr<float>();
   at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
@@ -113,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
         continue;
       }
       const float inv = div_rn(1.0f, am);
-      for (int64_t i = start; i < end; ++i) qp[i] = static_cast<uint8_t>(dyn_encode(sub_rn(a[i], off), inv, code));
+      for (int64_t i = start; i < end; ++i) qp[i] = static_cast<uint8_t>(dyn_encode(sub_rn(a[i], off), inv, mids));
     }
   });
   return {q, nested, offset};

@@ -5,6 +5,10 @@
 #include "nf4/nf4_common.h"
 #include "nf4/nf4_launch.h"
 
+#if defined(__USE_FAST_MATH__)
+#error "nf4_cuda.cu must not be built with --use_fast_math: bit-exactness needs IEEE division and subnormals"
+#endif
+
 namespace lora_ext {
 namespace nf4 {
 namespace {
@@ -12,6 +16,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kChunk = 32;  // elements one dequant thread writes: 16 packed bytes in
+static_assert(kThreads % 32 == 0, "the warp-per-block loops need whole warps");
 
 // One warp per quantization block (blocksize >= 32, so every lane has work in full blocks).
 template <typename T>
@@ -29,6 +34,7 @@ __global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(QuantizeParams p
     for (int64_t i = lane; i < len; i += 32) am = absmax_step(am, to_float(x[start + i]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) am = absmax_step(am, __shfl_xor_sync(kFullMask, am, off));
+    am = canonical_nan(am);
     if (partial) am = clamp_tiny(am);
     if (lane == 0) p.absmax[b] = am;
     const float r = div_rn(1.0f, clamp_tiny(am));
@@ -47,8 +53,8 @@ __global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(QuantizeParams p
 
 // One warp per nested block of absmax - offset.
 __global__ void __launch_bounds__(kThreads) double_quant_kernel(DoubleQuantParams p) {
-  __shared__ float code_s[kDynCodes];
-  for (int i = threadIdx.x; i < kDynCodes; i += blockDim.x) code_s[i] = p.code[i];
+  __shared__ float mids_s[kDynCodes - 1];
+  for (int k = threadIdx.x; k < kDynCodes - 1; k += blockDim.x) mids_s[k] = mul_rn(0.5f, add_rn(p.code[k], p.code[k + 1]));
   __syncthreads();
   const float off = *p.offset;
   const int lane = threadIdx.x & 31;
@@ -65,15 +71,14 @@ __global__ void __launch_bounds__(kThreads) double_quant_kernel(DoubleQuantParam
     if (lane == 0) p.nested_absmax[b] = am;
     const float inv = div_rn(1.0f, am);
     for (int64_t i = start + lane; i < end; i += 32) {
-      p.qabsmax[i] = am == 0.0f ? uint8_t{0} : static_cast<uint8_t>(dyn_encode(sub_rn(p.absmax[i], off), inv, code_s));
+      p.qabsmax[i] = am == 0.0f ? uint8_t{0} : static_cast<uint8_t>(dyn_encode(sub_rn(p.absmax[i], off), inv, mids_s));
     }
   }
 }
 
-// Each thread turns 16 packed bytes into 32 outputs. kVec: packed is 16-byte aligned (out always
-// is: we allocate it), so full chunks move as uint4; the ragged tail and unaligned views go
-// element by element.
-template <typename T, bool kNested, bool kVec>
+// Each thread turns 16 packed bytes into 32 outputs, moved as uint4: packed and out are 16-byte
+// aligned (the launcher checks). A ragged tail goes element by element.
+template <typename T, bool kNested>
 __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizeParams p) {
   __shared__ float code_s[16];
   if (threadIdx.x < 16) code_s[threadIdx.x] = code_value(threadIdx.x);
@@ -88,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizePara
     const float scale = kNested ? nested_absmax(p.qabsmax[b], p.nested_absmax[b >> p.nested_blocksize_log2], offset,
                                                 p.nested_code)
                                 : p.absmax[b];
-    if (kVec && start + kChunk <= p.n) {
+    if (start + kChunk <= p.n) {
       const uint4 w = *reinterpret_cast<const uint4*>(p.packed + start / 2);
       const uint32_t words[4] = {w.x, w.y, w.z, w.w};
       alignas(16) T vals[kChunk];
@@ -112,6 +117,29 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizePara
   }
 }
 
+// Unaligned views (a packed tensor sliced at an odd offset, a caller's out): one packed byte per
+// thread, so a warp still reads 32 consecutive bytes.
+template <typename T, bool kNested>
+__global__ void __launch_bounds__(kThreads) dequantize_nf4_bytewise_kernel(DequantizeParams p) {
+  __shared__ float code_s[16];
+  if (threadIdx.x < 16) code_s[threadIdx.x] = code_value(threadIdx.x);
+  __syncthreads();
+  const float offset = kNested ? *p.offset : 0.0f;
+  T* out = static_cast<T*>(p.out);
+  const int64_t nbytes = (p.n + 1) / 2;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nbytes; j += stride) {
+    const int64_t i = 2 * j;
+    const int64_t b = i >> p.blocksize_log2;  // i and i + 1 share a block: blocksize is even
+    const float scale = kNested ? nested_absmax(p.qabsmax[b], p.nested_absmax[b >> p.nested_blocksize_log2], offset,
+                                                p.nested_code)
+                                : p.absmax[b];
+    const uint32_t byte = p.packed[j];
+    out[i] = from_float<T>(mul_rn(code_s[byte >> 4], scale));
+    if (i + 1 < p.n) out[i + 1] = from_float<T>(mul_rn(code_s[byte & 15u], scale));
+  }
+}
+
 template <typename T>
 void quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
   const long long nblocks = (p.n + (int64_t{1} << p.blocksize_log2) - 1) >> p.blocksize_log2;
@@ -120,11 +148,10 @@ void quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
 
 template <typename T, bool kNested>
 void dequantize_typed(const DequantizeParams& p, bool vec, cudaStream_t stream) {
-  const unsigned grid = grid_for((p.n + kChunk - 1) / kChunk, kThreads);
   if (vec) {
-    dequantize_nf4_kernel<T, kNested, true><<<grid, kThreads, 0, stream>>>(p);
+    dequantize_nf4_kernel<T, kNested><<<grid_for((p.n + kChunk - 1) / kChunk, kThreads), kThreads, 0, stream>>>(p);
   } else {
-    dequantize_nf4_kernel<T, kNested, false><<<grid, kThreads, 0, stream>>>(p);
+    dequantize_nf4_bytewise_kernel<T, kNested><<<grid_for((p.n + 1) / 2, kThreads), kThreads, 0, stream>>>(p);
   }
 }
 

@@ -19,6 +19,7 @@ DType to_dtype(at::ScalarType t) {
     case at::kFloat: return DType::kFloat32;
     default: TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", t);
   }
+  return DType::kFloat32;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& A_in, int64_t blocksize) {
@@ -30,8 +31,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& A_in, int
   at::Tensor absmax = at::empty({ceil_div(n, blocksize)}, A.options().dtype(at::kFloat));
   QuantizeParams p{A.const_data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
                    log2_exact(blocksize), to_dtype(A.scalar_type())};
-  launch_quantize_nf4(p, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n > 0) {
+    launch_quantize_nf4(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {packed, absmax};
 }
 
@@ -47,8 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cuda(const at::Tenso
   at::Tensor nested = at::empty({ceil_div(n, blocksize)}, absmax.options());
   DoubleQuantParams p{absmax.const_data_ptr<float>(), offset.const_data_ptr<float>(), code.const_data_ptr<float>(),
                       q.data_ptr<uint8_t>(), nested.data_ptr<float>(), n, log2_exact(blocksize)};
-  launch_double_quant(p, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n > 0) {
+    launch_double_quant(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {q, nested, offset};
 }
 
@@ -72,8 +77,10 @@ void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, in
   } else {
     p.absmax = absmax.const_data_ptr<float>();
   }
-  launch_dequantize_nf4(p, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (args.n > 0) {
+    launch_dequantize_nf4(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
