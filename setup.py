@@ -119,16 +119,20 @@ def extension():
                          define_macros=define_macros)
 
 
-def write_build_config():
-    """lora_ext/_build_config.py: what this build compiled, read by tests that catch a silent CPU-only build."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None
-    with open(os.path.join(ROOT, "lora_ext", "_build_config.py"), "w") as f:
-        f.write("# Written by setup.py at build time.\n")
-        f.write(f"WITH_CUDA = {WITH_CUDA!r}\nCUDA_ARCH_LIST = {arch!r}\nTORCH_VERSION = {torch.__version__!r}\n")
-        f.write(f"CUDA_HOME = {CUDA_HOME if WITH_CUDA else None!r}\nDEBUG = {DEBUG!r}\n")
+class BuildExt(BuildExtension):
+    """Also writes lora_ext/_build_config.py beside the built library, so tests can tell a silent
+    CPU-only build from a CUDA one."""
+
+    def run(self):
+        super().run()
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None
+        target = os.path.join(os.path.dirname(self.get_ext_fullpath("lora_ext._C")), "_build_config.py")
+        with open(target, "w") as f:
+            f.write("# Written by setup.py when lora_ext._C was built.\n")
+            f.write(f"WITH_CUDA = {WITH_CUDA!r}\nCUDA_ARCH_LIST = {arch!r}\nTORCH_VERSION = {torch.__version__!r}\n")
+            f.write(f"CUDA_HOME = {CUDA_HOME if WITH_CUDA else None!r}\nDEBUG = {DEBUG!r}\n")
 
 
-write_build_config()
 print(f"lora_ext: building with CUDA={WITH_CUDA} CUDA_HOME={CUDA_HOME} "
       f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')} DEBUG={DEBUG}", flush=True)
 
@@ -136,5 +140,5 @@ setup(
     packages=find_packages(include=["lora_ext", "lora_ext.*"]),
     package_data={"lora_ext": ["data/*.txt"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )
