@@ -28,4 +28,15 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "dequantize_nf4_out(Tensor packed, Tensor absmax, int blocksize, Tensor(a!) out, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> ()");
+  // y = x W^T (+ bias), W (out_features x in_features) in NF4, accumulated in fp32. Rows of x
+  // (leading dims flattened) up to gemv_max_m (-1: the device's default) take the fused kernel
+  // that reads the packed weight directly; more rows dequantize into a reused workspace for BLAS.
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, Tensor? bias=None, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256, "
+      "int gemv_max_m=-1) -> Tensor");
+  // dx = dy W: the input gradient of nf4_linear (the NF4 weight is frozen: it has no gradient).
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, int in_features, int blocksize, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> Tensor");
 }

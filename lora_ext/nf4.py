@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
@@ -223,9 +222,27 @@ def dequantize_nf4(qw: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.
                                      qw.nested_code, qw.offset, qw.nested_blocksize)
 
 
+_FROZEN = ("nf4_linear: the NF4 base weight is frozen and has no gradient; set requires_grad=False on it "
+           "(train an adapter instead)")
+
+
 def nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ dequant(W).T + bias, differentiable with respect to x (and bias)."""
-    return F.linear(x, dequantize_nf4(qw, x.dtype), bias)
+    """y = x @ dequant(W).T + bias, differentiable with respect to x (and bias); W gets no gradient.
+
+    Few rows of x (decode) take a fused kernel that reads the packed weight directly; more rows
+    dequantize into a reused workspace and use BLAS. Backward keeps only the packed weight.
+    """
+    if not isinstance(qw, NF4Weight):
+        raise TypeError(f"nf4_linear expects an NF4Weight, got {type(qw).__name__}")
+    if len(qw.shape) != 2:
+        raise ValueError(f"nf4_linear needs a 2-D weight (out_features, in_features), got shape {tuple(qw.shape)}")
+    if qw.data.requires_grad:
+        raise RuntimeError(_FROZEN)
+    if x.shape[-1:] != qw.shape[1:]:
+        raise ValueError(f"nf4_linear: input's last dimension must be in_features={qw.shape[1]}, "
+                         f"got input of shape {tuple(x.shape)}")
+    return ops.nf4_linear(x, qw.packed, qw.absmax, qw.shape[0], qw.blocksize, bias, qw.nested_absmax,
+                          qw.nested_code, qw.offset, qw.nested_blocksize)
 
 
 class NF4Linear(nn.Module):
@@ -268,6 +285,8 @@ class NF4Linear(nn.Module):
                          self.blocksize, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise RuntimeError(_FROZEN)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nf4_linear(x, self.qweight, bias)
 

@@ -50,6 +50,16 @@ def dequantize_nf4_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: in
     return out
 
 
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_features: int, blocksize: int,
+               bias: Optional[torch.Tensor] = None, nested_absmax: Optional[torch.Tensor] = None,
+               nested_code: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+               nested_blocksize: int = 256, gemv_max_m: int = -1) -> torch.Tensor:
+    """y = x @ W.T (+ bias) with W in NF4; differentiable with respect to x and bias."""
+    require_compiled("nf4_linear")
+    return torch.ops.lora_ext.nf4_linear(x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                         nested_code, offset, nested_blocksize, gemv_max_m)
+
+
 if HAS_C:
 
     @torch.library.register_fake("lora_ext::quantize_nf4")
@@ -89,3 +99,40 @@ if HAS_C:
         torch._check(packed.numel() == (out.numel() + 1) // 2,
                      lambda: f"dequantize_nf4_out: packed weight must have {(out.numel() + 1) // 2} elements, got {packed.numel()}")
         return None
+
+    @torch.library.register_fake("lora_ext::nf4_linear")
+    def _nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias=None, nested_absmax=None, nested_code=None,
+                         offset=None, nested_blocksize=256, gemv_max_m=-1):
+        torch._check(x.dtype in _FLOAT_TYPES, lambda: f"nf4_linear: input must be float32/float16/bfloat16, got {x.dtype}")
+        torch._check(x.dim() >= 1, lambda: "nf4_linear: input must have at least one dimension")
+        torch._check(packed.numel() == (out_features * x.shape[-1] + 1) // 2,
+                     lambda: f"nf4_linear: packed weight must hold {out_features} x {x.shape[-1]} codes")
+        torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == out_features),
+                     lambda: f"nf4_linear: bias must have shape ({out_features},)")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("lora_ext::nf4_linear_grad_input")
+    def _nf4_linear_grad_input_fake(grad_out, packed, absmax, in_features, blocksize, nested_absmax=None,
+                                    nested_code=None, offset=None, nested_blocksize=256):
+        torch._check(packed.numel() == (grad_out.shape[-1] * in_features + 1) // 2,
+                     lambda: "nf4_linear_grad_input: packed weight does not match grad_output and in_features")
+        return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+    def _nf4_linear_setup(ctx, inputs, output):
+        x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset, nbs, _ = inputs
+        # Only the packed weight and its quant state are kept: no activation, nothing dequantized.
+        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+        ctx.in_features, ctx.blocksize, ctx.nested_blocksize = x.shape[-1], blocksize, nbs
+        ctx.has_bias = bias is not None
+
+    def _nf4_linear_backward(ctx, grad):
+        packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.lora_ext.nf4_linear_grad_input(grad, packed, absmax, ctx.in_features, ctx.blocksize,
+                                                             nested_absmax, nested_code, offset, ctx.nested_blocksize)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, None, None, grad_bias, None, None, None, None, None
+
+    torch.library.register_autograd("lora_ext::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)

@@ -129,3 +129,23 @@ def dequantize_nf4_out(packed, absmax, blocksize: int, out: torch.Tensor, nested
                        offset=None, nested_blocksize: int = NESTED_BLOCKSIZE) -> None:
     out.copy_(dequantize_nf4(packed, absmax, blocksize, out.shape, out.dtype, nested_absmax, nested_code, offset,
                              nested_blocksize))
+
+
+def nf4_linear(x, packed, absmax, out_features: int, blocksize: int, bias=None, nested_absmax=None, nested_code=None,
+               offset=None, nested_blocksize: int = NESTED_BLOCKSIZE, gemv_max_m: int = -1,
+               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x @ dequant(W).T (+ bias), W dequantized and the product taken in compute_dtype (fp64: an exact oracle)."""
+    w = dequantize_nf4(packed, absmax, blocksize, (out_features, x.shape[-1]), compute_dtype, nested_absmax,
+                       nested_code, offset, nested_blocksize, compute_dtype=compute_dtype)
+    y = x.to(compute_dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(compute_dtype)
+    return y.to(x.dtype)
+
+
+def nf4_linear_grad_input(grad_out, packed, absmax, in_features: int, blocksize: int, nested_absmax=None,
+                          nested_code=None, offset=None, nested_blocksize: int = NESTED_BLOCKSIZE,
+                          compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    w = dequantize_nf4(packed, absmax, blocksize, (grad_out.shape[-1], in_features), compute_dtype, nested_absmax,
+                       nested_code, offset, nested_blocksize, compute_dtype=compute_dtype)
+    return (grad_out.to(compute_dtype) @ w).to(grad_out.dtype)

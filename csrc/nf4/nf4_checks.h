@@ -87,6 +87,67 @@ inline DequantArgs check_dequantize_args(const at::Tensor& packed, const at::Ten
   return {n, nblocks, true};
 }
 
+// The dtype a weight is dequantized to for an activation dtype (float64 uses the exact fp32 values).
+inline at::ScalarType weight_dtype(at::ScalarType activation) {
+  return activation == at::kDouble ? at::kFloat : activation;
+}
+
+// Checks of nf4_linear_grad_input: dy (..., N) against an N x in_features NF4 weight.
+struct LinearArgs {
+  int64_t M;  // rows of x after flattening the leading dims
+  int64_t N;  // out_features
+  int64_t K;  // in_features
+  DequantArgs weight;
+};
+
+// y = x W^T (+ bias) with W (out_features x K) in NF4.
+inline LinearArgs check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                                    const at::Tensor& absmax, int64_t out_features, int64_t blocksize,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& nested_absmax,
+                                    const c10::optional<at::Tensor>& nested_code,
+                                    const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  // float64 is accepted for gradcheck: it runs the BLAS path on the exact fp32 dequantized weight.
+  LORA_CHECK(is_float_type(x.scalar_type()) || x.scalar_type() == at::kDouble, op,
+             ": input must be float32, float16 or bfloat16 (or float64), got ", x.scalar_type());
+  LORA_CHECK(x.dim() >= 1, op, ": input must have at least one dimension, got a scalar");
+  LORA_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  check_same_device(packed, x, op);
+  const int64_t K = x.size(-1);
+  const auto w = check_dequantize_args(packed, absmax, blocksize, {out_features, K}, weight_dtype(x.scalar_type()),
+                                       nested_absmax, nested_code, offset, nested_blocksize);
+  if (bias.has_value()) {
+    check_same_device(*bias, x, "nf4 linear: bias");
+    LORA_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have the input's dtype ", x.scalar_type(),
+               ", got ", bias->scalar_type());
+    LORA_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (", out_features,
+               ",), got ", bias->sizes());
+  }
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  return {M, out_features, K, w};
+}
+
+inline LinearArgs check_grad_input_args(const at::Tensor& grad_out, const at::Tensor& packed,
+                                        const at::Tensor& absmax, int64_t in_features, int64_t blocksize,
+                                        const c10::optional<at::Tensor>& nested_absmax,
+                                        const c10::optional<at::Tensor>& nested_code,
+                                        const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  const char* op = "nf4_linear_grad_input";
+  LORA_CHECK(is_float_type(grad_out.scalar_type()) || grad_out.scalar_type() == at::kDouble, op,
+             ": grad_output must be float32, float16 or bfloat16 (or float64), got ", grad_out.scalar_type());
+  LORA_CHECK(grad_out.dim() >= 1, op, ": grad_output must have at least one dimension");
+  LORA_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  check_same_device(packed, grad_out, op);
+  const int64_t N = grad_out.size(-1);
+  const auto w = check_dequantize_args(packed, absmax, blocksize, {N, in_features},
+                                       weight_dtype(grad_out.scalar_type()), nested_absmax, nested_code, offset,
+                                       nested_blocksize);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < grad_out.dim(); ++d) M *= grad_out.size(d);
+  return {M, N, in_features, w};
+}
+
 inline void check_dequantize_out(const at::Tensor& out, const at::Tensor& packed) {
   check_float_type(out.scalar_type(), "dequantize_nf4_out: out");
   check_contiguous(out, "dequantize_nf4_out: out");

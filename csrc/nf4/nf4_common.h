@@ -135,5 +135,19 @@ LORA_HD float nested_absmax(uint8_t q, float nested, float offset, const float* 
   return add_rn(mul_rn(code8[q], nested), offset);
 }
 
+// Where block b's absmax comes from: plain float32, or decoded from the double-quantized form.
+struct BlockScales {
+  const float* absmax = nullptr;   // plain
+  const uint8_t* qabsmax = nullptr;  // double-quantized: these four
+  const float* nested = nullptr;
+  const float* code8 = nullptr;
+  float offset = 0.0f;
+  int nested_log2 = 8;
+
+  LORA_HD float operator()(int64_t b) const {
+    return qabsmax != nullptr ? nested_absmax(qabsmax[b], nested[b >> nested_log2], offset, code8) : absmax[b];
+  }
+};
+
 }  // namespace nf4
 }  // namespace lora_ext

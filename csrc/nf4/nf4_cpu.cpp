@@ -11,6 +11,7 @@
 
 #include "common/dispatch.h"
 #include "nf4/nf4_checks.h"
+#include "nf4/nf4_cpu_kernels.h"
 #include "nf4/nf4_cpu_simd.h"
 
 namespace lora_ext {
@@ -140,6 +141,8 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, const uint8_t
   });
 }
 
+}  // namespace
+
 void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, const DequantArgs& args,
                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                          const c10::optional<at::Tensor>& offset, int64_t nested_blocksize, at::Tensor& out) {
@@ -157,6 +160,8 @@ void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, int
     }
   });
 }
+
+namespace {
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               at::IntArrayRef shape, at::ScalarType dtype,

@@ -6,11 +6,10 @@
 #include <torch/library.h>
 
 #include "nf4/nf4_checks.h"
-#include "nf4/nf4_launch.h"
+#include "nf4/nf4_cuda_kernels.h"
 
 namespace lora_ext {
 namespace nf4 {
-namespace {
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -21,6 +20,8 @@ DType to_dtype(at::ScalarType t) {
   }
   return DType::kFloat32;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& A_in, int64_t blocksize) {
   check_quantize_args(A_in, blocksize);
@@ -57,6 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cuda(const at::Tenso
   return {q, nested, offset};
 }
 
+}  // namespace
+
 void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                           const DequantArgs& args, const c10::optional<at::Tensor>& nested_absmax,
                           const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
@@ -82,6 +85,8 @@ void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, in
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
+
+namespace {
 
 at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                at::IntArrayRef shape, at::ScalarType dtype,

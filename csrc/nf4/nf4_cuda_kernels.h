@@ -1,0 +1,21 @@
+// CUDA NF4 host functions other CUDA glue builds on (nf4_matmul_cuda_api.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "nf4/nf4_checks.h"
+#include "nf4/nf4_launch.h"
+
+namespace lora_ext {
+namespace nf4 {
+
+DType to_dtype(at::ScalarType t);
+
+// Dequantize a checked NF4 weight into `out` on the current stream (caller holds the device guard).
+void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                          const DequantArgs& args, const c10::optional<at::Tensor>& nested_absmax,
+                          const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                          int64_t nested_blocksize, at::Tensor& out);
+
+}  // namespace nf4
+}  // namespace lora_ext

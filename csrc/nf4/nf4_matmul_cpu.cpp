@@ -1,0 +1,162 @@
+// NF4 linear on the CPU: y = x W^T (+ bias) and dx = dy W, W (N x K) in NF4.
+// Small M (decode): a fused kernel decodes each weight row once into a per-thread fp32 buffer and
+// dots it with every row of x; nothing dequantized outlives the row. Large M: W is dequantized to
+// fp32 into a per-thread workspace (grown to the largest layer, reused by every call) for MKL.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "nf4/nf4_checks.h"
+#include "nf4/nf4_cpu_kernels.h"
+#include "nf4/nf4_cpu_simd.h"
+
+namespace lora_ext {
+namespace nf4 {
+namespace {
+
+constexpr int64_t kCpuGemvMaxM = 16;  // measured crossover on 2 cores: see README, NF4 matmul
+
+BlockScales scales_of(const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                      const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                      int64_t nested_blocksize) {
+  BlockScales s;
+  if (nested_absmax.has_value()) {
+    s.qabsmax = absmax.const_data_ptr<uint8_t>();
+    s.nested = nested_absmax->const_data_ptr<float>();
+    s.code8 = nested_code->const_data_ptr<float>();
+    s.offset = offset->item<float>();
+    s.nested_log2 = log2_exact(nested_blocksize);
+  } else {
+    s.absmax = absmax.const_data_ptr<float>();
+  }
+  return s;
+}
+
+// Weights [f, f + count) of the flattened NF4 tensor, as fp32 (code * absmax, as the dequantizer).
+void decode_run(const uint8_t* packed, int64_t f, int64_t count, const BlockScales& scales, int log2bs, bool simd,
+                float* dst) {
+  const int64_t f0 = f, end = f + count;
+  float table[16];
+  while (f < end) {
+    const int64_t b = f >> log2bs;
+    const int64_t bend = std::min(end, (b + 1) << log2bs);
+    const float s = scales(b);
+    for (uint32_t c = 0; c < 16; ++c) table[c] = mul_rn(code_value(c), s);
+    int64_t i = f;
+    if (i & 1) {
+      dst[i - f0] = table[packed[i >> 1] & 15];
+      ++i;
+    }
+#if defined(LORA_EXT_X86_SIMD)
+    if (simd) i += 2 * simd::expand<float>(packed + (i >> 1), (bend - i) / 2, simd::table_planes<float>(s), dst + (i - f0));
+#endif
+    for (; i + 1 < bend; i += 2) {
+      const uint8_t byte = packed[i >> 1];
+      dst[i - f0] = table[byte >> 4];
+      dst[i + 1 - f0] = table[byte & 15];
+    }
+    if (i < bend) dst[i - f0] = table[packed[i >> 1] >> 4];
+    f = bend;
+  }
+}
+
+// Eight independent partial sums, so the compiler vectorizes the dot product without reassociating.
+float dot(const float* a, const float* b, int64_t K) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[k + j] * b[k + j];
+  float tail = 0.0f;
+  for (; k < K; ++k) tail += a[k] * b[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// x32: M x K fp32 contiguous; returns M x N fp32.
+at::Tensor gemv(const at::Tensor& x32, const at::Tensor& packed, const BlockScales& scales, int log2bs, int64_t N,
+                const c10::optional<at::Tensor>& bias) {
+  const int64_t M = x32.size(0), K = x32.size(1);
+  at::Tensor y = at::empty({M, N}, x32.options());
+  const float* x = x32.const_data_ptr<float>();
+  const uint8_t* q = packed.const_data_ptr<uint8_t>();
+  at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const bool simd = simd::enabled();
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(static_cast<size_t>(K));
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_run(q, n * K, K, scales, log2bs, simd, w.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(x + m * K, w.data(), K) + (bp ? bp[n] : 0.0f);
+    }
+  });
+  return y;
+}
+
+// The dequantized weight (N x K fp32) in this thread's workspace, valid until its next call.
+at::Tensor workspace_weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                            const DequantArgs& w, int64_t N, int64_t K,
+                            const c10::optional<at::Tensor>& nested_absmax,
+                            const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                            int64_t nested_blocksize) {
+  thread_local at::Tensor workspace;
+  if (!workspace.defined() || workspace.numel() < N * K) workspace = at::empty({N * K}, at::kFloat);
+  at::Tensor ws = workspace.narrow(0, 0, N * K).view({N, K});
+  dequantize_into_cpu(packed, absmax, blocksize, w, nested_absmax, nested_code, offset, nested_blocksize, ws);
+  return ws;
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          int64_t out_features, int64_t blocksize, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                          const c10::optional<at::Tensor>& offset, int64_t nested_blocksize, int64_t gemv_max_m) {
+  const auto a = check_linear_args("nf4_linear", x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                   nested_code, offset, nested_blocksize);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = a.N;
+  // fp32 accumulation for every activation dtype (float64 for float64, the gradcheck case).
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = x.reshape({a.M, a.K}).to(acc).contiguous();
+  at::Tensor ya;
+  if (a.M == 0 || a.N == 0 || a.K == 0) {
+    ya = at::zeros({a.M, a.N}, xa.options());
+    if (bias.has_value()) ya.add_(bias->to(acc));
+  } else if (acc == at::kFloat && a.M <= (gemv_max_m < 0 ? kCpuGemvMaxM : gemv_max_m)) {
+    ya = gemv(xa, packed, scales_of(absmax, nested_absmax, nested_code, offset, nested_blocksize),
+              log2_exact(blocksize), a.N, bias);
+  } else {
+    const at::Tensor w = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, nested_absmax, nested_code,
+                                          offset, nested_blocksize).to(acc);
+    ya = bias.has_value() ? at::addmm(bias->to(acc), xa, w.t()) : at::mm(xa, w.t());
+  }
+  return ya.to(x.scalar_type()).view(out_shape);
+}
+
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                                     int64_t in_features, int64_t blocksize,
+                                     const c10::optional<at::Tensor>& nested_absmax,
+                                     const c10::optional<at::Tensor>& nested_code,
+                                     const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  const auto a = check_grad_input_args(grad_out, packed, absmax, in_features, blocksize, nested_absmax, nested_code,
+                                       offset, nested_blocksize);
+  auto out_shape = grad_out.sizes().vec();
+  out_shape.back() = a.K;
+  if (a.M == 0 || a.N == 0 || a.K == 0) return at::zeros(out_shape, grad_out.options());
+  const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor dy = grad_out.reshape({a.M, a.N}).to(acc);
+  const at::Tensor ws = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, nested_absmax, nested_code,
+                                         offset, nested_blocksize).to(acc);
+  return at::mm(dy, ws).to(grad_out.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("nf4_linear", &nf4_linear_cpu);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+}
+
+}  // namespace nf4
+}  // namespace lora_ext
