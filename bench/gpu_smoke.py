@@ -25,6 +25,21 @@ def main() -> int:
                 ok = ok and torch.equal(out.cpu(), cpu.dequantize(torch.float32))
                 if not ok:
                     failures.append((dtype, shape, bs, dq))
+    # nf4_linear: fused GEMV (vector and scalar paths, tiles of 1 and 4 rows) and workspace path.
+    for dtype in (torch.float32, torch.bfloat16):
+        for M, K, N in [(1, 4096, 40), (3, 4096, 7), (16, 96, 33), (5, 4097, 9), (300, 128, 20)]:
+            w = torch.randn(N, K, dtype=dtype) * 0.05
+            qw = lora_ext.quantize_nf4(w, 64, True)
+            x = torch.randn(M, K, dtype=dtype)
+            bias = torch.randn(N, dtype=dtype)
+            ref = lora_ext.nf4_linear(x.double(), qw, bias.double())
+            for max_m in (-1, 1 << 20, 0):
+                y = lora_ext.ops.nf4_linear(x.cuda(), qw.packed.cuda(), qw.absmax.cuda(), N, 64, bias.cuda(),
+                                            qw.nested_absmax.cuda(), qw.nested_code.cuda(), qw.offset.cuda(), 256,
+                                            max_m).double().cpu()
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                if not torch.allclose(y, ref, rtol=tol, atol=tol * ref.abs().max().item()):
+                    failures.append(("nf4_linear", dtype, M, K, N, max_m))
     # An unaligned packed view takes the element-wise path.
     qw = lora_ext.quantize_nf4(torch.randn(64, 256, device="cuda"), 64, False)
     raw = torch.empty(qw.data.numel() + 1, dtype=torch.uint8, device="cuda")

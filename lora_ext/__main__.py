@@ -6,23 +6,36 @@ import json
 import sys
 
 
+SECTIONS = {
+    "nf4": ["kernel", "shape", "dtype", "peer", "ms", "GB/s", "fraction_of_copy_bw", "speedup_vs_bitsandbytes"],
+    "nf4_matmul": ["N", "K", "M", "peer", "ms", "TFLOP/s", "fraction_of_copy_bw", "speedup_vs_bitsandbytes"],
+}
+
+
 def _bench(args) -> int:
+    import importlib
+
     import torch
 
-    from .bench import nf4, report
+    from .bench import report
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda requested but no CUDA device is visible", file=sys.stderr)
         return 2
-    result = nf4.run(args.device, quick=args.quick)
-    print(f"device {result['device']}: copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s (read + write)")
-    print(report.table(result["rows"], ["kernel", "shape", "dtype", "peer", "ms", "GB/s", "fraction_of_copy_bw",
-                                        "speedup_vs_bitsandbytes"]))
-    for note in result["notes"]:
-        print(f"note: {note}")
+    results = {"torch": torch.__version__, "device": args.device, "quick": args.quick}
+    if args.device == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(0)
+    for name in args.only or list(SECTIONS):
+        result = importlib.import_module(f".bench.{name}", __package__).run(args.device, quick=args.quick)
+        results[name] = result
+        print(f"\n## {name} on {result['device']}: copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s "
+              "(read + write, measured in this run)")
+        print(report.table(result["rows"], SECTIONS[name]))
+        for note in result["notes"]:
+            print(f"note: {note}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"nf4": result, "torch": torch.__version__}, f, indent=2)
+            json.dump(results, f, indent=2)
     return 0
 
 
@@ -35,6 +48,7 @@ def main(argv=None) -> int:
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)

@@ -16,6 +16,7 @@ namespace {
 
 constexpr int64_t kCudaGemvMaxM = 16;  // not yet measured on a GPU: the bench sweeps M to find it
 constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;
 
 at::Tensor dequantized(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, const DequantArgs& w,
                        int64_t N, int64_t K, at::ScalarType dtype, const c10::optional<at::Tensor>& nested_absmax,
@@ -44,7 +45,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   }
   const int64_t max_m = gemv_max_m < 0 ? kCudaGemvMaxM : gemv_max_m;
   const bool is_double = x.scalar_type() == at::kDouble;  // gradcheck: BLAS on the exact fp32 weight
-  if (!is_double && a.M <= max_m && (a.M + 3) / 4 <= kMaxGridY) {
+  if (!is_double && a.M <= max_m && (a.M + 3) / 4 <= kMaxGridY && (a.N + 3) / 4 <= kMaxGridX) {
     if (x2d.stride(1) != 1) x2d = x2d.contiguous();
     at::Tensor y = at::empty({a.M, a.N}, x.options());
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -56,7 +57,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
     p.M = a.M;
     p.N = a.N;
     p.K = a.K;
-    p.ldx = x2d.stride(0);
+    p.ldx = a.M == 1 ? a.K : x2d.stride(0);  // one row: its stride is arbitrary, keep the vector path
     p.blocksize_log2 = log2_exact(blocksize);
     p.dtype = to_dtype(x.scalar_type());
     p.nested = nested_absmax.has_value();
@@ -73,6 +74,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y.view(out_shape);
   }
+  // As bitsandbytes and PEFT do at large M: W in the activation dtype, cuBLAS with fp32 accumulation.
   const at::Tensor w = dequantized(packed, absmax, blocksize, a.weight, a.N, a.K, weight_dtype(x.scalar_type()),
                                    nested_absmax, nested_code, offset, nested_blocksize)
                            .to(x.scalar_type());
