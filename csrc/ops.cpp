@@ -39,4 +39,15 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, int in_features, int blocksize, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> Tensor");
+
+  // LoRA. dropout: x * keep / (1 - p), keep drawn by Philox4x32-10 from (seed, element index), so
+  // backward regenerates the mask and CPU and CUDA drop the same elements.
+  m.def("lora_dropout(Tensor x, float p, int seed) -> Tensor");
+  // y = base_out + scale * (dropout(x) A^T) B^T; returns y and T = dropout(x) A^T (M x r, kept for
+  // backward in place of any dropout mask or dropout(x) copy).
+  m.def("lora_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, float scale, float dropout_p, int seed) -> "
+        "(Tensor y, Tensor T)");
+  // Gradients of lora_forward's LoRA branch: (dx, dA, dB).
+  m.def("lora_backward(Tensor grad_y, Tensor x, Tensor T, Tensor A, Tensor B, float scale, float dropout_p, "
+        "int seed) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
 }

@@ -6,16 +6,20 @@ usable); calling a compiled op then says how to build it.
 """
 from . import reference
 from ._library import HAS_C, build_config
+from .lora import LoraLinear, lora_linear, lora_scaling
 from .nf4 import NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HAS_C",
+    "LoraLinear",
     "NF4Linear",
     "NF4Weight",
     "build_config",
     "dequantize_nf4",
+    "lora_linear",
+    "lora_scaling",
     "nf4_linear",
     "quantize_nf4",
     "reference",

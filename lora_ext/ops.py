@@ -60,6 +60,18 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_
                                          nested_code, offset, nested_blocksize, gemv_max_m)
 
 
+def lora_forward(x: torch.Tensor, base_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """base_out + scale * dropout(x) A^T B^T, differentiable in x, base_out, A and B."""
+    require_compiled("lora_forward")
+    return torch.ops.lora_ext.lora_forward(x, base_out, A, B, float(scale), float(dropout_p), int(seed))[0]
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    require_compiled("lora_dropout")
+    return torch.ops.lora_ext.lora_dropout(x, float(p), int(seed))
+
+
 if HAS_C:
 
     @torch.library.register_fake("lora_ext::quantize_nf4")
@@ -136,3 +148,39 @@ if HAS_C:
         return grad_x, None, None, None, None, grad_bias, None, None, None, None, None
 
     torch.library.register_autograd("lora_ext::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)
+
+    @torch.library.register_fake("lora_ext::lora_dropout")
+    def _lora_dropout_fake(x, p, seed):
+        torch._check(0.0 <= p < 1.0, lambda: f"lora_dropout: p must be in [0, 1), got {p}")
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("lora_ext::lora_forward")
+    def _lora_forward_fake(x, base_out, A, B, scale, dropout_p, seed):
+        torch._check(A.dim() == 2 and A.shape[1] == x.shape[-1],
+                     lambda: f"lora_forward: lora_A must be (r, {x.shape[-1]}), got {tuple(A.shape)}")
+        torch._check(B.dim() == 2 and B.shape[1] == A.shape[0],
+                     lambda: f"lora_forward: lora_B must be (out_features, {A.shape[0]}), got {tuple(B.shape)}")
+        torch._check(base_out.shape[-1] == B.shape[0], lambda: "lora_forward: base output features must match lora_B")
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return torch.empty_like(base_out), A.new_empty((m, A.shape[0]))
+
+    @torch.library.register_fake("lora_ext::lora_backward")
+    def _lora_backward_fake(grad_y, x, T, A, B, scale, dropout_p, seed):
+        return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B)
+
+    def _lora_forward_setup(ctx, inputs, output):
+        x, base_out, A, B, scale, dropout_p, seed = inputs
+        # Saved: x (the base layer keeps it anyway) and T; the dropout mask is regenerated from seed.
+        ctx.save_for_backward(x, output[1], A, B)
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        ctx.mark_non_differentiable(output[1])
+
+    def _lora_forward_backward(ctx, grad_y, grad_T):
+        x, T, A, B = ctx.saved_tensors
+        grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(grad_y, x, T, A, B, ctx.scale, ctx.dropout_p,
+                                                                  ctx.seed)
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, grad_y if needs[1] else None, grad_A if needs[2] else None,
+                grad_B if needs[3] else None, None, None, None)
+
+    torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)

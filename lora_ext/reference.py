@@ -149,3 +149,65 @@ def nf4_linear_grad_input(grad_out, packed, absmax, in_features: int, blocksize:
     w = dequantize_nf4(packed, absmax, blocksize, (grad_out.shape[-1], in_features), compute_dtype, nested_absmax,
                        nested_code, offset, nested_blocksize, compute_dtype=compute_dtype)
     return (grad_out.to(compute_dtype) @ w).to(grad_out.dtype)
+
+
+# ---------------------------------------------------------------- LoRA
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, b: int):
+    """(hi, lo) 32-bit halves of a * b for a (int64 holding uint32) and a uint32 constant b."""
+    p_lo, p_hi = a * (b & 0xFFFF), a * (b >> 16)
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """Philox4x32-10 of each counter (int64) with a 64-bit key: (n, 4) uint32 values held in int64."""
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, 0xD2511F53)
+        hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def dropout_keep_mask(n: int, p: float, seed: int, device=None) -> torch.Tensor:
+    """Which of n elements lora_dropout keeps (element e uses draw e % 4 of Philox block e // 4)."""
+    draws = philox4x32_10(torch.arange((n + 3) // 4, device=device, dtype=torch.int64), seed).reshape(-1)[:n]
+    return draws < math.floor((1.0 - p) * 2**32 + 0.5)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)
+    if x.dtype == torch.float64:
+        return torch.where(keep, x * float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)), 0.0)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    return torch.where(keep, x.float() * scale, 0.0).to(x.dtype)
+
+
+def lora_forward(x, base_out, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    """(y, T): T = dropout(x) A^T in the adapters' dtype, y = base_out + scale T B^T."""
+    xd = lora_dropout(x, dropout_p, seed) if dropout_p > 0 else x
+    T = xd.reshape(-1, x.shape[-1]).to(A.dtype) @ A.t()
+    delta = (T @ B.t()) * scale
+    y = base_out + delta.reshape(base_out.shape).to(base_out.dtype)
+    return y, T
+
+
+def lora_backward(grad_y, x, T, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    """(dx, dA, dB) of lora_forward's LoRA branch."""
+    dy = grad_y.reshape(-1, grad_y.shape[-1]).to(A.dtype)
+    dT = (dy @ B) * scale
+    dB = (dy.t() @ T.to(A.dtype)) * scale
+    xd = lora_dropout(x, dropout_p, seed) if dropout_p > 0 else x
+    dA = dT.t() @ xd.reshape(-1, x.shape[-1]).to(A.dtype)
+    dx = dT @ A
+    if dropout_p > 0:
+        dx = lora_dropout(dx, dropout_p, seed)
+    return dx.to(x.dtype).reshape(x.shape), dA, dB

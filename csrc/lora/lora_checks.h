@@ -1,0 +1,37 @@
+// Argument rules of the LoRA operators, shared by the CPU and CUDA glue.
+#pragma once
+
+#include "common/checks.h"
+
+namespace lora_ext {
+namespace lora {
+
+struct LoraDims {
+  int64_t M, K, N, r;
+};
+
+inline LoraDims check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                double dropout_p) {
+  LORA_CHECK(x.dim() >= 1, op, ": input must have at least one dimension");
+  LORA_CHECK(is_float_type(x.scalar_type()) || x.scalar_type() == at::kDouble, op,
+             ": input must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  LORA_CHECK(A.dim() == 2 && B.dim() == 2, op, ": lora_A must be (r, in_features) and lora_B (out_features, r), got ",
+             A.sizes(), " and ", B.sizes());
+  const int64_t r = A.size(0), K = x.size(-1);
+  LORA_CHECK(r >= 1, op, ": rank r must be >= 1, got ", r);
+  LORA_CHECK(A.size(1) == K, op, ": lora_A must be (r, ", K, ") for inputs with ", K, " features, got ", A.sizes());
+  LORA_CHECK(B.size(1) == r, op, ": lora_B must be (out_features, ", r, ") to match lora_A's rank, got ", B.sizes());
+  LORA_CHECK(A.scalar_type() == B.scalar_type(), op, ": lora_A and lora_B must share a dtype, got ", A.scalar_type(),
+             " and ", B.scalar_type());
+  LORA_CHECK(is_float_type(A.scalar_type()) || A.scalar_type() == at::kDouble, op,
+             ": adapter weights must be floating point, got ", A.scalar_type());
+  check_same_device(A, x, "lora_A");
+  check_same_device(B, x, "lora_B");
+  LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout must be in [0, 1), got ", dropout_p);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  return {M, K, B.size(0), r};
+}
+
+}  // namespace lora
+}  // namespace lora_ext

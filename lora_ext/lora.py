@@ -1,0 +1,95 @@
+"""LoraLinear: a frozen base (nn.Linear, or NF4Linear for QLoRA) plus a trainable low-rank update,
+y = base(x) + s * (dropout(x) A^T) B^T, with A (r x in) and B (out x r) shaped like PEFT's."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .nf4 import NF4Linear, NF4Weight, nf4_linear
+
+_SEED_RANGE = 2**62
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (stable at large r)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _dropout_seed(p: float, training: bool) -> tuple[float, int]:
+    if p == 0.0 or not training:
+        return 0.0, 0
+    # Drawn from torch's default generator, so torch.manual_seed makes dropout reproducible.
+    return p, int(torch.randint(0, _SEED_RANGE, (1,)).item())
+
+
+def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, bias: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                training: bool = True) -> torch.Tensor:
+    """Functional LoRA linear: base x W^T (+ bias) with W dense or NF4, plus the low-rank update."""
+    if isinstance(weight, NF4Weight):
+        base = nf4_linear(x, weight, bias)
+    else:
+        base = torch.nn.functional.linear(x, weight, bias)
+    p, seed = _dropout_seed(dropout, training)
+    return ops.lora_forward(x, base, lora_A, lora_B, scaling, p, seed)
+
+
+class LoraLinear(nn.Module):
+    """PEFT-style LoRA layer over a frozen nn.Linear or NF4Linear (kept as `base_layer`)."""
+
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoraLinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
+        in_f, out_f = base.in_features, base.out_features
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1 or r > min(in_f, out_f):
+            raise ValueError(f"r must be an integer in [1, min(in_features, out_features)] = [1, {min(in_f, out_f)}], "
+                             f"got {r!r}")
+        if not lora_alpha >= 0:
+            raise ValueError(f"lora_alpha must be >= 0, got {lora_alpha!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.lora_dropout = float(lora_dropout)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=adapter_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=adapter_dtype, device=device))
+        self.merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        """PEFT's initialisation: True = A kaiming-uniform(a=sqrt(5)), B zeros; 'gaussian' = A ~ N(0, 1/r),
+        B zeros; False = both kaiming-uniform (a non-zero update from the start, for tests)."""
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init_lora_weights is False:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        if self.merged:
+            return base
+        p, seed = _dropout_seed(self.lora_dropout, self.training)
+        return ops.lora_forward(x, base, self.lora_A, self.lora_B, self.scaling, p, seed)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
+                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}")

@@ -1,0 +1,319 @@
+"""LoRA operators and LoraLinear: against lora_ext.reference (fp64), against PEFT's LoRA layer (dense
+and bitsandbytes 4-bit base), dropout masks, saved-for-backward bytes, compile/checkpoint/autocast."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ext
+from lora_ext import reference as R
+
+from conftest import requires_c
+
+pytestmark = requires_c
+
+
+def _lora_inputs(M_shape, K, N, r, device, dtype=torch.float32, adapter_dtype=torch.float32):
+    x = torch.randn(*M_shape, K, device=device, dtype=dtype)
+    base_out = torch.randn(*M_shape, N, device=device, dtype=dtype)
+    A = (torch.randn(r, K, device=device) / math.sqrt(K)).to(adapter_dtype)
+    B = (torch.randn(N, r, device=device) / math.sqrt(r)).to(adapter_dtype)
+    return x, base_out, A, B
+
+
+def _grads(fn, inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*inputs)
+    dy = torch.sin(torch.arange(y.numel(), device=y.device, dtype=torch.float64)).view(y.shape).to(y.dtype)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in inputs]
+
+
+def _close(a, b, tol):
+    scale = b.abs().max().item() + 1e-30
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale)
+
+
+# ---------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_statistics_and_reference(device, p):
+    x = torch.randn(1000, 257, device=device)
+    out = lora_ext.ops.lora_dropout(x, p, seed=2024)
+    keep = out != 0
+    n = x.numel()
+    frac = keep.double().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), frac
+    assert torch.equal(out.cpu(), R.lora_dropout(x.cpu(), p, 2024)), "CPU/CUDA kernels and the reference must agree"
+    torch.testing.assert_close(out[keep], x[keep] / (1 - p))
+    assert not torch.equal(out, lora_ext.ops.lora_dropout(x, p, seed=2025)), "another seed, another mask"
+
+
+def test_dropout_mask_is_the_same_in_forward_and_backward(device):
+    x, base_out, A, B = _lora_inputs((64,), 48, 40, 8, device)
+    p, seed = 0.3, 77
+    _, (gx, _, gA, _) = _grads(lambda x, b, A, B: lora_ext.ops.lora_forward(x, b, A, B, 2.0, p, seed),
+                               [x, base_out, A, B])
+    keep = R.dropout_keep_mask(x.numel(), p, seed, device).view(x.shape)
+    assert (gx[~keep] == 0).all() and (gx[keep] != 0).any(), "dx must be zero exactly where x was dropped"
+    # dA only sees kept inputs: zeroing dropped x entries changes nothing.
+    x2 = torch.where(keep, x, torch.full_like(x, 1e6))
+    _, (_, _, gA2, _) = _grads(lambda x, b, A, B: lora_ext.ops.lora_forward(x, b, A, B, 2.0, p, seed),
+                               [x2, base_out, A, B])
+    torch.testing.assert_close(gA, gA2)
+
+
+# ---------------------------------------------------------------- ops against the fp64 reference
+
+
+@pytest.mark.parametrize("r", [1, 8, 12, 16, 64, 256])
+def test_forward_backward_against_reference(device, r):
+    K, N = 300, 260
+    for M_shape, p in [((1,), 0.0), ((7,), 0.2), ((2, 3), 0.0), ((4096,), 0.1)]:
+        if r == 256 and M_shape == (4096,):
+            continue  # same kernels as r=64, keeps the CPU run short
+        x, base_out, A, B = _lora_inputs(M_shape, K, N, r, device)
+        scale, seed = 16 / r, 1234 + r
+
+        def ours(x, b, A, B):
+            return lora_ext.ops.lora_forward(x, b, A, B, scale, p, seed)
+
+        def ref(x, b, A, B):
+            return R.lora_forward(x, b, A, B, scale, p, seed)[0]
+
+        y, g = _grads(ours, [x, base_out, A, B])
+        y_ref, g_ref = _grads(ref, [t.double() for t in (x, base_out, A, B)])
+        _close(y, y_ref, 1e-5)
+        for a, b in zip(g, g_ref):
+            _close(a, b, 1e-5)
+
+
+def test_gradcheck_fp64_cpu():
+    x, base_out, A, B = (t.double() for t in _lora_inputs((5,), 9, 7, 3, "cpu"))
+    inputs = [t.requires_grad_(True) for t in (x, base_out, A, B)]
+    for p in (0.0, 0.4):
+        assert torch.autograd.gradcheck(lambda x, b, A, B: lora_ext.ops.lora_forward(x, b, A, B, 1.5, p, 99), inputs)
+
+
+def test_bf16_activations_fp32_adapters(device):
+    x, base_out, A, B = _lora_inputs((33,), 128, 96, 16, device, dtype=torch.bfloat16)
+    y, g = _grads(lambda x, b, A, B: lora_ext.ops.lora_forward(x, b, A, B, 2.0, 0.0, 0), [x, base_out, A, B])
+    y_ref, g_ref = _grads(lambda x, b, A, B: R.lora_forward(x, b, A, B, 2.0)[0],
+                          [t.double() for t in (x, base_out, A, B)])
+    assert y.dtype == torch.bfloat16 and g[2].dtype == torch.float32
+    _close(y, y_ref, 2e-2)
+    for a, b in zip(g, g_ref):
+        _close(a, b, 2e-2)
+
+
+def test_opcheck(device):
+    x, base_out, A, B = _lora_inputs((6,), 40, 24, 4, device)
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    torch.library.opcheck(torch.ops.lora_ext.lora_dropout.default, (x.detach(), 0.25, 5))
+    torch.library.opcheck(torch.ops.lora_ext.lora_forward.default, (x, base_out, A, B, 0.5, 0.25, 5))
+    y, T = torch.ops.lora_ext.lora_forward(x.detach(), base_out, A.detach(), B, 0.5, 0.25, 5)
+    torch.library.opcheck(torch.ops.lora_ext.lora_backward.default,
+                          (torch.randn_like(y), x.detach(), T, A.detach(), B, 0.5, 0.25, 5))
+
+
+# ---------------------------------------------------------------- LoraLinear
+
+
+def _peft_layer(base, r, alpha, use_rslora, dropout=0.0):
+    peft = pytest.importorskip("peft")
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout, use_rslora=use_rslora,
+                          init_lora_weights=False)
+    model = peft.get_peft_model(Holder(), cfg)
+    return model, model.base_model.model.proj
+
+
+def _copy_adapters(ours, peft_layer):
+    with torch.no_grad():
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+
+
+@pytest.mark.parametrize("r,use_rslora,bias", [(1, False, True), (8, True, False), (12, False, False),
+                                               (64, True, True)])
+def test_matches_peft_dense(r, use_rslora, bias):
+    base = nn.Linear(96, 80, bias=bias)
+    ours = lora_ext.LoraLinear(nn.Linear(96, 80, bias=bias), r=r, lora_alpha=2 * r, use_rslora=use_rslora)
+    ours.base_layer.load_state_dict(base.state_dict())
+    model, peft_layer = _peft_layer(base, r, 2 * r, use_rslora)
+    _copy_adapters(ours, peft_layer)
+    assert ours.scaling == pytest.approx(peft_layer.scaling["default"])
+    for shape in [(1, 96), (7, 96), (2, 5, 96)]:
+        x = torch.randn(*shape)
+        y, (gx,) = _grads(ours, [x])
+        y_p, (gx_p,) = _grads(model, [x])
+        _close(y, y_p, 1e-5)
+        _close(gx, gx_p, 1e-5)
+        _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 1e-5)
+        _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 1e-5)
+        for m in (ours, model):
+            m.zero_grad()
+
+
+def test_matches_peft_on_bitsandbytes_4bit_base():
+    bnb = pytest.importorskip("bitsandbytes")
+    dense = nn.Linear(128, 64).to(torch.bfloat16)
+    l4 = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    l4.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True)
+    l4.bias = nn.Parameter(dense.bias.detach().clone())
+    l4 = l4.to("cpu")
+    nf4 = lora_ext.NF4Linear(128, 64, dtype=torch.bfloat16)
+    nf4.load_state_dict(l4.state_dict())
+    ours = lora_ext.LoraLinear(nf4, r=16, lora_alpha=32)
+    model, peft_layer = _peft_layer(l4, 16, 32, False)
+    _copy_adapters(ours, peft_layer)
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    y, (gx,) = _grads(ours, [x])
+    y_p, (gx_p,) = _grads(model, [x])
+    _close(y, y_p, 2e-2)
+    _close(gx, gx_p, 3e-2)
+    _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 3e-2)
+    _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 3e-2)
+
+
+def test_qlora_against_fp64_reference(device):
+    dense = nn.Linear(4097 // 16 * 2, 72).to(device)
+    ours = lora_ext.LoraLinear(lora_ext.NF4Linear.from_linear(dense), r=12, lora_alpha=24, init_lora_weights=False)
+    x = torch.randn(2, 7, dense.in_features, device=device)
+    y, (gx,) = _grads(ours, [x])
+    qw = ours.base_layer.qweight
+    w64 = R.dequantize_nf4(qw.packed, qw.absmax, qw.blocksize, qw.shape, torch.float64, qw.nested_absmax,
+                           qw.nested_code, qw.offset, compute_dtype=torch.float64)
+
+    def ref(x):
+        base = x @ w64.t() + ours.base_layer.bias.double()
+        return R.lora_forward(x, base, ours.lora_A.double(), ours.lora_B.double(), ours.scaling)[0]
+    y_ref, (gx_ref,) = _grads(ref, [x.double()])
+    _close(y, y_ref, 1e-5)
+    _close(gx, gx_ref, 1e-5)
+    assert ours.base_layer.weight.grad is None
+
+
+def test_saved_for_backward_smaller_than_peft():
+    """bf16 activations, fp32 adapters (PEFT's default), dropout on: PEFT keeps dropout(x) cast to
+    fp32 and the mask; we keep x (shared with the base layer) and T."""
+    torch.manual_seed(0)
+    base = nn.Linear(512, 512, bias=False).to(torch.bfloat16)
+    ours = lora_ext.LoraLinear(nn.Linear(512, 512, bias=False).to(torch.bfloat16), r=16, lora_alpha=16,
+                               lora_dropout=0.1)
+    ours.base_layer.load_state_dict(base.state_dict())
+    model, _ = _peft_layer(base, 16, 16, False, dropout=0.1)
+
+    def saved_bytes(module):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+        x = torch.randn(256, 512, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = module(x)
+        y.float().sum().backward()
+        params = {p.data_ptr() for p in module.parameters()}
+        return sum(b for (ptr, _, _), b in seen.items() if ptr not in params)
+
+    ours_b, peft_b = saved_bytes(ours.train()), saved_bytes(model.train())
+    assert ours_b < peft_b, (ours_b, peft_b)
+    assert ours_b <= 256 * 512 * 2 + 256 * 16 * 4  # x (bf16) + T (fp32)
+
+
+def test_init_like_peft_and_deterministic():
+    torch.manual_seed(3)
+    a = lora_ext.LoraLinear(nn.Linear(200, 100), r=8, lora_alpha=16)
+    torch.manual_seed(3)
+    b = lora_ext.LoraLinear(nn.Linear(200, 100), r=8, lora_alpha=16)
+    assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, torch.zeros(100, 8))
+    bound = 1 / math.sqrt(200)  # kaiming_uniform(a=sqrt(5)) on fan_in 200
+    assert a.lora_A.abs().max() <= bound and a.lora_A.abs().max() > 0.9 * bound
+    g = lora_ext.LoraLinear(nn.Linear(2000, 1000), r=16, lora_alpha=16, init_lora_weights="gaussian")
+    assert abs(g.lora_A.std().item() - 1 / 16) < 0.005 and not g.lora_B.any()
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(a(x), a.base_layer(x))  # B = 0: the update starts at zero
+
+
+def test_rslora_scaling():
+    layer = lora_ext.LoraLinear(nn.Linear(300, 300), r=64, lora_alpha=16, use_rslora=True)
+    assert layer.scaling == pytest.approx(16 / 8)
+    assert lora_ext.LoraLinear(nn.Linear(300, 300), r=64, lora_alpha=16).scaling == pytest.approx(0.25)
+
+
+def test_dropout_only_in_training_and_reproducible():
+    layer = lora_ext.LoraLinear(nn.Linear(64, 64), r=8, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False)
+    x = torch.randn(16, 64)
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    y2 = layer(x)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, layer(x))
+    layer.eval()
+    ref = R.lora_forward(x, layer.base_layer(x), layer.lora_A, layer.lora_B, layer.scaling)[0]
+    torch.testing.assert_close(layer(x), ref)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r=0), r"r must be an integer in \[1, min\(in_features, out_features\)\] = \[1, 32\], got 0"),
+    (dict(r=33), r"= \[1, 32\], got 33"),
+    (dict(r=4, lora_alpha=-1), "lora_alpha must be >= 0, got -1"),
+    (dict(r=4, lora_dropout=1.0), r"lora_dropout must be in \[0, 1\), got 1.0"),
+    (dict(r=4, init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lora_ext.LoraLinear(nn.Linear(48, 32), **kwargs)
+    with pytest.raises(TypeError, match="wraps an nn.Linear or an NF4Linear, got Conv1d"):
+        lora_ext.LoraLinear(nn.Conv1d(4, 4, 1), r=2)
+
+
+def test_op_rejects_mismatched_adapters(device):
+    x, base_out, A, B = _lora_inputs((4,), 32, 16, 4, device)
+    with pytest.raises(RuntimeError, match=r"lora_A must be \(r, 32\) for inputs with 32 features"):
+        lora_ext.ops.lora_forward(x, base_out, A[:, :31], B, 1.0)
+    with pytest.raises(RuntimeError, match=r"lora_B must be \(out_features, 4\)"):
+        lora_ext.ops.lora_forward(x, base_out, A, B[:, :3], 1.0)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        lora_ext.ops.lora_forward(x, base_out, A, B.double(), 1.0)
+    with pytest.raises(RuntimeError, match="base output must have the input's leading dims and 16 features"):
+        lora_ext.ops.lora_forward(x, base_out[:, :15], A, B, 1.0)
+    with pytest.raises(RuntimeError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        lora_ext.ops.lora_forward(x, base_out, A, B, 1.0, 1.5)
+
+
+def test_compile_checkpoint_autocast(device):
+    layer = lora_ext.LoraLinear(nn.Linear(64, 48), r=8, lora_alpha=16, init_lora_weights=False).to(device)
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    y_ref = layer(x)
+    y_ref.sum().backward()
+    g_ref, gA_ref = x.grad.clone(), layer.lora_A.grad.clone()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for run in (lambda x: compiled(x),
+                lambda x: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True),
+                lambda x: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)):
+        x.grad = None
+        layer.zero_grad()
+        y = run(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(x.grad, g_ref)
+        torch.testing.assert_close(layer.lora_A.grad, gA_ref)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=3e-2 * y_ref.abs().max().item())
