@@ -40,6 +40,23 @@ def main() -> int:
                 tol = 1e-4 if dtype == torch.float32 else 3e-2
                 if not torch.allclose(y, ref, rtol=tol, atol=tol * ref.abs().max().item()):
                     failures.append(("nf4_linear", dtype, M, K, N, max_m))
+    # LoRA: Philox dropout (same bits as the CPU), forward and backward.
+    from lora_ext import reference as R
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(37, 129, dtype=dtype)
+        if not torch.equal(lora_ext.ops.lora_dropout(x.cuda(), 0.3, 11).cpu(), R.lora_dropout(x, 0.3, 11)):
+            failures.append(("lora_dropout", dtype))
+    x, base = torch.randn(2, 9, 64, dtype=torch.bfloat16), torch.randn(2, 9, 48, dtype=torch.bfloat16)
+    A, B = torch.randn(12, 64) / 8, torch.randn(48, 12) / 4
+    y, T = torch.ops.lora_ext.lora_forward(x.cuda(), base.cuda(), A.cuda(), B.cuda(), 2.0, 0.2, 5)
+    y_ref, T_ref = R.lora_forward(x, base, A, B, 2.0, 0.2, 5)
+    if not torch.allclose(y.float().cpu(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item()):
+        failures.append("lora_forward")
+    g = torch.ops.lora_ext.lora_backward(torch.ones_like(y), x.cuda(), T, A.cuda(), B.cuda(), 2.0, 0.2, 5)
+    g_ref = R.lora_backward(torch.ones_like(y_ref), x, T_ref, A, B, 2.0, 0.2, 5)
+    for a, b in zip(g, g_ref):
+        if not torch.allclose(a.float().cpu(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item()):
+            failures.append("lora_backward")
     # An unaligned packed view takes the element-wise path.
     qw = lora_ext.quantize_nf4(torch.randn(64, 256, device="cuda"), 64, False)
     raw = torch.empty(qw.data.numel() + 1, dtype=torch.uint8, device="cuda")

@@ -9,6 +9,7 @@ import sys
 SECTIONS = {
     "nf4": ["kernel", "shape", "dtype", "peer", "ms", "GB/s", "fraction_of_copy_bw", "speedup_vs_bitsandbytes"],
     "nf4_matmul": ["N", "K", "M", "peer", "ms", "TFLOP/s", "fraction_of_copy_bw", "speedup_vs_bitsandbytes"],
+    "lora_layer": ["layer", "dtype", "r", "M", "impl", "ms", "x_frozen_base", "speedup_vs_peft", "peak_MiB"],
 }
 
 
@@ -28,8 +29,9 @@ def _bench(args) -> int:
     for name in args.only or list(SECTIONS):
         result = importlib.import_module(f".bench.{name}", __package__).run(args.device, quick=args.quick)
         results[name] = result
-        print(f"\n## {name} on {result['device']}: copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s "
-              "(read + write, measured in this run)")
+        bw = result["copy_bandwidth_GBps"]
+        print(f"\n## {name} on {result['device']}" + (f": copy bandwidth {bw:.1f} GB/s (read + write, measured in "
+                                                       "this run)" if bw == bw else ""))
         print(report.table(result["rows"], SECTIONS[name]))
         for note in result["notes"]:
             print(f"note: {note}")
