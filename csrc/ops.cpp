@@ -50,4 +50,9 @@ TORCH_LIBRARY(lora_ext, m) {
   // Gradients of lora_forward's LoRA branch: (dx, dA, dB).
   m.def("lora_backward(Tensor grad_y, Tensor x, Tensor T, Tensor A, Tensor B, float scale, float dropout_p, "
         "int seed) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+
+  // Merge: W += scale * B A in place (unmerge: -=), delta accumulated in fp64, W rounded once;
+  // W (d x k) is read and written once, B A never materialized.
+  m.def("merge_lora_(Tensor(a!) W, Tensor A, Tensor B, float scale) -> ()");
+  m.def("unmerge_lora_(Tensor(a!) W, Tensor A, Tensor B, float scale) -> ()");
 }

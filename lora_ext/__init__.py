@@ -8,6 +8,8 @@ from . import reference
 from ._library import HAS_C, build_config
 from .lora import LoraLinear, lora_linear, lora_scaling
 from .nf4 import NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
+from .ops import merge_lora_, unmerge_lora_
+from .merge import merge_nf4
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,9 @@ __all__ = [
     "dequantize_nf4",
     "lora_linear",
     "lora_scaling",
+    "merge_lora_",
+    "merge_nf4",
+    "unmerge_lora_",
     "nf4_linear",
     "quantize_nf4",
     "reference",

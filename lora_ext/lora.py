@@ -3,15 +3,20 @@ y = base(x) + s * (dropout(x) A^T) B^T, with A (r x in) and B (out x r) shaped l
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from . import ops
+from .merge import merge_nf4
 from .nf4 import NF4Linear, NF4Weight, nf4_linear
 
 _SEED_RANGE = 2**62
+# LoRA layers by the base weight they wrap: a weight wrapped twice (tied) must not be merged twice.
+_WEIGHT_USERS: "dict[int, weakref.WeakSet]" = {}
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -68,6 +73,9 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=adapter_dtype, device=device))
         self.merged = False
+        self.merge_error = None  # set by merge() over an NF4 base: what the 4-bit requantization lost
+        self._unmerged_qweight: Optional[NF4Weight] = None
+        _WEIGHT_USERS.setdefault(id(base.weight), weakref.WeakSet()).add(self)
         self.reset_lora_parameters(init_lora_weights)
 
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
@@ -82,6 +90,56 @@ class LoraLinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
             else:
                 nn.init.zeros_(self.lora_B)
+
+    def _tied_with(self) -> list:
+        users = _WEIGHT_USERS.get(id(self.base_layer.weight), ())
+        return [m for m in users if m is not self and m.base_layer.weight is self.base_layer.weight]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold s * B @ A into the base weight. Dense: in place, fp64 delta, W rounded once. NF4: a new
+        4-bit weight (the original is kept, so unmerge() restores it exactly); merge_error says what the
+        requantization lost. safe_merge checks the result is finite first and leaves W as it was if not."""
+        if self.merged:
+            warnings.warn("LoraLinear.merge: already merged; nothing to do", UserWarning, stacklevel=2)
+            return
+        if self._tied_with():
+            raise RuntimeError("LoraLinear.merge: the base weight is shared with another LoRA layer (tied weights); "
+                               "merging would apply the update to both. Untie the weights or merge one copy.")
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            new, err = merge_nf4(base.qweight, self.lora_A, self.lora_B, self.scaling)
+            if safe_merge and not torch.isfinite(new.dequantize(torch.float32)).all():
+                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
+                                 "the base weight was left unchanged")
+            self._unmerged_qweight = base.qweight
+            base._set_weight(new)
+            self.merge_error = err
+        elif safe_merge:
+            merged = base.weight.detach().clone()
+            ops.merge_lora_(merged, self.lora_A, self.lora_B, self.scaling)
+            if not torch.isfinite(merged).all():
+                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
+                                 "the base weight was left unchanged")
+            base.weight.copy_(merged)
+        else:
+            ops.merge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out again: dense W -= s * B @ A (within one rounding of the original);
+        NF4: the original packed weight is restored bit for bit."""
+        if not self.merged:
+            warnings.warn("LoraLinear.unmerge: not merged; nothing to do", UserWarning, stacklevel=2)
+            return
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            base._set_weight(self._unmerged_qweight)
+            self._unmerged_qweight, self.merge_error = None, None
+        else:
+            ops.unmerge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)

@@ -72,6 +72,20 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.ops.lora_ext.lora_dropout(x, float(p), int(seed))
 
 
+def merge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W += scale * B @ A in place: fp64 delta, W rounded once, B @ A never materialized."""
+    require_compiled("merge_lora_")
+    torch.ops.lora_ext.merge_lora_(W, A, B, float(scale))
+    return W
+
+
+def unmerge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W -= scale * B @ A in place (the inverse of merge_lora_, to within one rounding)."""
+    require_compiled("unmerge_lora_")
+    torch.ops.lora_ext.unmerge_lora_(W, A, B, float(scale))
+    return W
+
+
 if HAS_C:
 
     @torch.library.register_fake("lora_ext::quantize_nf4")
@@ -184,3 +198,12 @@ if HAS_C:
                 grad_B if needs[3] else None, None, None, None)
 
     torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
+
+    def _merge_fake(W, A, B, scale):
+        torch._check(W.dim() == 2 and A.dim() == 2 and B.dim() == 2, lambda: "merge: W, A and B must be 2-D")
+        torch._check(A.shape[1] == W.shape[1] and B.shape[0] == W.shape[0] and A.shape[0] == B.shape[1],
+                     lambda: f"merge: A must be (r, {W.shape[1]}) and B ({W.shape[0]}, r)")
+        return None
+
+    torch.library.register_fake("lora_ext::merge_lora_")(_merge_fake)
+    torch.library.register_fake("lora_ext::unmerge_lora_")(_merge_fake)

@@ -211,3 +211,23 @@ def lora_backward(grad_y, x, T, A, B, scale: float, dropout_p: float = 0.0, seed
     if dropout_p > 0:
         dx = lora_dropout(dx, dropout_p, seed)
     return dx.to(x.dtype).reshape(x.shape), dA, dB
+
+
+# ---------------------------------------------------------------- merge
+
+
+def _merge_reference(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, sign: float) -> torch.Tensor:
+    """fp64 delta summed over the rank in order (each product and sum rounded), one rounding of W."""
+    A64, B64 = A.double(), B.double()
+    acc = torch.zeros(W.shape, dtype=torch.float64, device=W.device)
+    for j in range(A.shape[0]):
+        acc = acc + B64[:, j:j + 1] * A64[j:j + 1, :]
+    return (W.double() + (sign * scale) * acc).float().to(W.dtype)
+
+
+def merge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    W.copy_(_merge_reference(W, A, B, scale, 1.0))
+
+
+def unmerge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    W.copy_(_merge_reference(W, A, B, scale, -1.0))

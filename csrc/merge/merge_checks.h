@@ -1,0 +1,25 @@
+// Argument rules of merge_lora_ / unmerge_lora_: everything is checked before W is touched.
+#pragma once
+
+#include "common/checks.h"
+
+namespace lora_ext {
+namespace merge {
+
+inline void check_merge_args(const char* op, const at::Tensor& W, const at::Tensor& A, const at::Tensor& B) {
+  check_float_type(W.scalar_type(), op);
+  check_contiguous(W, op);
+  LORA_CHECK(W.dim() == 2, op, ": W must be 2-D (out_features, in_features), got ", W.sizes());
+  LORA_CHECK(A.dim() == 2 && B.dim() == 2, op, ": A must be (r, in_features) and B (out_features, r), got ",
+             A.sizes(), " and ", B.sizes());
+  LORA_CHECK(A.size(1) == W.size(1) && B.size(0) == W.size(0) && A.size(0) == B.size(1), op,
+             ": A must be (r, ", W.size(1), ") and B (", W.size(0), ", r) for W of shape ", W.sizes(), ", got A ",
+             A.sizes(), " and B ", B.sizes());
+  LORA_CHECK(at::isFloatingType(A.scalar_type()) && at::isFloatingType(B.scalar_type()), op,
+             ": A and B must be floating point, got ", A.scalar_type(), " and ", B.scalar_type());
+  check_same_device(A, W, "A");
+  check_same_device(B, W, "B");
+}
+
+}  // namespace merge
+}  // namespace lora_ext
