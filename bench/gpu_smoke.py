@@ -57,6 +57,15 @@ def main() -> int:
     for a, b in zip(g, g_ref):
         if not torch.allclose(a.float().cpu(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item()):
             failures.append("lora_backward")
+    # Merge: fp64 delta, one rounding; the CUDA bits equal the CPU's.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        W = torch.randn(37, 301).to(dtype)
+        A, B = torch.randn(12, 301) / 17, torch.randn(37, 12) / 3
+        cpu, gpu = W.clone(), W.cuda()
+        lora_ext.merge_lora_(cpu, A, B, 0.5)
+        lora_ext.merge_lora_(gpu, A.cuda(), B.cuda(), 0.5)
+        if not torch.equal(gpu.cpu(), cpu):
+            failures.append(("merge_lora_", dtype))
     # An unaligned packed view takes the element-wise path.
     qw = lora_ext.quantize_nf4(torch.randn(64, 256, device="cuda"), 64, False)
     raw = torch.empty(qw.data.numel() + 1, dtype=torch.uint8, device="cuda")

@@ -9,6 +9,7 @@ import sys
 SECTIONS = {
     "nf4": ["kernel", "shape", "dtype", "peer", "ms", "GB/s", "fraction_of_copy_bw", "speedup_vs_bitsandbytes"],
     "nf4_matmul": ["N", "K", "M", "peer", "ms", "TFLOP/s", "fraction_of_copy_bw", "speedup_vs_bitsandbytes"],
+    "merge": ["W", "dtype", "r", "impl", "ms", "GB/s", "fraction_of_copy_bw", "speedup_vs_torch"],
     "lora_layer": ["layer", "dtype", "r", "M", "impl", "ms", "x_frozen_base", "speedup_vs_peft", "peak_MiB"],
 }
 
