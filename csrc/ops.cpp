@@ -55,4 +55,10 @@ TORCH_LIBRARY(lora_ext, m) {
   // W (d x k) is read and written once, B A never materialized.
   m.def("merge_lora_(Tensor(a!) W, Tensor A, Tensor B, float scale) -> ()");
   m.def("unmerge_lora_(Tensor(a!) W, Tensor A, Tensor B, float scale) -> ()");
+  // Merge into an NF4 weight of `shape` in one pass: per block, dequantize (fp32), add the fp64
+  // delta (rounded once to fp32, as merge_lora_), quantize as bitsandbytes -> (packed, fp32 absmax).
+  m.def(
+      "merge_nf4(Tensor packed, Tensor absmax, int blocksize, int[] shape, Tensor A, Tensor B, float scale, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> "
+      "(Tensor packed_out, Tensor absmax_out)");
 }

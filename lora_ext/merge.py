@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops, reference
-from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from ._library import require_compiled
+from .nf4 import NF4Weight, dequantize_nf4
 
 
 @dataclass(frozen=True)
@@ -19,30 +20,35 @@ class MergeError:
 
 
 def merge_nf4(qw: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[NF4Weight, MergeError]:
-    """A new NF4Weight for dequant(qw) + scale * B @ A (fp64 delta, added to the fp32 dequantized
-    weight, rounded once to fp32, quantized exactly as bitsandbytes would), and its MergeError."""
-    if len(qw.shape) != 2:
-        raise ValueError(f"merge_nf4 needs a 2-D NF4 weight, got shape {tuple(qw.shape)}")
-    w = dequantize_nf4(qw, torch.float32)
-    old = w.clone()
-    ops.merge_lora_(w, A, B, scale)
-    new = quantize_nf4(w, qw.blocksize, qw.double_quant, qw.quant_storage)
-    new = NF4Weight(new.data, new.absmax, qw.shape, qw.dtype, new.blocksize, new.nested_absmax, new.nested_code,
-                    new.offset, new.nested_blocksize)
+    """A new NF4Weight for dequant(qw) + scale * B @ A, made in one pass over the blocks (dequantize,
+    add the fp64 delta rounded once to fp32, quantize exactly as bitsandbytes would; the absmax is
+    then double-quantized if qw's was), and the MergeError against the exact update."""
+    if not isinstance(qw, NF4Weight) or len(qw.shape) != 2:
+        raise ValueError(f"merge_nf4 needs a 2-D NF4Weight, got {getattr(qw, 'shape', type(qw).__name__)}")
+    require_compiled("merge_nf4")
+    packed, absmax = torch.ops.lora_ext.merge_nf4(qw.packed, qw.absmax, qw.blocksize, list(qw.shape), A, B,
+                                                  float(scale), qw.nested_absmax, qw.nested_code, qw.offset,
+                                                  qw.nested_blocksize)
+    new = NF4Weight(packed, absmax, qw.shape, qw.dtype, qw.blocksize)
+    if qw.double_quant:
+        code = qw.nested_code
+        q, nested, offset = ops.double_quant(absmax, code, qw.nested_blocksize)
+        new = NF4Weight(packed, q, qw.shape, qw.dtype, qw.blocksize, nested, code.clone(), offset,
+                        qw.nested_blocksize)
+    if qw.quant_storage != torch.uint8:
+        new = new.with_storage(qw.quant_storage)
     exact = (B.double() @ A.double()) * scale
-    err = dequantize_nf4(new, torch.float32).double() - old.double() - exact
+    err = dequantize_nf4(new, torch.float32).double() - dequantize_nf4(qw, torch.float32).double() - exact
     denom = exact.norm().item()
     return new, MergeError(err.abs().max().item() if err.numel() else 0.0,
                            err.norm().item() / denom if denom > 0 else 0.0)
 
 
 def merge_nf4_reference(qw: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float):
-    """The same, from lora_ext.reference alone: the oracle for merge_nf4's bytes."""
-    w = reference.dequantize_nf4(qw.packed, qw.absmax, qw.blocksize, qw.shape, torch.float32, qw.nested_absmax,
-                                 qw.nested_code, qw.offset, qw.nested_blocksize)
-    reference.merge_lora_(w, A, B, scale)
-    packed, absmax = reference.quantize_nf4(w, qw.blocksize)
+    """The same bytes from lora_ext.reference alone (dequantize, merge_lora_, quantize, double quant)."""
+    packed, absmax = reference.merge_nf4(qw.packed, qw.absmax, qw.blocksize, qw.shape, A, B, scale,
+                                         qw.nested_absmax, qw.nested_code, qw.offset, qw.nested_blocksize)
     if not qw.double_quant:
         return packed, absmax, None, None
-    q, nested, offset = reference.double_quant(absmax, reference.dynamic_map().to(w.device))
+    q, nested, offset = reference.double_quant(absmax, qw.nested_code, qw.nested_blocksize)
     return packed, q, nested, offset

@@ -207,3 +207,11 @@ if HAS_C:
 
     torch.library.register_fake("lora_ext::merge_lora_")(_merge_fake)
     torch.library.register_fake("lora_ext::unmerge_lora_")(_merge_fake)
+
+    @torch.library.register_fake("lora_ext::merge_nf4")
+    def _merge_nf4_fake(packed, absmax, blocksize, shape, A, B, scale, nested_absmax=None, nested_code=None,
+                        offset=None, nested_blocksize=256):
+        n = math.prod(shape)
+        torch._check(len(shape) == 2, lambda: f"merge_nf4: the NF4 weight must be 2-D, got shape {shape}")
+        return (packed.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+                packed.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))

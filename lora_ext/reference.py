@@ -231,3 +231,12 @@ def merge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float)
 
 def unmerge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
     W.copy_(_merge_reference(W, A, B, scale, -1.0))
+
+
+def merge_nf4(packed, absmax, blocksize: int, shape, A, B, scale: float, nested_absmax=None, nested_code=None,
+              offset=None, nested_blocksize: int = NESTED_BLOCKSIZE):
+    """(packed, fp32 absmax) of quantize(dequantize(W) + scale * B A) with merge_lora_'s arithmetic."""
+    w = dequantize_nf4(packed, absmax, blocksize, shape, torch.float32, nested_absmax, nested_code, offset,
+                       nested_blocksize)
+    merge_lora_(w, A, B, scale)
+    return quantize_nf4(w, blocksize)

@@ -74,6 +74,18 @@ def test_nf4_merge_bit_exact_and_reports_its_error(device, double_quant):
     assert new.shape == qw.shape and new.dtype == qw.dtype
 
 
+def test_nf4_merge_odd_shapes_and_storage():
+    for (d, k), bs in [((3, 5), 32), ((37, 129), 64), ((9, 4096 + 7), 4096)]:
+        qw = lora_ext.quantize_nf4(torch.randn(d, k) * 0.1, bs, True, quant_storage=torch.uint8)
+        A, B = _adapters(d, k, 5)
+        new, _ = merge_nf4(qw, A, B, 1.0)
+        packed, absmax, nested, offset = merge_nf4_reference(qw, A, B, 1.0)
+        assert torch.equal(new.data, packed) and torch.equal(new.absmax, absmax), (d, k, bs)
+    qw = lora_ext.quantize_nf4(torch.randn(64, 64).bfloat16(), 64, True, quant_storage=torch.bfloat16)
+    new, _ = merge_nf4(qw, *_adapters(64, 64, 4), 0.5)
+    assert new.quant_storage == torch.bfloat16 and new.dtype == torch.bfloat16
+
+
 def test_lora_linear_merged_forward_equals_unmerged(device):
     for dtype in DTYPES:
         layer = lora_ext.LoraLinear(nn.Linear(200, 120).to(device=device, dtype=dtype), r=12, lora_alpha=24,
@@ -174,6 +186,9 @@ def test_opcheck(device):
     A, B = _adapters(16, 24, 3, device)
     torch.library.opcheck(torch.ops.lora_ext.merge_lora_.default, (W, A, B, 0.5))
     torch.library.opcheck(torch.ops.lora_ext.unmerge_lora_.default, (W, A, B, 0.5))
+    qw = lora_ext.quantize_nf4(W, 64, True)
+    torch.library.opcheck(torch.ops.lora_ext.merge_nf4.default,
+                          (qw.packed, qw.absmax, 64, [16, 24], A, B, 0.5, qw.nested_absmax, qw.nested_code, qw.offset))
 
 
 @requires_cuda
@@ -185,3 +200,15 @@ def test_cuda_merge_matches_cpu_bit_for_bit(dtype):
     lora_ext.merge_lora_(cpu, A, B, 1.25)
     lora_ext.merge_lora_(gpu, A.cuda(), B.cuda(), 1.25)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@requires_cuda
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cuda_nf4_merge_matches_cpu(double_quant):
+    qw = lora_ext.quantize_nf4(torch.randn(130, 515) * 0.05, 64, double_quant)
+    A, B = _adapters(130, 515, 12)
+    cpu, _ = merge_nf4(qw, A, B, 0.5)
+    gpu, _ = merge_nf4(qw.to("cuda"), A.cuda(), B.cuda(), 0.5)
+    assert torch.equal(gpu.data.cpu(), cpu.data)
+    if not double_quant:
+        assert torch.equal(gpu.absmax.cpu(), cpu.absmax)

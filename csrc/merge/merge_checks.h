@@ -21,5 +21,13 @@ inline void check_merge_args(const char* op, const at::Tensor& W, const at::Tens
   check_same_device(B, W, "B");
 }
 
+inline void check_nf4_merge_args(int64_t d, int64_t k, const at::Tensor& A, const at::Tensor& B) {
+  LORA_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == k && B.size(0) == d && A.size(0) == B.size(1),
+             "merge_nf4: A must be (r, ", k, ") and B (", d, ", r) for a weight of shape (", d, ", ", k, "), got A ",
+             A.sizes(), " and B ", B.sizes());
+  LORA_CHECK(at::isFloatingType(A.scalar_type()) && at::isFloatingType(B.scalar_type()),
+             "merge_nf4: A and B must be floating point, got ", A.scalar_type(), " and ", B.scalar_type());
+}
+
 }  // namespace merge
 }  // namespace lora_ext

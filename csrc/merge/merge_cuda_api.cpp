@@ -7,6 +7,8 @@
 
 #include "merge/merge_checks.h"
 #include "merge/merge_launch.h"
+#include "nf4/nf4_checks.h"
+#include "nf4/nf4_launch.h"
 
 namespace lora_ext {
 namespace merge {
@@ -38,11 +40,55 @@ void unmerge_lora_cuda(at::Tensor& W, const at::Tensor& A, const at::Tensor& B, 
   merge_impl("unmerge_lora_", W, A, B, scale, -1.0);
 }
 
+std::tuple<at::Tensor, at::Tensor> merge_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                                  int64_t blocksize, at::IntArrayRef shape, const at::Tensor& A,
+                                                  const at::Tensor& B, double scale,
+                                                  const c10::optional<at::Tensor>& nested_absmax,
+                                                  const c10::optional<at::Tensor>& nested_code,
+                                                  const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  LORA_CHECK(shape.size() == 2, "merge_nf4: the NF4 weight must be 2-D, got shape ", shape);
+  const auto w = nf4::check_dequantize_args(packed, absmax, blocksize, shape, at::kFloat, nested_absmax, nested_code,
+                                            offset, nested_blocksize);
+  check_nf4_merge_args(shape[0], shape[1], A, B);
+  check_same_device(A, packed, "merge_nf4: A");
+  check_same_device(B, packed, "merge_nf4: B");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor A64 = A.to(at::kDouble).contiguous(), B64 = B.to(at::kDouble).contiguous();
+  at::Tensor packed_out = at::empty({(w.n + 1) / 2, 1}, packed.options());
+  at::Tensor absmax_out = at::empty({w.nblocks}, packed.options().dtype(at::kFloat));
+  nf4::MergeNf4Params p{};
+  p.packed = packed.const_data_ptr<uint8_t>();
+  if (w.nested) {
+    p.qabsmax = absmax.const_data_ptr<uint8_t>();
+    p.nested_absmax = nested_absmax->const_data_ptr<float>();
+    p.nested_code = nested_code->const_data_ptr<float>();
+    p.offset = offset->const_data_ptr<float>();
+    p.nested_blocksize_log2 = log2_exact(nested_blocksize);
+  } else {
+    p.absmax = absmax.const_data_ptr<float>();
+  }
+  p.blocksize_log2 = log2_exact(blocksize);
+  p.A = A64.const_data_ptr<double>();
+  p.B = B64.const_data_ptr<double>();
+  p.n = w.n;
+  p.k = shape[1];
+  p.r = A.size(0);
+  p.scale = scale;
+  p.packed_out = packed_out.data_ptr<uint8_t>();
+  p.absmax_out = absmax_out.data_ptr<float>();
+  if (w.n > 0) {
+    nf4::launch_merge_nf4(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {packed_out, absmax_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("merge_lora_", &merge_lora_cuda);
   m.impl("unmerge_lora_", &unmerge_lora_cuda);
+  m.impl("merge_nf4", &merge_nf4_cuda);
 }
 
 }  // namespace merge

@@ -51,6 +51,14 @@ void quantize_block(const T* x, int64_t len, bool partial, float* absmax_out, ui
   for (int64_t j = 0; j < (len + 1) / 2; ++j) packed[j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
 }
 
+}  // namespace
+
+void quantize_block_f32(const float* x, int64_t len, bool partial, float* absmax_out, uint8_t* packed) {
+  quantize_block(x, len, partial, absmax_out, packed);
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& A_in, int64_t blocksize) {
   check_quantize_args(A_in, blocksize);
   const at::Tensor A = A_in.contiguous();

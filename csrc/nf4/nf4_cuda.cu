@@ -3,6 +3,7 @@
 
 #include "common/cuda_types.cuh"
 #include "nf4/nf4_common.h"
+#include "merge/merge_common.h"
 #include "nf4/nf4_launch.h"
 
 #if defined(__USE_FAST_MATH__)
@@ -18,35 +19,69 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kChunk = 32;  // elements one dequant thread writes: 16 packed bytes in
 static_assert(kThreads % 32 == 0, "the warp-per-block loops need whole warps");
 
-// One warp per quantization block (blocksize >= 32, so every lane has work in full blocks).
+// Values to quantize, by flat index: an input tensor, or a merged weight computed on the fly.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(QuantizeParams p) {
-  const T* x = static_cast<const T*>(p.x);
+struct InputSource {
+  const T* x;
+  __device__ __forceinline__ float operator()(int64_t f) const { return to_float(x[f]); }
+};
+
+// dequant(W)[f] + scale * (B A)[f], the merge of merge_common.h, for an NF4 weight of k columns.
+struct MergeSource {
+  const uint8_t* packed;
+  const float* absmax;
+  const uint8_t* qabsmax;
+  const float* nested;
+  const float* nested_code;
+  const float* offset;
+  int blocksize_log2, nested_log2;
+  const double* A;  // r x k
+  const double* B;  // d x r
+  int64_t k, r;
+  double scale;
+
+  __device__ float operator()(int64_t f) const {
+    const int64_t b = f >> blocksize_log2;
+    const float s =
+        qabsmax != nullptr ? nested_absmax(qabsmax[b], nested[b >> nested_log2], *offset, nested_code) : absmax[b];
+    const uint32_t byte = packed[f >> 1];
+    const float w = mul_rn(code_value((f & 1) ? (byte & 15u) : (byte >> 4)), s);
+    const int64_t i = f / k, c = f % k;
+    double acc = 0.0;
+    for (int64_t j = 0; j < r; ++j) acc = merge::dadd(acc, merge::dmul(B[i * r + j], A[j * k + c]));
+    return merge::merged_value(static_cast<double>(w), scale, acc, 1.0);
+  }
+};
+
+// One warp per quantization block (blocksize >= 32, so every lane has work in full blocks).
+template <typename Source>
+__global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(Source src, uint8_t* packed, float* absmax_out,
+                                                                int64_t n, int blocksize_log2) {
   const int lane = threadIdx.x & 31;
-  const int64_t bs = int64_t{1} << p.blocksize_log2;
-  const int64_t nblocks = (p.n + bs - 1) >> p.blocksize_log2;
+  const int64_t bs = int64_t{1} << blocksize_log2;
+  const int64_t nblocks = (n + bs - 1) >> blocksize_log2;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nblocks; b += nwarps) {
-    const int64_t start = b << p.blocksize_log2;
-    const int64_t len = min(bs, p.n - start);
-    const bool partial = start + bs > p.n;
+    const int64_t start = b << blocksize_log2;
+    const int64_t len = min(bs, n - start);
+    const bool partial = start + bs > n;
     float am = 0.0f;
-    for (int64_t i = lane; i < len; i += 32) am = absmax_step(am, to_float(x[start + i]));
+    for (int64_t i = lane; i < len; i += 32) am = absmax_step(am, src(start + i));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) am = absmax_step(am, __shfl_xor_sync(kFullMask, am, off));
     am = canonical_nan(am);
     if (partial) am = clamp_tiny(am);
-    if (lane == 0) p.absmax[b] = am;
+    if (lane == 0) absmax_out[b] = am;
     const float r = div_rn(1.0f, clamp_tiny(am));
     for (int64_t j = lane; j < (len + 1) / 2; j += 32) {
-      const float x0 = to_float(x[start + 2 * j]);
+      const float x0 = src(start + 2 * j);
       const uint32_t c0 = encode(partial ? div_rn(x0, am) : mul_rn(x0, r));
       uint32_t c1 = kPadCode;
       if (2 * j + 1 < len) {
-        const float x1 = to_float(x[start + 2 * j + 1]);
+        const float x1 = src(start + 2 * j + 1);
         c1 = encode(partial ? div_rn(x1, am) : mul_rn(x1, r));
       }
-      p.packed[(start >> 1) + j] = static_cast<uint8_t>((c0 << 4) | c1);
+      packed[(start >> 1) + j] = static_cast<uint8_t>((c0 << 4) | c1);
     }
   }
 }
@@ -140,10 +175,17 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_bytewise_kernel(Dequa
   }
 }
 
+template <typename Source>
+void quantize_from(const Source& src, uint8_t* packed, float* absmax, int64_t n, int blocksize_log2,
+                   cudaStream_t stream) {
+  const long long nblocks = (n + (int64_t{1} << blocksize_log2) - 1) >> blocksize_log2;
+  quantize_nf4_kernel<Source><<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(src, packed, absmax, n,
+                                                                                         blocksize_log2);
+}
+
 template <typename T>
 void quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
-  const long long nblocks = (p.n + (int64_t{1} << p.blocksize_log2) - 1) >> p.blocksize_log2;
-  quantize_nf4_kernel<T><<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(p);
+  quantize_from(InputSource<T>{static_cast<const T*>(p.x)}, p.packed, p.absmax, p.n, p.blocksize_log2, stream);
 }
 
 template <typename T, bool kNested>
@@ -173,6 +215,13 @@ void launch_quantize_nf4(const QuantizeParams& p, cudaStream_t stream) {
     case DType::kBFloat16: quantize_typed<__nv_bfloat16>(p, stream); break;
     default: quantize_typed<float>(p, stream);
   }
+}
+
+void launch_merge_nf4(const MergeNf4Params& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  MergeSource src{p.packed, p.absmax, p.qabsmax, p.nested_absmax, p.nested_code, p.offset, p.blocksize_log2,
+                  p.nested_blocksize_log2, p.A, p.B, p.k, p.r, p.scale};
+  quantize_from(src, p.packed_out, p.absmax_out, p.n, p.blocksize_log2, stream);
 }
 
 void launch_double_quant(const DoubleQuantParams& p, cudaStream_t stream) {

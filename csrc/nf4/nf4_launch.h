@@ -45,7 +45,25 @@ struct DequantizeParams {
   bool nested;
 };
 
+// dequant(W) + scale * B A requantized (one pass over the blocks): W is n = d * k NF4 codes.
+struct MergeNf4Params {
+  const uint8_t* packed;
+  const float* absmax;
+  const uint8_t* qabsmax;
+  const float* nested_absmax;
+  const float* nested_code;
+  const float* offset;
+  int blocksize_log2, nested_blocksize_log2;
+  const double* A;  // r x k
+  const double* B;  // d x r
+  int64_t n, k, r;
+  double scale;
+  uint8_t* packed_out;
+  float* absmax_out;
+};
+
 // Launch on `stream`; the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+void launch_merge_nf4(const MergeNf4Params& p, cudaStream_t stream);
 void launch_quantize_nf4(const QuantizeParams& p, cudaStream_t stream);
 void launch_double_quant(const DoubleQuantParams& p, cudaStream_t stream);
 void launch_dequantize_nf4(const DequantizeParams& p, cudaStream_t stream);
