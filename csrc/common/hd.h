@@ -44,6 +44,23 @@ LORA_HD float div_rn(float a, float b) {
 #endif
 }
 
+// fp64 versions for the merge's delta (products and sums rounded separately, never fused).
+LORA_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+LORA_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 LORA_HD bool is_nan(float x) { return x != x; }
 
 }  // namespace lora_ext

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/checks.h"
+#include "nf4/nf4_checks.h"
 
 namespace lora_ext {
 namespace merge {
@@ -21,12 +22,24 @@ inline void check_merge_args(const char* op, const at::Tensor& W, const at::Tens
   check_same_device(B, W, "B");
 }
 
-inline void check_nf4_merge_args(int64_t d, int64_t k, const at::Tensor& A, const at::Tensor& B) {
+// merge_nf4: the NF4 weight's own checks, then A (r x k) and B (d x r) on its device.
+inline nf4::DequantArgs check_merge_nf4_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                             at::IntArrayRef shape, const at::Tensor& A, const at::Tensor& B,
+                                             const c10::optional<at::Tensor>& nested_absmax,
+                                             const c10::optional<at::Tensor>& nested_code,
+                                             const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  LORA_CHECK(shape.size() == 2, "merge_nf4: the NF4 weight must be 2-D, got shape ", shape);
+  const auto w = nf4::check_dequantize_args(packed, absmax, blocksize, shape, at::kFloat, nested_absmax, nested_code,
+                                            offset, nested_blocksize);
+  const int64_t d = shape[0], k = shape[1];
   LORA_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == k && B.size(0) == d && A.size(0) == B.size(1),
              "merge_nf4: A must be (r, ", k, ") and B (", d, ", r) for a weight of shape (", d, ", ", k, "), got A ",
              A.sizes(), " and B ", B.sizes());
   LORA_CHECK(at::isFloatingType(A.scalar_type()) && at::isFloatingType(B.scalar_type()),
              "merge_nf4: A and B must be floating point, got ", A.scalar_type(), " and ", B.scalar_type());
+  check_same_device(A, packed, "merge_nf4: A");
+  check_same_device(B, packed, "merge_nf4: B");
+  return w;
 }
 
 }  // namespace merge

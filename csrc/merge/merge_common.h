@@ -9,25 +9,9 @@
 namespace lora_ext {
 namespace merge {
 
-LORA_HD double dmul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-LORA_HD double dadd(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 // The merged value in fp32 (sign = +1 merge, -1 unmerge); callers convert it to T.
 LORA_HD float merged_value(double w, double scale, double acc, double sign) {
-  const double v = dadd(w, dmul(sign * scale, acc));
+  const double v = add_rn(w, mul_rn(sign * scale, acc));
 #if defined(__CUDA_ARCH__)
   return __double2float_rn(v);
 #else

@@ -69,7 +69,7 @@ void merge_rows(T* W, const double* A, const double* B, int64_t d, int64_t k, in
         for (; c < k; ++c) {  // ragged columns
           for (int ii = 0; ii < 4; ++ii) {
             double acc = 0.0;
-            for (int64_t j = 0; j < r; ++j) acc = dadd(acc, dmul(B[(i + ii) * r + j], A[j * k + c]));
+            for (int64_t j = 0; j < r; ++j) acc = add_rn(acc, mul_rn(B[(i + ii) * r + j], A[j * k + c]));
             T* w = W + (i + ii) * k + c;
             *w = static_cast<T>(merged_value(static_cast<double>(static_cast<float>(*w)), scale, acc, sign));
           }
@@ -83,7 +83,7 @@ void merge_rows(T* W, const double* A, const double* B, int64_t d, int64_t k, in
       for (int64_t j = 0; j < r; ++j) {
         const double b = B[i * r + j];
         const double* a = A + j * k;
-        for (int64_t c = 0; c < k; ++c) acc[c] = dadd(acc[c], dmul(b, a[c]));
+        for (int64_t c = 0; c < k; ++c) acc[c] = add_rn(acc[c], mul_rn(b, a[c]));
       }
       T* w = W + i * k;
       for (int64_t c = 0; c < k; ++c)

@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(MergeParams p) {
     const double a = p.A[j * p.k + col];
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
-      if (row0 + i < p.d) acc[i] = dadd(acc[i], dmul(p.B[(row0 + i) * p.r + j], a));
+      if (row0 + i < p.d) acc[i] = add_rn(acc[i], mul_rn(p.B[(row0 + i) * p.r + j], a));
   }
   T* W = static_cast<T*>(p.W);
 #pragma unroll

@@ -7,8 +7,7 @@
 
 #include "merge/merge_checks.h"
 #include "merge/merge_launch.h"
-#include "nf4/nf4_checks.h"
-#include "nf4/nf4_launch.h"
+#include "nf4/nf4_cuda_kernels.h"
 
 namespace lora_ext {
 namespace merge {
@@ -46,27 +45,15 @@ std::tuple<at::Tensor, at::Tensor> merge_nf4_cuda(const at::Tensor& packed, cons
                                                   const c10::optional<at::Tensor>& nested_absmax,
                                                   const c10::optional<at::Tensor>& nested_code,
                                                   const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
-  LORA_CHECK(shape.size() == 2, "merge_nf4: the NF4 weight must be 2-D, got shape ", shape);
-  const auto w = nf4::check_dequantize_args(packed, absmax, blocksize, shape, at::kFloat, nested_absmax, nested_code,
-                                            offset, nested_blocksize);
-  check_nf4_merge_args(shape[0], shape[1], A, B);
-  check_same_device(A, packed, "merge_nf4: A");
-  check_same_device(B, packed, "merge_nf4: B");
+  const auto w = check_merge_nf4_args(packed, absmax, blocksize, shape, A, B, nested_absmax, nested_code, offset,
+                                      nested_blocksize);
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor A64 = A.to(at::kDouble).contiguous(), B64 = B.to(at::kDouble).contiguous();
   at::Tensor packed_out = at::empty({(w.n + 1) / 2, 1}, packed.options());
   at::Tensor absmax_out = at::empty({w.nblocks}, packed.options().dtype(at::kFloat));
   nf4::MergeNf4Params p{};
   p.packed = packed.const_data_ptr<uint8_t>();
-  if (w.nested) {
-    p.qabsmax = absmax.const_data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->const_data_ptr<float>();
-    p.nested_code = nested_code->const_data_ptr<float>();
-    p.offset = offset->const_data_ptr<float>();
-    p.nested_blocksize_log2 = log2_exact(nested_blocksize);
-  } else {
-    p.absmax = absmax.const_data_ptr<float>();
-  }
+  p.scales = nf4::scale_source(absmax, nested_absmax, nested_code, offset, nested_blocksize);
   p.blocksize_log2 = log2_exact(blocksize);
   p.A = A64.const_data_ptr<double>();
   p.B = B64.const_data_ptr<double>();

@@ -22,25 +22,12 @@ std::tuple<at::Tensor, at::Tensor> merge_nf4_cpu(const at::Tensor& packed, const
                                                  const c10::optional<at::Tensor>& nested_absmax,
                                                  const c10::optional<at::Tensor>& nested_code,
                                                  const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
-  LORA_CHECK(shape.size() == 2, "merge_nf4: the NF4 weight must be 2-D, got shape ", shape);
-  const auto w = nf4::check_dequantize_args(packed, absmax, blocksize, shape, at::kFloat, nested_absmax, nested_code,
-                                            offset, nested_blocksize);
-  const int64_t d = shape[0], k = shape[1];
-  check_nf4_merge_args(d, k, A, B);
-  check_same_device(A, packed, "merge_nf4: A");
-  check_same_device(B, packed, "merge_nf4: B");
+  const auto w = check_merge_nf4_args(packed, absmax, blocksize, shape, A, B, nested_absmax, nested_code, offset,
+                                      nested_blocksize);
+  const int64_t k = shape[1];
   const at::Tensor A64 = A.to(at::kDouble).contiguous(), B64 = B.to(at::kDouble).contiguous();
   const int64_t r = A.size(0);
-  BlockScales scales;
-  if (w.nested) {
-    scales.qabsmax = absmax.const_data_ptr<uint8_t>();
-    scales.nested = nested_absmax->const_data_ptr<float>();
-    scales.code8 = nested_code->const_data_ptr<float>();
-    scales.offset = offset->item<float>();
-    scales.nested_log2 = log2_exact(nested_blocksize);
-  } else {
-    scales.absmax = absmax.const_data_ptr<float>();
-  }
+  const BlockScales scales = nf4::cpu_block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
   at::Tensor packed_out = at::empty({(w.n + 1) / 2, 1}, packed.options());
   at::Tensor absmax_out = at::empty({w.nblocks}, packed.options().dtype(at::kFloat));
   const uint8_t* q = packed.const_data_ptr<uint8_t>();
@@ -59,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> merge_nf4_cpu(const at::Tensor& packed, const
         const uint8_t byte = q[f >> 1];
         const float wv = mul_rn(nf4::code_value((f & 1) ? (byte & 15u) : (byte >> 4)), s);
         double acc = 0.0;
-        for (int64_t j = 0; j < r; ++j) acc = dadd(acc, dmul(bm[i * r + j], a[j * k + c]));
+        for (int64_t j = 0; j < r; ++j) acc = add_rn(acc, mul_rn(bm[i * r + j], a[j * k + c]));
         buf[e] = merged_value(static_cast<double>(wv), scale, acc, 1.0);
       }
       nf4::quantize_block_f32(buf, len, start + blocksize > n, ao + b, qo + start / 2);

@@ -116,13 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
 
 // Per block: the 16 outputs it can hold (code * absmax in fp32, rounded once to T), then each
 // packed byte is two table reads. x86 with AVX2 does the reads 16 bytes at a time (nf4_cpu_simd.h).
-template <typename T, bool kNested>
-void dequantize_blocks(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested,
-                       const float* code8, float offset, int64_t nested_log2, int64_t blocksize, int64_t n, T* out) {
+template <typename T>
+void dequantize_blocks(const uint8_t* packed, const BlockScales& scale_of, int64_t blocksize, int64_t n, T* out) {
   const int64_t nblocks = ceil_div(n, blocksize);
-  const auto scale_of = [=](int64_t b) {
-    return kNested ? nested_absmax(qabsmax[b], nested[b >> nested_log2], offset, code8) : absmax[b];
-  };
   const bool use_simd = simd::enabled();
   at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
 #if defined(LORA_EXT_X86_SIMD)
@@ -155,17 +151,9 @@ void dequantize_into_cpu(const at::Tensor& packed, const at::Tensor& absmax, int
                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                          const c10::optional<at::Tensor>& offset, int64_t nested_blocksize, at::Tensor& out) {
   if (args.n == 0) return;
-  const uint8_t* q = packed.const_data_ptr<uint8_t>();
+  const BlockScales scales = cpu_block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
   LORA_DISPATCH_FLOAT_TYPES(out.scalar_type(), "dequantize_nf4_cpu", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    if (args.nested) {
-      dequantize_blocks<scalar_t, true>(q, nullptr, absmax.const_data_ptr<uint8_t>(),
-                                        nested_absmax->const_data_ptr<float>(), nested_code->const_data_ptr<float>(),
-                                        offset->item<float>(), log2_exact(nested_blocksize), blocksize, args.n, o);
-    } else {
-      dequantize_blocks<scalar_t, false>(q, absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, 0.0f, 0,
-                                         blocksize, args.n, o);
-    }
+    dequantize_blocks<scalar_t>(packed.const_data_ptr<uint8_t>(), scales, blocksize, args.n, out.data_ptr<scalar_t>());
   });
 }
 

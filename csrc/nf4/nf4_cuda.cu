@@ -5,6 +5,7 @@
 #include "nf4/nf4_common.h"
 #include "merge/merge_common.h"
 #include "nf4/nf4_launch.h"
+#include "nf4/nf4_scales.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "nf4_cuda.cu must not be built with --use_fast_math: bit-exactness needs IEEE division and subnormals"
@@ -29,34 +30,39 @@ struct InputSource {
 // dequant(W)[f] + scale * (B A)[f], the merge of merge_common.h, for an NF4 weight of k columns.
 struct MergeSource {
   const uint8_t* packed;
-  const float* absmax;
-  const uint8_t* qabsmax;
-  const float* nested;
-  const float* nested_code;
-  const float* offset;
-  int blocksize_log2, nested_log2;
+  BlockScales scales;  // offset filled in on the device (load_scales)
+  int blocksize_log2;
   const double* A;  // r x k
   const double* B;  // d x r
   int64_t k, r;
   double scale;
 
   __device__ float operator()(int64_t f) const {
-    const int64_t b = f >> blocksize_log2;
-    const float s =
-        qabsmax != nullptr ? nested_absmax(qabsmax[b], nested[b >> nested_log2], *offset, nested_code) : absmax[b];
+    const float s = scales(f >> blocksize_log2);
     const uint32_t byte = packed[f >> 1];
     const float w = mul_rn(code_value((f & 1) ? (byte & 15u) : (byte >> 4)), s);
     const int64_t i = f / k, c = f % k;
     double acc = 0.0;
-    for (int64_t j = 0; j < r; ++j) acc = merge::dadd(acc, merge::dmul(B[i * r + j], A[j * k + c]));
+    for (int64_t j = 0; j < r; ++j) acc = add_rn(acc, mul_rn(B[i * r + j], A[j * k + c]));
     return merge::merged_value(static_cast<double>(w), scale, acc, 1.0);
   }
 };
 
 // One warp per quantization block (blocksize >= 32, so every lane has work in full blocks).
+template <typename T>
+__device__ __forceinline__ const InputSource<T>& prepare(const InputSource<T>& s, const ScaleSource&) {
+  return s;
+}
+
+__device__ __forceinline__ MergeSource prepare(MergeSource s, const ScaleSource& scales) {
+  s.scales = load_scales(scales);
+  return s;
+}
+
 template <typename Source>
-__global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(Source src, uint8_t* packed, float* absmax_out,
-                                                                int64_t n, int blocksize_log2) {
+__global__ void __launch_bounds__(kThreads) quantize_nf4_kernel(Source source, ScaleSource scales, uint8_t* packed,
+                                                                float* absmax_out, int64_t n, int blocksize_log2) {
+  const auto src = prepare(source, scales);
   const int lane = threadIdx.x & 31;
   const int64_t bs = int64_t{1} << blocksize_log2;
   const int64_t nblocks = (n + bs - 1) >> blocksize_log2;
@@ -113,21 +119,19 @@ __global__ void __launch_bounds__(kThreads) double_quant_kernel(DoubleQuantParam
 
 // Each thread turns 16 packed bytes into 32 outputs, moved as uint4: packed and out are 16-byte
 // aligned (the launcher checks). A ragged tail goes element by element.
-template <typename T, bool kNested>
+template <typename T>
 __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizeParams p) {
   __shared__ float code_s[16];
   if (threadIdx.x < 16) code_s[threadIdx.x] = code_value(threadIdx.x);
   __syncthreads();
-  const float offset = kNested ? *p.offset : 0.0f;
+  const BlockScales scales = load_scales(p.scales);
   T* out = static_cast<T*>(p.out);
   const int64_t nchunks = (p.n + kChunk - 1) / kChunk;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride) {
     const int64_t start = c * kChunk;
     const int64_t b = start >> p.blocksize_log2;  // a chunk never straddles a block: blocksize >= 32
-    const float scale = kNested ? nested_absmax(p.qabsmax[b], p.nested_absmax[b >> p.nested_blocksize_log2], offset,
-                                                p.nested_code)
-                                : p.absmax[b];
+    const float scale = scales(b);
     if (start + kChunk <= p.n) {
       const uint4 w = *reinterpret_cast<const uint4*>(p.packed + start / 2);
       const uint32_t words[4] = {w.x, w.y, w.z, w.w};
@@ -154,21 +158,19 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizePara
 
 // Unaligned views (a packed tensor sliced at an odd offset, a caller's out): one packed byte per
 // thread, so a warp still reads 32 consecutive bytes.
-template <typename T, bool kNested>
+template <typename T>
 __global__ void __launch_bounds__(kThreads) dequantize_nf4_bytewise_kernel(DequantizeParams p) {
   __shared__ float code_s[16];
   if (threadIdx.x < 16) code_s[threadIdx.x] = code_value(threadIdx.x);
   __syncthreads();
-  const float offset = kNested ? *p.offset : 0.0f;
+  const BlockScales scales = load_scales(p.scales);
   T* out = static_cast<T*>(p.out);
   const int64_t nbytes = (p.n + 1) / 2;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nbytes; j += stride) {
     const int64_t i = 2 * j;
     const int64_t b = i >> p.blocksize_log2;  // i and i + 1 share a block: blocksize is even
-    const float scale = kNested ? nested_absmax(p.qabsmax[b], p.nested_absmax[b >> p.nested_blocksize_log2], offset,
-                                                p.nested_code)
-                                : p.absmax[b];
+    const float scale = scales(b);
     const uint32_t byte = p.packed[j];
     out[i] = from_float<T>(mul_rn(code_s[byte >> 4], scale));
     if (i + 1 < p.n) out[i + 1] = from_float<T>(mul_rn(code_s[byte & 15u], scale));
@@ -176,33 +178,25 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_bytewise_kernel(Dequa
 }
 
 template <typename Source>
-void quantize_from(const Source& src, uint8_t* packed, float* absmax, int64_t n, int blocksize_log2,
-                   cudaStream_t stream) {
+void quantize_from(const Source& src, const ScaleSource& scales, uint8_t* packed, float* absmax, int64_t n,
+                   int blocksize_log2, cudaStream_t stream) {
   const long long nblocks = (n + (int64_t{1} << blocksize_log2) - 1) >> blocksize_log2;
-  quantize_nf4_kernel<Source><<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(src, packed, absmax, n,
-                                                                                         blocksize_log2);
+  quantize_nf4_kernel<Source><<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(src, scales, packed, absmax,
+                                                                                         n, blocksize_log2);
 }
 
 template <typename T>
 void quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
-  quantize_from(InputSource<T>{static_cast<const T*>(p.x)}, p.packed, p.absmax, p.n, p.blocksize_log2, stream);
-}
-
-template <typename T, bool kNested>
-void dequantize_typed(const DequantizeParams& p, bool vec, cudaStream_t stream) {
-  if (vec) {
-    dequantize_nf4_kernel<T, kNested><<<grid_for((p.n + kChunk - 1) / kChunk, kThreads), kThreads, 0, stream>>>(p);
-  } else {
-    dequantize_nf4_bytewise_kernel<T, kNested><<<grid_for((p.n + 1) / 2, kThreads), kThreads, 0, stream>>>(p);
-  }
+  quantize_from(InputSource<T>{static_cast<const T*>(p.x)}, ScaleSource{}, p.packed, p.absmax, p.n, p.blocksize_log2,
+                stream);
 }
 
 template <typename T>
-void dequantize_dispatch_nested(const DequantizeParams& p, bool vec, cudaStream_t stream) {
-  if (p.nested) {
-    dequantize_typed<T, true>(p, vec, stream);
+void dequantize_typed(const DequantizeParams& p, bool vec, cudaStream_t stream) {
+  if (vec) {
+    dequantize_nf4_kernel<T><<<grid_for((p.n + kChunk - 1) / kChunk, kThreads), kThreads, 0, stream>>>(p);
   } else {
-    dequantize_typed<T, false>(p, vec, stream);
+    dequantize_nf4_bytewise_kernel<T><<<grid_for((p.n + 1) / 2, kThreads), kThreads, 0, stream>>>(p);
   }
 }
 
@@ -219,9 +213,8 @@ void launch_quantize_nf4(const QuantizeParams& p, cudaStream_t stream) {
 
 void launch_merge_nf4(const MergeNf4Params& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  MergeSource src{p.packed, p.absmax, p.qabsmax, p.nested_absmax, p.nested_code, p.offset, p.blocksize_log2,
-                  p.nested_blocksize_log2, p.A, p.B, p.k, p.r, p.scale};
-  quantize_from(src, p.packed_out, p.absmax_out, p.n, p.blocksize_log2, stream);
+  MergeSource src{p.packed, BlockScales{}, p.blocksize_log2, p.A, p.B, p.k, p.r, p.scale};
+  quantize_from(src, p.scales, p.packed_out, p.absmax_out, p.n, p.blocksize_log2, stream);
 }
 
 void launch_double_quant(const DoubleQuantParams& p, cudaStream_t stream) {
@@ -234,9 +227,9 @@ void launch_dequantize_nf4(const DequantizeParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
   const bool vec = (reinterpret_cast<uintptr_t>(p.packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(p.out) % 16 == 0);
   switch (p.dtype) {
-    case DType::kFloat16: dequantize_dispatch_nested<__half>(p, vec, stream); break;
-    case DType::kBFloat16: dequantize_dispatch_nested<__nv_bfloat16>(p, vec, stream); break;
-    default: dequantize_dispatch_nested<float>(p, vec, stream);
+    case DType::kFloat16: dequantize_typed<__half>(p, vec, stream); break;
+    case DType::kBFloat16: dequantize_typed<__nv_bfloat16>(p, vec, stream); break;
+    default: dequantize_typed<float>(p, vec, stream);
   }
 }
 

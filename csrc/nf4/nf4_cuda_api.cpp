@@ -70,16 +70,7 @@ void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, in
   p.n = args.n;
   p.blocksize_log2 = log2_exact(blocksize);
   p.dtype = to_dtype(out.scalar_type());
-  p.nested = args.nested;
-  if (args.nested) {
-    p.qabsmax = absmax.const_data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->const_data_ptr<float>();
-    p.nested_code = nested_code->const_data_ptr<float>();
-    p.offset = offset->const_data_ptr<float>();
-    p.nested_blocksize_log2 = log2_exact(nested_blocksize);
-  } else {
-    p.absmax = absmax.const_data_ptr<float>();
-  }
+  p.scales = scale_source(absmax, nested_absmax, nested_code, offset, nested_blocksize);
   if (args.n > 0) {
     launch_dequantize_nf4(p, at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

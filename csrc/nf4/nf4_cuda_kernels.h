@@ -11,6 +11,23 @@ namespace nf4 {
 
 DType to_dtype(at::ScalarType t);
 
+// Device pointers of a checked NF4 weight's block scales (plain or double-quantized).
+inline ScaleSource scale_source(const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                                const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                                int64_t nested_blocksize) {
+  ScaleSource s;
+  if (nested_absmax.has_value()) {
+    s.qabsmax = absmax.const_data_ptr<uint8_t>();
+    s.nested_absmax = nested_absmax->const_data_ptr<float>();
+    s.nested_code = nested_code->const_data_ptr<float>();
+    s.offset = offset->const_data_ptr<float>();
+    s.nested_blocksize_log2 = log2_exact(nested_blocksize);
+  } else {
+    s.absmax = absmax.const_data_ptr<float>();
+  }
+  return s;
+}
+
 // Dequantize a checked NF4 weight into `out` on the current stream (caller holds the device guard).
 void dequantize_into_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                           const DequantArgs& args, const c10::optional<at::Tensor>& nested_absmax,

@@ -11,6 +11,17 @@ namespace nf4 {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Where block b's absmax lives on the device: plain float32 (absmax), or double-quantized (qabsmax
+// decoded with the other four; offset is a device scalar).
+struct ScaleSource {
+  const float* absmax = nullptr;
+  const uint8_t* qabsmax = nullptr;
+  const float* nested_absmax = nullptr;
+  const float* nested_code = nullptr;
+  const float* offset = nullptr;
+  int nested_blocksize_log2 = 8;
+};
+
 struct QuantizeParams {
   const void* x;       // n elements of `dtype`
   uint8_t* packed;     // (n + 1) / 2 bytes
@@ -32,28 +43,18 @@ struct DoubleQuantParams {
 
 struct DequantizeParams {
   const uint8_t* packed;
-  const float* absmax;         // plain: one float per block
-  const uint8_t* qabsmax;      // nested: one byte per block ...
-  const float* nested_absmax;  // ... decoded with these
-  const float* nested_code;
-  const float* offset;
+  ScaleSource scales;
   void* out;
   int64_t n;
   int blocksize_log2;
-  int nested_blocksize_log2;
   DType dtype;
-  bool nested;
 };
 
 // dequant(W) + scale * B A requantized (one pass over the blocks): W is n = d * k NF4 codes.
 struct MergeNf4Params {
   const uint8_t* packed;
-  const float* absmax;
-  const uint8_t* qabsmax;
-  const float* nested_absmax;
-  const float* nested_code;
-  const float* offset;
-  int blocksize_log2, nested_blocksize_log2;
+  ScaleSource scales;
+  int blocksize_log2;
   const double* A;  // r x k
   const double* B;  // d x r
   int64_t n, k, r;

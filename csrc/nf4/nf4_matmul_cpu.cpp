@@ -19,22 +19,6 @@ namespace {
 
 constexpr int64_t kCpuGemvMaxM = 4;  // crossover measured on 2 cores (README, NF4 matmul): GEMV wins to M=4
 
-BlockScales scales_of(const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
-                      const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
-                      int64_t nested_blocksize) {
-  BlockScales s;
-  if (nested_absmax.has_value()) {
-    s.qabsmax = absmax.const_data_ptr<uint8_t>();
-    s.nested = nested_absmax->const_data_ptr<float>();
-    s.code8 = nested_code->const_data_ptr<float>();
-    s.offset = offset->item<float>();
-    s.nested_log2 = log2_exact(nested_blocksize);
-  } else {
-    s.absmax = absmax.const_data_ptr<float>();
-  }
-  return s;
-}
-
 // Weights [f, f + count) of the flattened NF4 tensor, as fp32 (code * absmax, as the dequantizer).
 void decode_run(const uint8_t* packed, int64_t f, int64_t count, const BlockScales& scales, int log2bs, bool simd,
                 float* dst) {
@@ -124,7 +108,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     ya = at::zeros({a.M, a.N}, xa.options());
     if (bias.has_value()) ya.add_(bias->to(acc));
   } else if (acc == at::kFloat && a.M <= (gemv_max_m < 0 ? kCpuGemvMaxM : gemv_max_m)) {
-    ya = gemv(xa, packed, scales_of(absmax, nested_absmax, nested_code, offset, nested_blocksize),
+    ya = gemv(xa, packed, cpu_block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
               log2_exact(blocksize), a.N, bias);
   } else {
     const at::Tensor w = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, nested_absmax, nested_code,

@@ -7,6 +7,7 @@
 #include "common/cuda_types.cuh"
 #include "nf4/nf4_common.h"
 #include "nf4/nf4_matmul_launch.h"
+#include "nf4/nf4_scales.cuh"
 
 namespace lora_ext {
 namespace nf4 {
@@ -40,16 +41,7 @@ __global__ void __launch_bounds__(kThreads) nf4_gemv_kernel(GemvParams p) {
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
   const int64_t left = p.M - m0;
   const int rows = left < kTileM ? static_cast<int>(left) : kTileM;
-  BlockScales scales;
-  if (p.nested) {
-    scales.qabsmax = p.qabsmax;
-    scales.nested = p.nested_absmax;
-    scales.code8 = p.nested_code;
-    scales.offset = *p.offset;
-    scales.nested_log2 = p.nested_blocksize_log2;
-  } else {
-    scales.absmax = p.absmax;
-  }
+  const BlockScales scales = load_scales(p.scales);
   const T* x = static_cast<const T*>(p.x) + m0 * p.ldx;
   const int64_t row0 = n * p.K;  // flat index of W[n, 0]
   float acc[kTileM];

@@ -60,16 +60,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
     p.ldx = a.M == 1 ? a.K : x2d.stride(0);  // one row: its stride is arbitrary, keep the vector path
     p.blocksize_log2 = log2_exact(blocksize);
     p.dtype = to_dtype(x.scalar_type());
-    p.nested = nested_absmax.has_value();
-    if (p.nested) {
-      p.qabsmax = absmax.const_data_ptr<uint8_t>();
-      p.nested_absmax = nested_absmax->const_data_ptr<float>();
-      p.nested_code = nested_code->const_data_ptr<float>();
-      p.offset = offset->const_data_ptr<float>();
-      p.nested_blocksize_log2 = log2_exact(nested_blocksize);
-    } else {
-      p.absmax = absmax.const_data_ptr<float>();
-    }
+    p.scales = scale_source(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     launch_nf4_gemv(p, at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y.view(out_shape);

@@ -14,18 +14,12 @@ namespace nf4 {
 struct GemvParams {
   const void* x;      // M x K, rows ldx elements apart
   const uint8_t* packed;  // N x K NF4 weight, flattened row-major
-  const float* absmax;
-  const uint8_t* qabsmax;
-  const float* nested_absmax;
-  const float* nested_code;
-  const float* offset;
+  ScaleSource scales;
   const void* bias;   // N, or null
   void* y;            // M x N, contiguous
   int64_t M, N, K, ldx;
   int blocksize_log2;
-  int nested_blocksize_log2;
   DType dtype;
-  bool nested;
 };
 
 // y = x W^T (+ bias) reading the packed weight once per tile of x rows; fp32 accumulation.
