@@ -115,7 +115,7 @@ if HAS_C:
         torch._check(packed.numel() == (n + 1) // 2,
                      lambda: f"dequantize_nf4: packed weight must have {(n + 1) // 2} elements, got {packed.numel()}")
         torch._check(absmax.numel() == (n + blocksize - 1) // blocksize,
-                     lambda: f"dequantize_nf4: absmax must have one entry per block")
+                     lambda: "dequantize_nf4: absmax must have one entry per block")
         return packed.new_empty(tuple(shape), dtype=dtype)
 
     @torch.library.register_fake("lora_ext::dequantize_nf4_out")

@@ -1,5 +1,4 @@
 """merge_lora_ / unmerge_lora_ (dense, in place) and NF4 merges, LoraLinear.merge/unmerge."""
-import warnings
 
 import pytest
 import torch
