@@ -10,16 +10,20 @@ from .lora import LoraLinear, lora_linear, lora_scaling
 from .nf4 import NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
 from .ops import merge_lora_, unmerge_lora_
 from .merge import merge_nf4
+from .model import LoraConfig, LoraModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HAS_C",
+    "LoraConfig",
     "LoraLinear",
+    "LoraModel",
     "NF4Linear",
     "NF4Weight",
     "build_config",
     "dequantize_nf4",
+    "get_peft_model",
     "lora_linear",
     "lora_scaling",
     "merge_lora_",

@@ -73,6 +73,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=adapter_dtype, device=device))
         self.merged = False
+        self.disabled = False  # LoraModel.disable_adapter(): the base alone
         self.merge_error = None  # set by merge() over an NF4 base: what the 4-bit requantization lost
         self._unmerged_qweight: Optional[NF4Weight] = None
         _WEIGHT_USERS.setdefault(id(base.weight), weakref.WeakSet()).add(self)
@@ -143,7 +144,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return base
         p, seed = _dropout_seed(self.lora_dropout, self.training)
         return ops.lora_forward(x, base, self.lora_A, self.lora_B, self.scaling, p, seed)

@@ -1,0 +1,311 @@
+"""get_peft_model and LoraModel: LoRA/QLoRA injected into a Hugging Face model, adapters saved and
+loaded in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors, keys
+base_model.model.<path>.lora_A.weight), so PEFT and vLLM read ours and we read theirs.
+
+One adapter per model for now ("default"); several named adapters and hot swap are still to come.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .lora import LoraLinear, lora_scaling
+from .nf4 import NF4Linear
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    lora_alpha: float = 16
+    target_modules: Union[list, str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[int, list]] = None
+    modules_to_save: Optional[list] = None
+    quantize_base: Optional[str] = None
+
+    def to_peft(self, base_model_name_or_path=None) -> dict:
+        """adapter_config.json as PEFT writes it for a LoRA adapter."""
+        return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+                "r": self.r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules,
+                "lora_dropout": self.lora_dropout, "bias": self.bias, "use_rslora": self.use_rslora,
+                "init_lora_weights": self.init_lora_weights, "layers_to_transform": self.layers_to_transform,
+                "layers_pattern": None, "modules_to_save": self.modules_to_save, "fan_in_fan_out": False,
+                "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
+                "inference_mode": True, "revision": None}
+
+    @classmethod
+    def from_peft(cls, cfg: dict, path: str = CONFIG_NAME) -> "LoraConfig":
+        if cfg.get("peft_type") != "LORA":
+            raise ValueError(f"{path}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+        for key, neutral in [("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False),
+                             ("fan_in_fan_out", False)]:
+            if cfg.get(key) not in (None, neutral):
+                raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by lora_ext yet")
+        missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+        if missing:
+            raise ValueError(f"{path}: missing {missing}")
+        targets = cfg["target_modules"]
+        return cls(r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"], target_modules=targets,
+                   lora_dropout=float(cfg.get("lora_dropout") or 0.0), bias=cfg.get("bias") or "none",
+                   use_rslora=bool(cfg.get("use_rslora")), init_lora_weights=cfg.get("init_lora_weights", True),
+                   layers_to_transform=cfg.get("layers_to_transform"), modules_to_save=cfg.get("modules_to_save"))
+
+
+def _is_target(name: str, targets, layers) -> bool:
+    if isinstance(targets, str):
+        hit = re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
+    if hit and layers is not None:
+        m = _LAYER_INDEX.search(name)
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        hit = m is not None and int(m.group(1)) in wanted
+    return hit
+
+
+def _linear_names(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+
+
+def _head_names(model: nn.Module) -> set:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list:
+    """Names of the Linear modules the config targets; an error naming the closest ones if none."""
+    linears = _linear_names(model)
+    if config.target_modules == "all-linear":
+        heads = _head_names(model)
+        names = [n for n in linears if n not in heads]
+    else:
+        names = [n for n in linears if _is_target(n, config.target_modules, config.layers_to_transform)]
+    if not names:
+        wanted = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), leaves + linears, n=5, cutoff=0.4)})
+        raise ValueError(f"target_modules {config.target_modules!r} matches no Linear module; closest Linear names: "
+                         f"{close or leaves[:10]}")
+    return names
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS, lora_alpha: float = 16,
+                   lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False, random_state: int = 3407,
+                   init_lora_weights: Union[bool, str] = True, layers_to_transform=None, modules_to_save=None,
+                   quantize_base: Optional[str] = None, adapter_name: str = "default") -> "LoraModel":
+    """Freeze `model`, put LoRA on the targeted Linear layers (optionally their frozen bases in NF4)."""
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ValueError("this model already has lora_ext adapters; use LoraModel.add_adapter to add another")
+    if bias != "none":
+        raise ValueError(f"bias={bias!r} is not supported yet: lora_ext trains adapters only (bias='none')")
+    if modules_to_save:
+        raise ValueError("modules_to_save is not supported yet")
+    if quantize_base not in (None, "nf4"):
+        raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
+    if adapter_name != "default":
+        raise ValueError("only the adapter name 'default' is supported for now")
+    config = LoraConfig(r, lora_alpha, target_modules if isinstance(target_modules, str) else list(target_modules),
+                        lora_dropout, bias, use_rslora, init_lora_weights, layers_to_transform, modules_to_save,
+                        quantize_base)
+    _inject(model, config, random_state)
+    return LoraModel(model, config)
+
+
+def _inject(model: nn.Module, config: LoraConfig, random_state: int) -> None:
+    targets = find_targets(model, config)  # raises before anything changes
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.quantize_base == "nf4":
+        heads = _head_names(model)
+        for name in _linear_names(model):
+            module = model.get_submodule(name)
+            if name not in heads and isinstance(module, nn.Linear):
+                _set_module(model, name, NF4Linear.from_linear(module))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_state)
+        for name in targets:
+            base = model.get_submodule(name)
+            _set_module(model, name, LoraLinear(base, config.r, config.lora_alpha, config.lora_dropout,
+                                                config.use_rslora, config.init_lora_weights))
+
+
+class LoraModel(nn.Module):
+    """The wrapped model lives at base_model.model, so state-dict keys match PEFT's."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig):
+        super().__init__()
+        self.base_model = nn.Module()
+        self.base_model.model = model
+        self.peft_config = {"default": config}
+        self.active_adapter = "default"
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def lora_layers(self) -> dict:
+        return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, LoraLinear)}
+
+    def get_nb_trainable_parameters(self) -> tuple:
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed NF4: two weights a byte, as PEFT counts
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---------------------------------------------------------------- save / load (PEFT format)
+    def _adapter_state_dict(self) -> dict:
+        sd = {}
+        for name, layer in self.lora_layers().items():
+            sd[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        return sd
+
+    def save_pretrained(self, save_directory: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        save_file(self._adapter_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        cfg = self.peft_config["default"].to_peft(getattr(getattr(self.base_model.model, "config", None),
+                                                          "name_or_path", None) or None)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+    @staticmethod
+    def _read_adapter(directory: str):
+        from safetensors.torch import load_file
+
+        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (cfg_path, w_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"adapter file not found: {path}")
+        try:
+            with open(cfg_path) as f:
+                config = LoraConfig.from_peft(json.load(f), cfg_path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        try:
+            weights = load_file(w_path)
+        except Exception as e:  # noqa: BLE001  (safetensors raises several types for a damaged file)
+            raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from None
+        return config, weights
+
+    @staticmethod
+    def _check_weights(model: nn.Module, names: list, config: LoraConfig, weights: dict, path: str) -> None:
+        expected = {}
+        for name in names:
+            m = model.get_submodule(name)
+            base = m.base_layer if isinstance(m, LoraLinear) else m
+            expected[f"base_model.model.{name}.lora_A.weight"] = (config.r, base.in_features)
+            expected[f"base_model.model.{name}.lora_B.weight"] = (base.out_features, config.r)
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{path}: keys do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, shape in expected.items():
+            if tuple(weights[key].shape) != shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model needs {shape}")
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str, quantize_base: Optional[str] = None) -> "LoraModel":
+        """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched."""
+        config, weights = cls._read_adapter(directory)
+        config.quantize_base = quantize_base
+        cls._check_weights(model, find_targets(model, config), config, weights, os.path.join(directory, WEIGHTS_NAME))
+        _inject(model, config, random_state=0)
+        lora = cls(model, config)
+        lora._copy_in(weights)
+        return lora
+
+    def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
+        """Hot swap: replace the adapter's weights in place from `directory` (same targets and rank)."""
+        if adapter_name != "default":
+            raise ValueError("only the adapter name 'default' is supported for now")
+        config, weights = self._read_adapter(directory)
+        names = sorted(self.lora_layers())
+        targeted = [n for n in names if config.target_modules == "all-linear"
+                    or _is_target(n, config.target_modules, config.layers_to_transform)]
+        if targeted != names or config.r != self.peft_config["default"].r:
+            raise ValueError(f"{directory}: its targets or rank differ from this model's adapter; build a new model")
+        self._check_weights(self.base_model.model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
+        self._copy_in(weights)
+        for layer in self.lora_layers().values():
+            layer.scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
+        self.peft_config["default"] = config
+
+    @torch.no_grad()
+    def _copy_in(self, weights: dict) -> None:
+        for name, layer in self.lora_layers().items():
+            layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+
+    # ---------------------------------------------------------------- merge / unload / disable
+    def merge_adapter(self) -> None:
+        for layer in self.lora_layers().values():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.lora_layers().values():
+            layer.unmerge()
+
+    def _replace_layers(self, merge: bool) -> nn.Module:
+        model = self.base_model.model
+        for name, layer in list(self.lora_layers().items()):
+            if merge and not layer.merged:
+                layer.merge()
+            _set_module(model, name, layer.base_layer)
+        return model
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model with every adapter folded into its base weight."""
+        return self._replace_layers(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The plain model without the adapters (nothing merged)."""
+        return self._replace_layers(merge=False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        layers = list(self.lora_layers().values())
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("disable_adapter: the adapter is merged into the base; call unmerge_adapter() first")
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False

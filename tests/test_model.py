@@ -1,0 +1,142 @@
+"""get_peft_model / LoraModel on real Hugging Face model classes built from small configs, with the
+real PEFT package as the oracle for trainable counts, on-disk format and logits."""
+import io
+import os
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+import lora_ext
+
+from conftest import requires_c
+
+pytestmark = requires_c
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def _llama(seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _ids():
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+def _randomize_adapters(model):
+    with torch.no_grad():
+        for layer in model.lora_layers().values():
+            layer.lora_B.normal_(0, 0.05)
+
+
+def test_targets_freezing_and_trainable_line_match_peft():
+    ours = lora_ext.get_peft_model(_llama(), r=8, lora_alpha=16)
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=lora_ext.model.DEFAULT_TARGETS))
+    assert len(ours.lora_layers()) == 2 * 7
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    a, b = io.StringIO(), io.StringIO()
+    with redirect_stdout(a):
+        ours.print_trainable_parameters()
+    with redirect_stdout(b):
+        theirs.print_trainable_parameters()
+    assert a.getvalue() == b.getvalue()
+    assert all(not p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n)
+    assert set(ours.state_dict()) >= {"base_model.model.model.layers.0.self_attn.q_proj.lora_A"}
+
+
+def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    ours = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    _randomize_adapters(ours)
+    ours.save_pretrained(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(_llama(), str(tmp_path)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours(ids).logits, _llama()(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_rslora, targets", [(False, ["q_proj", "o_proj"]), (True, r".*\.(k_proj|up_proj)")])
+def test_peft_adapter_loads_here_with_the_same_logits(tmp_path, use_rslora, targets):
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=8, lora_alpha=4, target_modules=targets,
+                                                           use_rslora=use_rslora, init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path))
+    ours = lora_ext.LoraModel.from_pretrained(_llama(), str(tmp_path))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_merge_and_unload():
+    ours = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)
+    _randomize_adapters(ours)
+    ids = _ids()
+    base = _llama()(ids).logits
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        with ours.disable_adapter():
+            torch.testing.assert_close(ours(ids).logits, base)
+        merged = ours.merge_and_unload()
+        assert not any(isinstance(m, lora_ext.LoraLinear) for m in merged.modules())
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_hot_swap_replaces_weights_in_place(tmp_path):
+    a = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)
+    _randomize_adapters(a)
+    a.save_pretrained(str(tmp_path / "a"))
+    b = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)
+    ids = _ids()
+    layer_ids = {n: id(m) for n, m in b.lora_layers().items()}
+    b.load_adapter(str(tmp_path / "a"), "default")
+    assert {n: id(m) for n, m in b.lora_layers().items()} == layer_ids
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits)
+
+
+def test_qlora_injection_and_a_training_step():
+    model = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8, quantize_base="nf4")
+    nf4 = [m for m in model.modules() if isinstance(m, lora_ext.NF4Linear)]
+    assert len(nf4) == 14 and not isinstance(model.get_output_embeddings(), lora_ext.NF4Linear)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_errors_name_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match=r"matches no Linear module; closest Linear names: .*q_proj"):
+        lora_ext.get_peft_model(_llama(), target_modules=["q_prj"])
+    model = lora_ext.get_peft_model(_llama(), r=4)
+    with pytest.raises(ValueError, match="already has lora_ext adapters; use LoraModel.add_adapter"):
+        lora_ext.get_peft_model(model.base_model.model)
+    model.save_pretrained(str(tmp_path))
+    with open(tmp_path / "adapter_model.safetensors", "wb") as f:
+        f.write(b"not a safetensors file")
+    fresh = _llama()
+    before = [n for n, _ in fresh.named_modules()]
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path))
+    assert [n for n, _ in fresh.named_modules()] == before
+    with pytest.raises(FileNotFoundError, match="adapter file not found"):
+        lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path / "nowhere"))
+
+
+def test_shape_mismatch_names_the_key(tmp_path):
+    lora_ext.get_peft_model(_llama(), r=4, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
+    cfg_path = os.path.join(tmp_path, "adapter_config.json")
+    text = open(cfg_path).read().replace('"r": 4', '"r": 6')
+    open(cfg_path, "w").write(text)
+    fresh = _llama()
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 64\), the model needs \(6, 64\)"):
+        lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path))
+    assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
