@@ -24,6 +24,20 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+@torch.no_grad()
+def init_lora_(A: torch.Tensor, B: torch.Tensor, init_lora_weights: Union[bool, str] = True) -> None:
+    """PEFT's initialisation: True = A kaiming-uniform(a=sqrt(5)), B zeros; 'gaussian' = A ~ N(0, 1/r),
+    B zeros; False = both kaiming-uniform (a non-zero update from the start, for tests)."""
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(A, std=1.0 / A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(B)
+
+
 def _dropout_seed(p: float, training: bool) -> tuple[float, int]:
     if p == 0.0 or not training:
         return 0.0, 0
@@ -79,18 +93,26 @@ class LoraLinear(nn.Module):
         _WEIGHT_USERS.setdefault(id(base.weight), weakref.WeakSet()).add(self)
         self.reset_lora_parameters(init_lora_weights)
 
+    def set_adapter_weights(self, A: torch.Tensor, B: torch.Tensor, lora_alpha: float, use_rslora: bool,
+                            lora_dropout: float) -> tuple:
+        """Make (A, B) this layer's adapter (another adapter's, possibly of another rank) and return the
+        previous (lora_A, lora_B) parameters. Used by LoraModel.set_adapter; nothing is copied."""
+        r = A.shape[0]
+        if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
+            raise ValueError(f"adapter weights must be (r, {self.in_features}) and ({self.out_features}, r), "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+        if self.merged:
+            raise RuntimeError("set_adapter_weights: the current adapter is merged; unmerge it first")
+        old = (self.lora_A, self.lora_B)
+        trainable = self.lora_A.requires_grad
+        self.lora_A = A if isinstance(A, nn.Parameter) else nn.Parameter(A, requires_grad=trainable)
+        self.lora_B = B if isinstance(B, nn.Parameter) else nn.Parameter(B, requires_grad=trainable)
+        self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        return old
+
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
-        """PEFT's initialisation: True = A kaiming-uniform(a=sqrt(5)), B zeros; 'gaussian' = A ~ N(0, 1/r),
-        B zeros; False = both kaiming-uniform (a non-zero update from the start, for tests)."""
-        with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B)
+        init_lora_(self.lora_A, self.lora_B, init_lora_weights)
 
     def _tied_with(self) -> list:
         users = _WEIGHT_USERS.get(id(self.base_layer.weight), ())

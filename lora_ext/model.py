@@ -2,7 +2,9 @@
 loaded in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors, keys
 base_model.model.<path>.lora_A.weight), so PEFT and vLLM read ours and we read theirs.
 
-One adapter per model for now ("default"); several named adapters and hot swap are still to come.
+Several named adapters share the base: the active one lives in the LoraLinear layers, the others
+are kept as tensors beside them, and set_adapter swaps them in without touching the base. Every
+adapter of a model targets the same modules.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .lora import LoraLinear, lora_scaling
+from .lora import LoraLinear, init_lora_
 from .nf4 import NF4Linear
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -122,13 +124,11 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
         raise ValueError("modules_to_save is not supported yet")
     if quantize_base not in (None, "nf4"):
         raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
-    if adapter_name != "default":
-        raise ValueError("only the adapter name 'default' is supported for now")
     config = LoraConfig(r, lora_alpha, target_modules if isinstance(target_modules, str) else list(target_modules),
                         lora_dropout, bias, use_rslora, init_lora_weights, layers_to_transform, modules_to_save,
                         quantize_base)
     _inject(model, config, random_state)
-    return LoraModel(model, config)
+    return LoraModel(model, config, adapter_name)
 
 
 def _inject(model: nn.Module, config: LoraConfig, random_state: int) -> None:
@@ -152,12 +152,13 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int) -> None:
 class LoraModel(nn.Module):
     """The wrapped model lives at base_model.model, so state-dict keys match PEFT's."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = nn.Module()
         self.base_model.model = model
-        self.peft_config = {"default": config}
-        self.active_adapter = "default"
+        self.peft_config = {adapter_name: config}
+        self.active_adapter = adapter_name
+        self._stored: dict = {}  # inactive adapters: name -> {module path: (A, B)}
 
     def __getattr__(self, name):
         try:
@@ -187,22 +188,29 @@ class LoraModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---------------------------------------------------------------- save / load (PEFT format)
-    def _adapter_state_dict(self) -> dict:
-        sd = {}
-        for name, layer in self.lora_layers().items():
-            sd[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-            sd[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-        return sd
+    def _adapter_weights(self, adapter_name: str) -> dict:
+        if adapter_name == self.active_adapter:
+            return {n: (m.lora_A, m.lora_B) for n, m in self.lora_layers().items()}
+        return self._stored[adapter_name]
 
-    def save_pretrained(self, save_directory: str) -> None:
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list] = None) -> None:
+        """PEFT's layout: the 'default' adapter in save_directory, any other in save_directory/<name>."""
         from safetensors.torch import save_file
 
-        os.makedirs(save_directory, exist_ok=True)
-        save_file(self._adapter_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        cfg = self.peft_config["default"].to_peft(getattr(getattr(self.base_model.model, "config", None),
-                                                          "name_or_path", None) or None)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2)
+        for name in selected_adapters or list(self.peft_config):
+            if name not in self.peft_config:
+                raise KeyError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(directory, exist_ok=True)
+            sd = {}
+            for path, (A, B) in self._adapter_weights(name).items():
+                sd[f"base_model.model.{path}.lora_A.weight"] = A.detach().cpu().contiguous()
+                sd[f"base_model.model.{path}.lora_B.weight"] = B.detach().cpu().contiguous()
+            save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
+                                                         "name_or_path", None) or None)
+            with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+                json.dump(cfg, f, indent=2)
 
     @staticmethod
     def _read_adapter(directory: str):
@@ -240,31 +248,86 @@ class LoraModel(nn.Module):
                 raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model needs {shape}")
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str, quantize_base: Optional[str] = None) -> "LoraModel":
+    def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
+                        quantize_base: Optional[str] = None) -> "LoraModel":
         """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched."""
         config, weights = cls._read_adapter(directory)
         config.quantize_base = quantize_base
         cls._check_weights(model, find_targets(model, config), config, weights, os.path.join(directory, WEIGHTS_NAME))
         _inject(model, config, random_state=0)
-        lora = cls(model, config)
+        lora = cls(model, config, adapter_name)
         lora._copy_in(weights)
         return lora
 
-    def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
-        """Hot swap: replace the adapter's weights in place from `directory` (same targets and rank)."""
-        if adapter_name != "default":
-            raise ValueError("only the adapter name 'default' is supported for now")
-        config, weights = self._read_adapter(directory)
+    def _same_targets(self, config: LoraConfig, origin: str) -> list:
         names = sorted(self.lora_layers())
         targeted = [n for n in names if config.target_modules == "all-linear"
                     or _is_target(n, config.target_modules, config.layers_to_transform)]
-        if targeted != names or config.r != self.peft_config["default"].r:
-            raise ValueError(f"{directory}: its targets or rank differ from this model's adapter; build a new model")
+        if targeted != names:
+            raise ValueError(f"{origin}: every adapter of a model must target the same modules; this one targets "
+                             f"{config.target_modules!r}")
+        return names
+
+    def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
+        """Load an adapter saved by lora_ext or PEFT as `adapter_name`. An existing name is hot-swapped:
+        the active adapter's weights are replaced in place (same rank), no module is rebuilt."""
+        config, weights = self._read_adapter(directory)
+        names = self._same_targets(config, directory)
         self._check_weights(self.base_model.model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
-        self._copy_in(weights)
-        for layer in self.lora_layers().values():
-            layer.scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
-        self.peft_config["default"] = config
+        if adapter_name == self.active_adapter and config.r == self.peft_config[adapter_name].r:
+            self._copy_in(weights)
+            for layer in self.lora_layers().values():
+                layer.set_adapter_weights(layer.lora_A, layer.lora_B, config.lora_alpha, config.use_rslora,
+                                          config.lora_dropout)
+        else:
+            if adapter_name == self.active_adapter:
+                raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
+                                 f"{self.peft_config[adapter_name].r}; load it under another name")
+            device = next(iter(self.lora_layers().values())).lora_A.device
+            self._stored[adapter_name] = {
+                n: (weights[f"base_model.model.{n}.lora_A.weight"].to(device),
+                    weights[f"base_model.model.{n}.lora_B.weight"].to(device)) for n in names}
+        self.peft_config[adapter_name] = config
+
+    def add_adapter(self, adapter_name: str, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = True) -> None:
+        """A new adapter on the same modules, initialised like PEFT's; activate it with set_adapter."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} exists; load_adapter replaces its weights")
+        active = self.peft_config[self.active_adapter]
+        config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
+                            init_lora_weights, active.layers_to_transform)
+        stored = {}
+        for name, layer in self.lora_layers().items():
+            A = torch.empty(r, layer.in_features, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
+            B = torch.empty(layer.out_features, r, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
+            init_lora_(A, B, init_lora_weights)
+            stored[name] = (A, B)
+        self._stored[adapter_name] = stored
+        self.peft_config[adapter_name] = config
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the one the model runs; the base is untouched."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if adapter_name == self.active_adapter:
+            return
+        cfg = self.peft_config[adapter_name]
+        incoming = self._stored.pop(adapter_name)
+        previous = {}
+        for name, layer in self.lora_layers().items():
+            A, B = incoming[name]
+            previous[name] = layer.set_adapter_weights(A, B, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
+        self._stored[self.active_adapter] = previous
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"adapter {adapter_name!r} is active; set_adapter to another one before deleting it")
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        self._stored.pop(adapter_name, None)
 
     @torch.no_grad()
     def _copy_in(self, weights: dict) -> None:

@@ -140,3 +140,83 @@ def test_shape_mismatch_names_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 64\), the model needs \(6, 64\)"):
         lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path))
     assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
+
+
+def test_two_adapters_switch_disable_hot_swap_merge(tmp_path):
+    model = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)
+    _randomize_adapters(model)
+    ids = _ids()
+    with torch.no_grad():
+        out_default = model(ids).logits
+        base = _llama()(ids).logits
+        model.add_adapter("second", r=8, lora_alpha=8, init_lora_weights=False)
+        torch.testing.assert_close(model(ids).logits, out_default)  # adding does not activate
+        model.set_adapter("second")
+        out_second = model(ids).logits
+        assert not torch.allclose(out_second, out_default, atol=1e-4)
+        model.set_adapter("default")
+        torch.testing.assert_close(model(ids).logits, out_default)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids).logits, base)
+        # Save both (PEFT layout: default at the root, the other in a subfolder) and hot swap.
+        model.save_pretrained(str(tmp_path))
+        assert os.path.isfile(tmp_path / "second" / "adapter_model.safetensors")
+        other = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)
+        other.load_adapter(str(tmp_path / "second"), "second")
+        other.set_adapter("second")
+        torch.testing.assert_close(other(ids).logits, out_second)
+        peft_second = peft.PeftModel.from_pretrained(_llama(), str(tmp_path / "second")).eval()
+        torch.testing.assert_close(peft_second(ids).logits, out_second, rtol=1e-5, atol=1e-5)
+        other.load_adapter(str(tmp_path), "default")  # hot swap of an inactive adapter
+        other.set_adapter("default")
+        torch.testing.assert_close(other(ids).logits, out_default)
+        other.delete_adapter("second")
+        assert sorted(other.peft_config) == ["default"]
+        merged = other.merge_and_unload()
+        torch.testing.assert_close(merged(ids).logits, out_default, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="is active; set_adapter to another one"):
+        model.delete_adapter("default")
+    with pytest.raises(KeyError, match="no adapter named 'third'"):
+        model.set_adapter("third")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
+def test_other_llama_like_families(family):
+    cfg_cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+               "gemma": transformers.GemmaConfig}[family]
+    model_cls = {"mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "gemma": transformers.GemmaForCausalLM}[family]
+    kwargs = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family == "gemma":
+        kwargs["head_dim"] = 16
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(**kwargs)).eval()
+    torch.manual_seed(0)
+    ref = model_cls(cfg_cls(**kwargs)).eval()
+    for quantize in (None, "nf4"):
+        model = lora_ext.get_peft_model(model_cls(cfg_cls(**kwargs)).eval() if quantize else hf, r=4, lora_alpha=8,
+                                        quantize_base=quantize)
+        assert len(model.lora_layers()) == 14
+        ids = _ids()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(layer.lora_A.grad is not None for layer in model.lora_layers().values())
+    with torch.no_grad():
+        torch.testing.assert_close(hf(_ids()).logits, ref(_ids()).logits)  # B = 0: LoRA starts as the base
+
+
+def test_bert_with_explicit_targets_and_gradient_checkpointing():
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=112, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(transformers.BertModel(cfg), r=4, lora_alpha=8,
+                                    target_modules=["query", "value"], init_lora_weights=False)
+    assert len(model.lora_layers()) == 4
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    out = model(input_ids=_ids()).last_hidden_state
+    out.float().pow(2).mean().backward()
+    assert all(layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+               for layer in model.lora_layers().values())
