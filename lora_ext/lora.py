@@ -19,6 +19,17 @@ _SEED_RANGE = 2**62
 _WEIGHT_USERS: "dict[int, weakref.WeakSet]" = {}
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2): a Linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _in_out(base: nn.Module) -> tuple:
+    if is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    return base.in_features, base.out_features
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA (stable at large r)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -64,9 +75,10 @@ class LoraLinear(nn.Module):
                  use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
                  adapter_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(base, (nn.Linear, NF4Linear)):
-            raise TypeError(f"LoraLinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
-        in_f, out_f = base.in_features, base.out_features
+        if not isinstance(base, (nn.Linear, NF4Linear)) and not is_conv1d(base):
+            raise TypeError(f"LoraLinear wraps an nn.Linear, an NF4Linear or a Hugging Face Conv1D, "
+                            f"got {type(base).__name__}")
+        in_f, out_f = _in_out(base)
         if not isinstance(r, int) or isinstance(r, bool) or r < 1 or r > min(in_f, out_f):
             raise ValueError(f"r must be an integer in [1, min(in_features, out_features)] = [1, {min(in_f, out_f)}], "
                              f"got {r!r}")
@@ -138,16 +150,23 @@ class LoraLinear(nn.Module):
             self._unmerged_qweight = base.qweight
             base._set_weight(new)
             self.merge_error = err
-        elif safe_merge:
-            merged = base.weight.detach().clone()
+        elif safe_merge or is_conv1d(base):
+            merged = self._weight_out_in().clone()
             ops.merge_lora_(merged, self.lora_A, self.lora_B, self.scaling)
-            if not torch.isfinite(merged).all():
+            if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
                                  "the base weight was left unchanged")
-            base.weight.copy_(merged)
+            self._set_weight_out_in(merged)
         else:
             ops.merge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
         self.merged = True
+
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight.detach()
+        return w.t().contiguous() if is_conv1d(self.base_layer) else w
+
+    def _set_weight_out_in(self, w: torch.Tensor) -> None:
+        self.base_layer.weight.data.copy_(w.t() if is_conv1d(self.base_layer) else w)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -160,6 +179,10 @@ class LoraLinear(nn.Module):
         if isinstance(base, NF4Linear):
             base._set_weight(self._unmerged_qweight)
             self._unmerged_qweight, self.merge_error = None, None
+        elif is_conv1d(base):
+            w = self._weight_out_in().clone()
+            ops.unmerge_lora_(w, self.lora_A, self.lora_B, self.scaling)
+            self._set_weight_out_in(w)
         else:
             ops.unmerge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
         self.merged = False

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .lora import LoraLinear, init_lora_
+from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
 from .nf4 import NF4Linear
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,13 +40,13 @@ class LoraConfig:
     modules_to_save: Optional[list] = None
     quantize_base: Optional[str] = None
 
-    def to_peft(self, base_model_name_or_path=None) -> dict:
-        """adapter_config.json as PEFT writes it for a LoRA adapter."""
+    def to_peft(self, base_model_name_or_path=None, fan_in_fan_out: bool = False) -> dict:
+        """adapter_config.json as PEFT writes it for a LoRA adapter (fan_in_fan_out: Conv1D targets)."""
         return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
                 "r": self.r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules,
                 "lora_dropout": self.lora_dropout, "bias": self.bias, "use_rslora": self.use_rslora,
                 "init_lora_weights": self.init_lora_weights, "layers_to_transform": self.layers_to_transform,
-                "layers_pattern": None, "modules_to_save": self.modules_to_save, "fan_in_fan_out": False,
+                "layers_pattern": None, "modules_to_save": self.modules_to_save, "fan_in_fan_out": fan_in_fan_out,
                 "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
                 "inference_mode": True, "revision": None}
 
@@ -54,8 +54,8 @@ class LoraConfig:
     def from_peft(cls, cfg: dict, path: str = CONFIG_NAME) -> "LoraConfig":
         if cfg.get("peft_type") != "LORA":
             raise ValueError(f"{path}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
-        for key, neutral in [("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False),
-                             ("fan_in_fan_out", False)]:
+        # fan_in_fan_out only says the targets are Conv1D, which the modules themselves tell us.
+        for key, neutral in [("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False)]:
             if cfg.get(key) not in (None, neutral):
                 raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by lora_ext yet")
         missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
@@ -81,7 +81,7 @@ def _is_target(name: str, targets, layers) -> bool:
 
 
 def _linear_names(model: nn.Module) -> list:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) or is_conv1d(m)]
 
 
 def _head_names(model: nn.Module) -> set:
@@ -207,8 +207,9 @@ class LoraModel(nn.Module):
                 sd[f"base_model.model.{path}.lora_A.weight"] = A.detach().cpu().contiguous()
                 sd[f"base_model.model.{path}.lora_B.weight"] = B.detach().cpu().contiguous()
             save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            conv = any(is_conv1d(m.base_layer) for m in self.lora_layers().values())
             cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
-                                                         "name_or_path", None) or None)
+                                                         "name_or_path", None) or None, fan_in_fan_out=conv)
             with open(os.path.join(directory, CONFIG_NAME), "w") as f:
                 json.dump(cfg, f, indent=2)
 
@@ -236,9 +237,9 @@ class LoraModel(nn.Module):
         expected = {}
         for name in names:
             m = model.get_submodule(name)
-            base = m.base_layer if isinstance(m, LoraLinear) else m
-            expected[f"base_model.model.{name}.lora_A.weight"] = (config.r, base.in_features)
-            expected[f"base_model.model.{name}.lora_B.weight"] = (base.out_features, config.r)
+            in_f, out_f = _in_out(m.base_layer if isinstance(m, LoraLinear) else m)
+            expected[f"base_model.model.{name}.lora_A.weight"] = (config.r, in_f)
+            expected[f"base_model.model.{name}.lora_B.weight"] = (out_f, config.r)
         missing = sorted(set(expected) - set(weights))
         extra = sorted(set(weights) - set(expected))
         if missing or extra:

@@ -206,17 +206,73 @@ def test_other_llama_like_families(family):
         torch.testing.assert_close(hf(_ids()).logits, ref(_ids()).logits)  # B = 0: LoRA starts as the base
 
 
-def test_bert_with_explicit_targets_and_gradient_checkpointing():
+@pytest.mark.parametrize("reentrant, quantize", [(True, None), (False, "nf4")])
+def test_bert_with_explicit_targets_and_gradient_checkpointing(reentrant, quantize):
     cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=112, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = lora_ext.get_peft_model(transformers.BertModel(cfg), r=4, lora_alpha=8,
-                                    target_modules=["query", "value"], init_lora_weights=False)
+    model = lora_ext.get_peft_model(transformers.BertModel(cfg), r=4, lora_alpha=8, target_modules=["query", "value"],
+                                    init_lora_weights=False, quantize_base=quantize)
     assert len(model.lora_layers()) == 4
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     model.train()
     out = model(input_ids=_ids()).last_hidden_state
     out.float().pow(2).mean().backward()
     assert all(layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
                for layer in model.lora_layers().values())
+
+
+def test_gpt2_conv1d_all_linear_with_peft_interop(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(transformers.GPT2LMHeadModel(cfg).eval(), r=4, lora_alpha=8,
+                                    target_modules="all-linear", init_lora_weights=False)
+    names = sorted(model.lora_layers())
+    assert len(names) == 2 * 4 and not any("lm_head" in n for n in names)  # c_attn, c_proj, c_fc, mlp.c_proj
+    ids = _ids()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        model.save_pretrained(str(tmp_path))
+        torch.manual_seed(0)
+        theirs = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel(cfg).eval(), str(tmp_path)).eval()
+        torch.testing.assert_close(theirs(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+_RELOAD = """
+import sys, torch, transformers, lora_ext
+cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+torch.manual_seed(0)
+model = lora_ext.LoraModel.from_pretrained(transformers.LlamaForCausalLM(cfg).eval(), sys.argv[1], quantize_base="nf4")
+ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(5))
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+"""
+
+
+def test_trainer_qlora_20_steps_then_reload_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = lora_ext.get_peft_model(_llama(), r=8, lora_alpha=16, quantize_base="nf4")
+    pattern = torch.arange(16) % 12 + 3
+    data = [{"input_ids": pattern.roll(i), "labels": pattern.roll(i)} for i in range(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=20, per_device_train_batch_size=8,
+                                          learning_rate=2e-2, logging_steps=1, report_to=[], save_strategy="no",
+                                          remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 20 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+    model.save_pretrained(str(tmp_path / "adapter"))
+    model.eval()
+    with torch.no_grad():
+        expected = model(_ids()).logits
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "logits.pt"
+    subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "adapter"), str(out)], check=True, cwd=root,
+                   env=dict(os.environ, PYTHONPATH=root), timeout=300)
+    torch.testing.assert_close(torch.load(out), expected, rtol=1e-5, atol=1e-5)
