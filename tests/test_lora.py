@@ -278,7 +278,7 @@ def test_dropout_only_in_training_and_reproducible():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lora_ext.LoraLinear(nn.Linear(48, 32), **kwargs)
-    with pytest.raises(TypeError, match="wraps an nn.Linear or an NF4Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="wraps an nn.Linear, an NF4Linear or a Hugging Face Conv1D, got Conv1d"):
         lora_ext.LoraLinear(nn.Conv1d(4, 4, 1), r=2)
 
 
