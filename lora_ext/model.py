@@ -164,6 +164,8 @@ class LoraModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "base_model":  # not set yet (unpickling, copying): no recursion
+                raise
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):

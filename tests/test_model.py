@@ -276,3 +276,14 @@ def test_trainer_qlora_20_steps_then_reload_in_a_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "adapter"), str(out)], check=True, cwd=root,
                    env=dict(os.environ, PYTHONPATH=root), timeout=300)
     torch.testing.assert_close(torch.load(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_model_copies_and_forwards_attributes():
+    import copy
+
+    model = lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)
+    assert model.config.hidden_size == 64  # forwarded to the Hugging Face model
+    twin = copy.deepcopy(model)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits)
