@@ -37,11 +37,24 @@ def merge_nf4(qw: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float) -> 
                         qw.nested_blocksize)
     if qw.quant_storage != torch.uint8:
         new = new.with_storage(qw.quant_storage)
-    exact = (B.double() @ A.double()) * scale
-    err = dequantize_nf4(new, torch.float32).double() - dequantize_nf4(qw, torch.float32).double() - exact
-    denom = exact.norm().item()
-    return new, MergeError(err.abs().max().item() if err.numel() else 0.0,
-                           err.norm().item() / denom if denom > 0 else 0.0)
+    return new, merge_error(qw, new, A, B, scale)
+
+
+def merge_error(old: NF4Weight, new: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float) -> MergeError:
+    """Compare the weight change against scale * B @ A in fp64, a block of rows at a time (the
+    exact update of a 70B layer in fp64 would not fit beside it)."""
+    w_old, w_new = dequantize_nf4(old, torch.float32), dequantize_nf4(new, torch.float32)
+    A64 = A.double()
+    rows = max(1, (1 << 22) // max(1, w_old.shape[1]))
+    max_abs = err_sq = exact_sq = 0.0
+    for i in range(0, w_old.shape[0], rows):
+        exact = (B[i:i + rows].double() @ A64) * scale
+        err = w_new[i:i + rows].double() - w_old[i:i + rows].double() - exact
+        if err.numel():
+            max_abs = max(max_abs, err.abs().max().item())
+        err_sq += err.pow(2).sum().item()
+        exact_sq += exact.pow(2).sum().item()
+    return MergeError(max_abs, (err_sq / exact_sq) ** 0.5 if exact_sq > 0 else 0.0)
 
 
 def merge_nf4_reference(qw: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float):
