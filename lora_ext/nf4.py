@@ -22,7 +22,7 @@ from . import ops, reference
 QUANT_TYPE = "nf4"
 NESTED_BLOCKSIZE = reference.NESTED_BLOCKSIZE
 _QS_KEY = "quant_state.bitsandbytes__nf4"
-_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_TYPES = ops._FLOAT_TYPES
 _STORAGE_TYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 _code_cache: dict = {}
 

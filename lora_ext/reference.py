@@ -185,10 +185,10 @@ def dropout_keep_mask(n: int, p: float, seed: int, device=None) -> torch.Tensor:
 
 def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)
+    scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))  # the kernels' fp32 factor
     if x.dtype == torch.float64:
-        return torch.where(keep, x * float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)), 0.0)
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
-    return torch.where(keep, x.float() * scale, 0.0).to(x.dtype)
+        return torch.where(keep, x * scale, 0.0)
+    return torch.where(keep, x.float() * torch.tensor(scale, dtype=torch.float32), 0.0).to(x.dtype)
 
 
 def lora_forward(x, base_out, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):

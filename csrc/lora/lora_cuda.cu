@@ -10,6 +10,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The kept value: 16- and 32-bit inputs scale in fp32 and round once (as on the CPU); float64 stays
+// in float64 (gradcheck).
+template <typename T>
+__device__ __forceinline__ T dropped(T v, bool keep, float inv_keep) {
+  return from_float<T>(keep ? mul_rn(to_float(v), inv_keep) : 0.0f);
+}
+template <>
+__device__ __forceinline__ double dropped<double>(double v, bool keep, float inv_keep) {
+  return keep ? v * static_cast<double>(inv_keep) : 0.0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutParams p) {
   const T* x = static_cast<const T*>(p.x);
@@ -21,24 +32,7 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutParams p) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t e = 4 * c + j;
-      if (e < p.n) {
-        const bool keep = r.v[j] < p.spec.keep_threshold;
-        out[e] = from_float<T>(keep ? mul_rn(to_float(x[e]), p.spec.inv_keep) : 0.0f);
-      }
-    }
-  }
-}
-
-__global__ void __launch_bounds__(kThreads) dropout_kernel_f64(DropoutParams p) {
-  const double* x = static_cast<const double*>(p.x);
-  double* out = static_cast<double*>(p.out);
-  const int64_t groups = (p.n + 3) / 4;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < groups; c += stride) {
-    const Philox4 r = philox4x32_10(static_cast<uint64_t>(c), p.spec.seed);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t e = 4 * c + j;
-      if (e < p.n) out[e] = r.v[j] < p.spec.keep_threshold ? x[e] * static_cast<double>(p.spec.inv_keep) : 0.0;
+      if (e < p.n) out[e] = dropped<T>(x[e], r.v[j] < p.spec.keep_threshold, p.spec.inv_keep);
     }
   }
 }
@@ -51,7 +45,7 @@ void launch_dropout(const DropoutParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::kFloat16: dropout_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
     case DType::kBFloat16: dropout_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kFloat64: dropout_kernel_f64<<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat64: dropout_kernel<double><<<grid, kThreads, 0, stream>>>(p); break;
     default: dropout_kernel<float><<<grid, kThreads, 0, stream>>>(p);
   }
 }

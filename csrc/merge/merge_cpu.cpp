@@ -4,13 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
+#include "common/cpu_features.h"
 #include "common/dispatch.h"
 #include "merge/merge_checks.h"
 #include "merge/merge_common.h"
@@ -19,7 +15,7 @@ namespace lora_ext {
 namespace merge {
 namespace {
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(LORA_EXT_X86_SIMD)
 // Rows [i0, i0 + 4) x columns [c0, c0 + 8): 8 fp64 accumulators in registers, each A value loaded
 // once for four rows. Multiply and add stay separate (no FMA), so the sums equal the scalar loop's.
 __attribute__((target("avx2"))) void tile_4x8(const double* A, const double* B, int64_t i0, int64_t c0, int64_t k,
@@ -39,22 +35,14 @@ __attribute__((target("avx2"))) void tile_4x8(const double* A, const double* B, 
     _mm256_storeu_pd(out[i] + 4, acc[i][1]);
   }
 }
-
-bool use_avx2() {
-  static const bool on = [] {
-    const char* off = std::getenv("LORA_EXT_DISABLE_SIMD");
-    return !(off != nullptr && off[0] == '1') && __builtin_cpu_supports("avx2");
-  }();
-  return on;
-}
 #endif
 
 template <typename T>
 void merge_rows(T* W, const double* A, const double* B, int64_t d, int64_t k, int64_t r, double scale, double sign) {
   at::parallel_for(0, d, std::max<int64_t>(1, 4096 / std::max<int64_t>(k / 64, 1)), [&](int64_t i0, int64_t i1) {
     int64_t i = i0;
-#if defined(__x86_64__) || defined(_M_X64)
-    if (use_avx2()) {
+#if defined(LORA_EXT_X86_SIMD)
+    if (x86_simd_enabled()) {
       double tile[4][8];
       for (; i + 4 <= i1; i += 4) {
         int64_t c = 0;

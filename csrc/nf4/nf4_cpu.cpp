@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
 template <typename T>
 void dequantize_blocks(const uint8_t* packed, const BlockScales& scale_of, int64_t blocksize, int64_t n, T* out) {
   const int64_t nblocks = ceil_div(n, blocksize);
-  const bool use_simd = simd::enabled();
+  const bool use_simd = x86_simd_enabled();
   at::parallel_for(0, nblocks, std::max<int64_t>(1, kGrainElems / blocksize), [&](int64_t b0, int64_t b1) {
 #if defined(LORA_EXT_X86_SIMD)
     if (use_simd) {

@@ -8,34 +8,16 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 
+#include "common/cpu_features.h"
 #include "nf4/nf4_common.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define LORA_EXT_X86_SIMD 1
-#endif
 
 namespace lora_ext {
 namespace nf4 {
 namespace simd {
-
-inline bool enabled() {
-  static const bool on = [] {
-    const char* off = std::getenv("LORA_EXT_DISABLE_SIMD");
-    if (off != nullptr && off[0] == '1') return false;
-#if defined(LORA_EXT_X86_SIMD)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-  }();
-  return on;
-}
 
 #if defined(LORA_EXT_X86_SIMD)
 

@@ -68,7 +68,7 @@ at::Tensor gemv(const at::Tensor& x32, const at::Tensor& packed, const BlockScal
   at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
   const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const bool simd = simd::enabled();
+  const bool simd = x86_simd_enabled();
   at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
     std::vector<float> w(static_cast<size_t>(K));
     for (int64_t n = n0; n < n1; ++n) {
