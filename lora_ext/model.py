@@ -21,7 +21,9 @@ from torch import nn
 
 from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
 from .nf4 import NF4Linear
+from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes
 
+BIAS_MODES = ("none", "all", "lora_only")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
@@ -61,6 +63,8 @@ class LoraConfig:
         missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
         if missing:
             raise ValueError(f"{path}: missing {missing}")
+        if (cfg.get("bias") or "none") not in BIAS_MODES:
+            raise ValueError(f"{path}: bias must be one of {BIAS_MODES}, got {cfg['bias']!r}")
         targets = cfg["target_modules"]
         return cls(r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"], target_modules=targets,
                    lora_dropout=float(cfg.get("lora_dropout") or 0.0), bias=cfg.get("bias") or "none",
@@ -118,28 +122,77 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
     """Freeze `model`, put LoRA on the targeted Linear layers (optionally their frozen bases in NF4)."""
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("this model already has lora_ext adapters; use LoraModel.add_adapter to add another")
-    if bias != "none":
-        raise ValueError(f"bias={bias!r} is not supported yet: lora_ext trains adapters only (bias='none')")
-    if modules_to_save:
-        raise ValueError("modules_to_save is not supported yet")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     if quantize_base not in (None, "nf4"):
         raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
     config = LoraConfig(r, lora_alpha, target_modules if isinstance(target_modules, str) else list(target_modules),
                         lora_dropout, bias, use_rslora, init_lora_weights, layers_to_transform, modules_to_save,
                         quantize_base)
-    _inject(model, config, random_state)
+    _inject(model, config, random_state, adapter_name)
     return LoraModel(model, config, adapter_name)
 
 
-def _inject(model: nn.Module, config: LoraConfig, random_state: int) -> None:
+def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
+    """Paths of the modules_to_save modules; an error if none matches or one is (or holds) a LoRA target."""
+    paths = find_saved_modules(model, config.modules_to_save)
+    if config.modules_to_save and not paths:
+        names = [n for n, _ in model.named_modules() if n]
+        close = sorted({c for w in config.modules_to_save for c in difflib.get_close_matches(str(w), names, n=5,
+                                                                                              cutoff=0.4)})
+        raise ValueError(f"modules_to_save {config.modules_to_save!r} matches no module; closest: {close}")
+    clash = [p for p in paths if any(t == p or t.startswith(p + ".") for t in targets)]
+    if clash:
+        raise ValueError(f"modules_to_save {clash} are (or contain) LoRA targets; a module is either adapted "
+                         f"or trained in full, not both")
+    return paths
+
+
+def _bias_params(model: nn.Module, mode: str, targets, skip=()) -> dict:
+    """The biases an adapter with this `bias` mode trains and saves, by their names after injection (a
+    target's own bias is `<target>.base_layer.bias`), so it also works before injection. PEFT's rule:
+    'all' = every parameter with 'bias' in its name, 'lora_only' = the biases of the LoRA targets."""
+    if mode == "none":
+        return {}
+    targets, out = set(targets), {}
+    for name, p in model.named_parameters():
+        if "bias" not in name or "lora_" in name or any(name.startswith(s + ".") for s in skip):
+            continue
+        path, _, leaf = name.rpartition(".")
+        if path in targets:
+            path = f"{path}.base_layer"
+            name = f"{path}.{leaf}"
+        adapted = path.endswith(".base_layer") and path[: -len(".base_layer")] in targets
+        if mode == "all" or (adapted and leaf == "bias"):
+            out[name] = p
+    return out
+
+
+def _add_saved_copies(model: nn.Module, paths: list, adapter_name: str) -> None:
+    for path in paths:
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            wrapper = ModulesToSaveWrapper(wrapper)
+            for p in wrapper.original_module.parameters():
+                p.requires_grad_(False)
+            _set_module(model, path, wrapper)
+        if adapter_name not in wrapper.modules_to_save:
+            wrapper.add_copy(adapter_name)
+        if wrapper.active_adapter is None:
+            wrapper.active_adapter = adapter_name
+
+
+def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str) -> None:
     targets = find_targets(model, config)  # raises before anything changes
+    saved = _saved_paths(model, config, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.quantize_base == "nf4":
         heads = _head_names(model)
         for name in _linear_names(model):
             module = model.get_submodule(name)
-            if name not in heads and isinstance(module, nn.Linear):
+            trained_in_full = name in saved or any(name.startswith(s + ".") for s in saved)
+            if name not in heads and not trained_in_full and isinstance(module, nn.Linear):
                 _set_module(model, name, NF4Linear.from_linear(module))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
@@ -147,6 +200,9 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int) -> None:
             base = model.get_submodule(name)
             _set_module(model, name, LoraLinear(base, config.r, config.lora_alpha, config.lora_dropout,
                                                 config.use_rslora, config.init_lora_weights))
+    for p in _bias_params(model, config.bias, targets, saved).values():
+        p.requires_grad_(True)
+    _add_saved_copies(model, saved, adapter_name)
 
 
 class LoraModel(nn.Module):
@@ -189,11 +245,28 @@ class LoraModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    def saved_modules(self) -> dict:
+        """The modules_to_save wrappers, by path."""
+        return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+    def _bias_owner(self, except_name: Optional[str] = None) -> Optional[str]:
+        return next((n for n, c in self.peft_config.items() if c.bias != "none" and n != except_name), None)
+
     # ---------------------------------------------------------------- save / load (PEFT format)
-    def _adapter_weights(self, adapter_name: str) -> dict:
-        if adapter_name == self.active_adapter:
-            return {n: (m.lora_A, m.lora_B) for n, m in self.lora_layers().items()}
-        return self._stored[adapter_name]
+    def _adapter_state(self, adapter_name: str) -> dict:
+        """What an adapter saves, by model path: lora_A/lora_B, its biases (bias != 'none'; biases are
+        shared by every adapter, as in PEFT), its copies of the modules_to_save."""
+        pairs = ({n: (m.lora_A, m.lora_B) for n, m in self.lora_layers().items()}
+                 if adapter_name == self.active_adapter else self._stored[adapter_name])
+        state = {}
+        for path, (A, B) in pairs.items():
+            state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = A, B
+        config, model = self.peft_config[adapter_name], self.base_model.model
+        state.update(_bias_params(model, config.bias, self.lora_layers(), self.saved_modules()))
+        for path, wrapper in self.saved_modules().items():
+            if adapter_name in wrapper.modules_to_save:
+                state.update({f"{path}.{k}": v for k, v in wrapper.modules_to_save[adapter_name].state_dict().items()})
+        return state
 
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list] = None) -> None:
         """PEFT's layout: the 'default' adapter in save_directory, any other in save_directory/<name>."""
@@ -204,10 +277,7 @@ class LoraModel(nn.Module):
                 raise KeyError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
-            sd = {}
-            for path, (A, B) in self._adapter_weights(name).items():
-                sd[f"base_model.model.{path}.lora_A.weight"] = A.detach().cpu().contiguous()
-                sd[f"base_model.model.{path}.lora_B.weight"] = B.detach().cpu().contiguous()
+            sd = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in self._adapter_state(name).items()}
             save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
             conv = any(is_conv1d(m.base_layer) for m in self.lora_layers().values())
             cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
@@ -232,16 +302,25 @@ class LoraModel(nn.Module):
             weights = load_file(w_path)
         except Exception as e:  # noqa: BLE001  (safetensors raises several types for a damaged file)
             raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from None
-        return config, weights
+        # PEFT's keys carry the wrapper's prefix; ours are model paths.
+        prefix = "base_model.model."
+        odd = [k for k in weights if not k.startswith(prefix)]
+        if odd:
+            raise ValueError(f"{w_path}: keys must start with {prefix!r}, got {odd[:5]}")
+        return config, {k[len(prefix):]: v for k, v in weights.items()}
 
     @staticmethod
-    def _check_weights(model: nn.Module, names: list, config: LoraConfig, weights: dict, path: str) -> None:
+    def _check_weights(model: nn.Module, names: list, config: LoraConfig, weights: dict, path: str) -> list:
+        """Every key and shape the adapter must have on this model; returns the modules_to_save paths."""
+        saved = _saved_paths(model, config, names)
         expected = {}
         for name in names:
             m = model.get_submodule(name)
             in_f, out_f = _in_out(m.base_layer if isinstance(m, LoraLinear) else m)
-            expected[f"base_model.model.{name}.lora_A.weight"] = (config.r, in_f)
-            expected[f"base_model.model.{name}.lora_B.weight"] = (out_f, config.r)
+            expected[f"{name}.lora_A.weight"] = (config.r, in_f)
+            expected[f"{name}.lora_B.weight"] = (out_f, config.r)
+        expected.update({k: tuple(p.shape) for k, p in _bias_params(model, config.bias, names, saved).items()})
+        expected.update(saved_module_shapes(model, saved))
         missing = sorted(set(expected) - set(weights))
         extra = sorted(set(weights) - set(expected))
         if missing or extra:
@@ -249,6 +328,7 @@ class LoraModel(nn.Module):
         for key, shape in expected.items():
             if tuple(weights[key].shape) != shape:
                 raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model needs {shape}")
+        return saved
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
@@ -257,9 +337,9 @@ class LoraModel(nn.Module):
         config, weights = cls._read_adapter(directory)
         config.quantize_base = quantize_base
         cls._check_weights(model, find_targets(model, config), config, weights, os.path.join(directory, WEIGHTS_NAME))
-        _inject(model, config, random_state=0)
+        _inject(model, config, random_state=0, adapter_name=adapter_name)
         lora = cls(model, config, adapter_name)
-        lora._copy_in(weights)
+        lora._copy_in(weights, adapter_name, config)
         return lora
 
     def _same_targets(self, config: LoraConfig, origin: str) -> list:
@@ -271,41 +351,57 @@ class LoraModel(nn.Module):
                              f"{config.target_modules!r}")
         return names
 
+    def _check_one_bias_owner(self, config: LoraConfig, adapter_name: str, origin: str) -> None:
+        owner = self._bias_owner(except_name=adapter_name)
+        if config.bias != "none" and owner is not None:
+            raise ValueError(f"{origin}: bias={config.bias!r}, but adapter {owner!r} already trains the biases; "
+                             f"biases belong to the base, so only one adapter of a model may train them (as in PEFT)")
+
     def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
         """Load an adapter saved by lora_ext or PEFT as `adapter_name`. An existing name is hot-swapped:
-        the active adapter's weights are replaced in place (same rank), no module is rebuilt."""
+        the active adapter's weights are replaced in place (same rank), no module is rebuilt. Biases an
+        adapter carries (bias != 'none') are written into the base, which every adapter shares."""
         config, weights = self._read_adapter(directory)
+        model = self.base_model.model
         names = self._same_targets(config, directory)
-        self._check_weights(self.base_model.model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
-        if adapter_name == self.active_adapter and config.r == self.peft_config[adapter_name].r:
-            self._copy_in(weights)
+        saved = self._check_weights(model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
+        self._check_one_bias_owner(config, adapter_name, directory)
+        hot_swap = adapter_name == self.active_adapter
+        if hot_swap and config.r != self.peft_config[adapter_name].r:
+            raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
+                             f"{self.peft_config[adapter_name].r}; load it under another name")
+        for p in _bias_params(model, config.bias, names, self.saved_modules()).values():
+            p.requires_grad_(True)
+        _add_saved_copies(model, saved, adapter_name)
+        if not hot_swap:
+            device = next(iter(self.lora_layers().values())).lora_A.device
+            self._stored[adapter_name] = {n: (weights[f"{n}.lora_A.weight"].to(device),
+                                              weights[f"{n}.lora_B.weight"].to(device)) for n in names}
+        self._copy_in(weights, adapter_name, config)
+        if hot_swap:
             for layer in self.lora_layers().values():
                 layer.set_adapter_weights(layer.lora_A, layer.lora_B, config.lora_alpha, config.use_rslora,
                                           config.lora_dropout)
-        else:
-            if adapter_name == self.active_adapter:
-                raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
-                                 f"{self.peft_config[adapter_name].r}; load it under another name")
-            device = next(iter(self.lora_layers().values())).lora_A.device
-            self._stored[adapter_name] = {
-                n: (weights[f"base_model.model.{n}.lora_A.weight"].to(device),
-                    weights[f"base_model.model.{n}.lora_B.weight"].to(device)) for n in names}
         self.peft_config[adapter_name] = config
 
     def add_adapter(self, adapter_name: str, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = True) -> None:
-        """A new adapter on the same modules, initialised like PEFT's; activate it with set_adapter."""
+                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                    modules_to_save: Optional[list] = None) -> None:
+        """A new adapter on the same modules, initialised like PEFT's; activate it with set_adapter.
+        modules_to_save gives it its own fresh copies of those modules (from the frozen originals)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} exists; load_adapter replaces its weights")
         active = self.peft_config[self.active_adapter]
         config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
-                            init_lora_weights, active.layers_to_transform)
+                            init_lora_weights, active.layers_to_transform, modules_to_save)
+        saved = _saved_paths(self.base_model.model, config, list(self.lora_layers()))
         stored = {}
         for name, layer in self.lora_layers().items():
             A = torch.empty(r, layer.in_features, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
             B = torch.empty(layer.out_features, r, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
             init_lora_(A, B, init_lora_weights)
             stored[name] = (A, B)
+        _add_saved_copies(self.base_model.model, saved, adapter_name)
         self._stored[adapter_name] = stored
         self.peft_config[adapter_name] = config
 
@@ -321,6 +417,8 @@ class LoraModel(nn.Module):
         for name, layer in self.lora_layers().items():
             A, B = incoming[name]
             previous[name] = layer.set_adapter_weights(A, B, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
+        for wrapper in self.saved_modules().values():
+            wrapper.active_adapter = adapter_name
         self._stored[self.active_adapter] = previous
         self.active_adapter = adapter_name
 
@@ -331,12 +429,25 @@ class LoraModel(nn.Module):
             raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         del self.peft_config[adapter_name]
         self._stored.pop(adapter_name, None)
+        for wrapper in self.saved_modules().values():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
 
     @torch.no_grad()
-    def _copy_in(self, weights: dict) -> None:
-        for name, layer in self.lora_layers().items():
-            layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
-            layer.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+    def _copy_in(self, weights: dict, adapter_name: str, config: LoraConfig) -> None:
+        """Adapter tensors (model paths) into the live model: LoRA pairs when the adapter is active,
+        biases, and the adapter's modules_to_save copies."""
+        model = self.base_model.model
+        if adapter_name == self.active_adapter:
+            for name, layer in self.lora_layers().items():
+                layer.lora_A.copy_(weights[f"{name}.lora_A.weight"])
+                layer.lora_B.copy_(weights[f"{name}.lora_B.weight"])
+        for key, p in _bias_params(model, config.bias, self.lora_layers(), self.saved_modules()).items():
+            p.copy_(weights[key])
+        for path, wrapper in self.saved_modules().items():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].load_state_dict(
+                    {k[len(path) + 1:]: v for k, v in weights.items() if k.startswith(path + ".")})
 
     # ---------------------------------------------------------------- merge / unload / disable
     def merge_adapter(self) -> None:
@@ -353,25 +464,33 @@ class LoraModel(nn.Module):
             if merge and not layer.merged:
                 layer.merge()
             _set_module(model, name, layer.base_layer)
+        for name, wrapper in self.saved_modules().items():
+            wrapper.disabled = False
+            _set_module(model, name, wrapper.active_module)
         return model
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain model with every adapter folded into its base weight."""
+        """The plain model with the active adapter folded into its base weights; modules_to_save are
+        replaced by the active adapter's trained copies (as PEFT)."""
         return self._replace_layers(merge=True)
 
     def unload(self) -> nn.Module:
-        """The plain model without the adapters (nothing merged)."""
+        """The plain model without the LoRA layers (nothing merged); as in PEFT, modules_to_save keep the
+        active adapter's trained copies and trained biases stay."""
         return self._replace_layers(merge=False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
+        """The base model alone: no LoRA update, the original modules_to_save. Trained biases
+        (bias != 'none') are part of the base and stay, as in PEFT."""
         layers = list(self.lora_layers().values())
         if any(layer.merged for layer in layers):
             raise RuntimeError("disable_adapter: the adapter is merged into the base; call unmerge_adapter() first")
-        for layer in layers:
-            layer.disabled = True
+        switches = layers + list(self.saved_modules().values())
+        for m in switches:
+            m.disabled = True
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
+            for m in switches:
+                m.disabled = False

@@ -15,22 +15,7 @@ pytestmark = requires_c
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-
-def _llama(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _ids():
-    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(5))
-
-
-def _randomize_adapters(model):
-    with torch.no_grad():
-        for layer in model.lora_layers().values():
-            layer.lora_B.normal_(0, 0.05)
+from hf_models import llama as _llama, randomize_adapters as _randomize_adapters, token_ids as _ids  # noqa: E402
 
 
 def test_targets_freezing_and_trainable_line_match_peft():

@@ -1,0 +1,162 @@
+"""What an adapter trains besides LoRA, as PEFT does it: biases (bias='all' / 'lora_only') and whole
+modules (modules_to_save). PEFT is the oracle for what is trainable, what is saved and the logits."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_ext
+
+from conftest import requires_c
+
+pytestmark = requires_c
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from hf_models import llama, randomize_adapters, token_ids  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _biased_llama(seed=0):
+    model = llama(seed, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # HF starts them at zero: a bias that is never copied would go unnoticed
+    return model
+
+
+def _perturb_trained(model):
+    """Move every trainable tensor away from where it started, as training would."""
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _saved_keys(directory):
+    return set(load_file(str(directory / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_training_matches_peft_both_ways(tmp_path, bias):
+    ours = lora_ext.get_peft_model(_biased_llama(), r=4, lora_alpha=8, target_modules=TARGETS, bias=bias)
+    theirs = peft.get_peft_model(_biased_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias=bias))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n}
+    _perturb_trained(ours)
+    _perturb_trained(theirs)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    assert _saved_keys(tmp_path / "ours") == _saved_keys(tmp_path / "theirs")
+    ids = token_ids()
+    with torch.no_grad():
+        peft_reads_ours = peft.PeftModel.from_pretrained(_biased_llama(), str(tmp_path / "ours")).eval()
+        torch.testing.assert_close(peft_reads_ours(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+        we_read_theirs = lora_ext.LoraModel.from_pretrained(_biased_llama(), str(tmp_path / "theirs"))
+        torch.testing.assert_close(we_read_theirs(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(we_read_theirs(ids).logits, _biased_llama()(ids).logits, atol=1e-3)
+
+
+def test_qlora_bias_trains_on_the_nf4_base():
+    model = lora_ext.get_peft_model(_biased_llama(), r=4, target_modules=TARGETS, bias="lora_only",
+                                    quantize_base="nf4")
+    layer = model.lora_layers()["model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer.base_layer, lora_ext.NF4Linear) and layer.base_layer.bias.requires_grad
+    model(input_ids=token_ids(), labels=token_ids()).loss.backward()
+    assert layer.base_layer.bias.grad is not None and layer.base_layer.bias.grad.abs().sum() > 0
+
+
+def test_modules_to_save_matches_peft_both_ways(tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head", "norm"])
+    ours = lora_ext.get_peft_model(llama(), **kwargs)
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(**kwargs))
+    # "norm" also takes input_layernorm / post_attention_layernorm: PEFT's suffix rule.
+    assert sorted(ours.saved_modules()) == sorted(
+        n for n, m in theirs.base_model.model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    not_lora = lambda keys: {k for k in keys if "lora_" not in k}  # noqa: E731  (LoRA keys: our one-adapter layout)
+    assert not_lora(ours.state_dict()) == not_lora(theirs.state_dict())  # same in-memory names for the rest
+    _perturb_trained(ours)
+    _perturb_trained(theirs)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    assert _saved_keys(tmp_path / "ours") == _saved_keys(tmp_path / "theirs")
+    ids = token_ids()
+    with torch.no_grad():
+        peft_reads_ours = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "ours")).eval()
+        torch.testing.assert_close(peft_reads_ours(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+        we_read_theirs = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "theirs"))
+        torch.testing.assert_close(we_read_theirs(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        # The originals stay frozen and untouched: disabling gives the base model back.
+        with ours.disable_adapter():
+            torch.testing.assert_close(ours(ids).logits, llama()(ids).logits)
+        adapted = ours(ids).logits
+        merged = ours.merge_and_unload()
+        assert isinstance(merged.lm_head, torch.nn.Linear)
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_head_trains_and_qlora_leaves_it_dense(tmp_path):
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=112, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(transformers.BertForSequenceClassification(cfg), r=4,
+                                    target_modules=["query", "value"], modules_to_save=["classifier"],
+                                    quantize_base="nf4")
+    head = model.saved_modules()["classifier"]
+    assert isinstance(head.modules_to_save["default"], torch.nn.Linear)  # trained in full, not quantized
+    assert isinstance(model.base_model.model.bert.encoder.layer[0].attention.self.key, lora_ext.NF4Linear)
+    out = model(input_ids=token_ids(), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert head.modules_to_save["default"].weight.grad is not None
+    assert head.original_module.weight.grad is None and not head.original_module.weight.requires_grad
+
+
+def test_each_adapter_has_its_own_copy(tmp_path):
+    model = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, modules_to_save=["lm_head"])
+    randomize_adapters(model)
+    _perturb_trained(model)
+    ids = token_ids()
+    with torch.no_grad():
+        first = model(ids).logits
+        model.add_adapter("second", r=4, modules_to_save=["lm_head"])  # a fresh copy of the original head
+        model.set_adapter("second")
+        torch.testing.assert_close(model(ids).logits, llama()(ids).logits)  # B = 0 and an untrained head
+        model.saved_modules()["lm_head"].modules_to_save["second"].weight.mul_(2)
+        second = model(ids).logits
+        model.set_adapter("default")
+        torch.testing.assert_close(model(ids).logits, first)
+        model.save_pretrained(str(tmp_path))
+        other = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS)
+        other.load_adapter(str(tmp_path / "second"), "second")  # wraps lm_head on demand
+        other.set_adapter("second")
+        torch.testing.assert_close(other(ids).logits, second)
+        other.set_adapter("default")  # no copy of lm_head: the original runs
+        torch.testing.assert_close(other(ids).logits, llama()(ids).logits)
+        model.set_adapter("second")
+        model.delete_adapter("default")
+        assert list(model.saved_modules()["lm_head"].modules_to_save) == ["second"]
+
+
+def test_bad_trained_module_requests_name_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\), got 'some'"):
+        lora_ext.get_peft_model(llama(), bias="some")
+    with pytest.raises(ValueError, match=r"modules_to_save \['lm_haed'\] matches no module; closest: \['lm_head'\]"):
+        lora_ext.get_peft_model(llama(), modules_to_save=["lm_haed"])
+    with pytest.raises(ValueError, match="are \\(or contain\\) LoRA targets"):
+        lora_ext.get_peft_model(llama(), target_modules=["q_proj"], modules_to_save=["self_attn"])
+    model = lora_ext.get_peft_model(_biased_llama(), r=4, target_modules=TARGETS, bias="all")
+    model.save_pretrained(str(tmp_path / "biased"))
+    with pytest.raises(ValueError, match="adapter 'default' already trains the biases"):
+        model.load_adapter(str(tmp_path / "biased"), "other")
+    assert sorted(model.peft_config) == ["default"]
+    # An adapter whose saved head does not fit this model (another vocabulary) is refused, model unchanged.
+    lora_ext.get_peft_model(llama(vocab_size=80), r=4, target_modules=TARGETS,
+                            modules_to_save=["lm_head"]).save_pretrained(str(tmp_path / "head"))
+    fresh = llama()
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(80, 64\), the model needs \(96, 64\)"):
+        lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path / "head"))
+    assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
