@@ -12,16 +12,11 @@ from torch import nn
 
 from . import ops
 from .merge import merge_nf4
-from .nf4 import NF4Linear, NF4Weight, nf4_linear
+from .nf4 import NF4Linear, NF4Weight, is_conv1d, nf4_linear
 
 _SEED_RANGE = 2**62
 # LoRA layers by the base weight they wrap: a weight wrapped twice (tied) must not be merged twice.
 _WEIGHT_USERS: "dict[int, weakref.WeakSet]" = {}
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's Conv1D (GPT-2): a Linear whose weight is stored transposed, (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _in_out(base: nn.Module) -> tuple:

@@ -41,14 +41,16 @@ class LoraConfig:
     layers_to_transform: Optional[Union[int, list]] = None
     modules_to_save: Optional[list] = None
     quantize_base: Optional[str] = None
+    fan_in_fan_out: bool = False  # the targets are HF Conv1D (set at injection, from the modules themselves)
 
-    def to_peft(self, base_model_name_or_path=None, fan_in_fan_out: bool = False) -> dict:
-        """adapter_config.json as PEFT writes it for a LoRA adapter (fan_in_fan_out: Conv1D targets)."""
+    def to_peft(self, base_model_name_or_path=None) -> dict:
+        """adapter_config.json as PEFT writes it for a LoRA adapter."""
         return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
                 "r": self.r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules,
                 "lora_dropout": self.lora_dropout, "bias": self.bias, "use_rslora": self.use_rslora,
                 "init_lora_weights": self.init_lora_weights, "layers_to_transform": self.layers_to_transform,
-                "layers_pattern": None, "modules_to_save": self.modules_to_save, "fan_in_fan_out": fan_in_fan_out,
+                "layers_pattern": None, "modules_to_save": self.modules_to_save,
+                "fan_in_fan_out": self.fan_in_fan_out,
                 "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
                 "inference_mode": True, "revision": None}
 
@@ -185,6 +187,7 @@ def _add_saved_copies(model: nn.Module, paths: list, adapter_name: str) -> None:
 def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str) -> None:
     targets = find_targets(model, config)  # raises before anything changes
     saved = _saved_paths(model, config, targets)
+    config.fan_in_fan_out = any(is_conv1d(model.get_submodule(t)) for t in targets)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.quantize_base == "nf4":
@@ -192,7 +195,8 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
         for name in _linear_names(model):
             module = model.get_submodule(name)
             trained_in_full = name in saved or any(name.startswith(s + ".") for s in saved)
-            if name not in heads and not trained_in_full and isinstance(module, nn.Linear):
+            linear = isinstance(module, nn.Linear) or is_conv1d(module)
+            if linear and name not in heads and not trained_in_full:
                 _set_module(model, name, NF4Linear.from_linear(module))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
@@ -279,9 +283,8 @@ class LoraModel(nn.Module):
             os.makedirs(directory, exist_ok=True)
             sd = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in self._adapter_state(name).items()}
             save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-            conv = any(is_conv1d(m.base_layer) for m in self.lora_layers().values())
             cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
-                                                         "name_or_path", None) or None, fan_in_fan_out=conv)
+                                                         "name_or_path", None) or None)
             with open(os.path.join(directory, CONFIG_NAME), "w") as f:
                 json.dump(cfg, f, indent=2)
 
@@ -366,6 +369,7 @@ class LoraModel(nn.Module):
         names = self._same_targets(config, directory)
         saved = self._check_weights(model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
         self._check_one_bias_owner(config, adapter_name, directory)
+        config.fan_in_fan_out = self.peft_config[self.active_adapter].fan_in_fan_out
         hot_swap = adapter_name == self.active_adapter
         if hot_swap and config.r != self.peft_config[adapter_name].r:
             raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
@@ -393,7 +397,8 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} exists; load_adapter replaces its weights")
         active = self.peft_config[self.active_adapter]
         config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
-                            init_lora_weights, active.layers_to_transform, modules_to_save)
+                            init_lora_weights, active.layers_to_transform, modules_to_save,
+                            fan_in_fan_out=active.fan_in_fan_out)
         saved = _saved_paths(self.base_model.model, config, list(self.lora_layers()))
         stored = {}
         for name, layer in self.lora_layers().items():

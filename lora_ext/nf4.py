@@ -245,6 +245,11 @@ def nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: Optional[torch.Tensor] = No
                           qw.nested_code, qw.offset, qw.nested_blocksize)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2): a Linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
 class NF4Linear(nn.Module):
     """A frozen Linear whose weight is stored in NF4; state dicts use bitsandbytes' Linear4bit keys."""
 
@@ -260,12 +265,19 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     quant_storage: torch.dtype = torch.uint8) -> "NF4Linear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"NF4Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Quantize an nn.Linear, or a Hugging Face Conv1D (its (in, out) weight is quantized as the (out, in)
+        Linear it stands for, as transformers' bitsandbytes integration does)."""
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight.detach()
+        elif is_conv1d(linear):
+            weight = linear.weight.detach().t()
+        else:
+            raise TypeError(f"NF4Linear.from_linear expects an nn.Linear or a Hugging Face Conv1D, "
+                            f"got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._set_weight(quantize_nf4(linear.weight.detach(), blocksize, double_quant, quant_storage))
+        self.out_features, self.in_features = weight.shape
+        self._set_weight(quantize_nf4(weight, blocksize, double_quant, quant_storage))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                  requires_grad=linear.bias.requires_grad)
         return self

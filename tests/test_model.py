@@ -226,6 +226,29 @@ def test_gpt2_conv1d_all_linear_with_peft_interop(tmp_path):
         torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_gpt2_qlora_quantizes_conv1d_as_the_linear_it_stands_for(tmp_path):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(transformers.GPT2LMHeadModel(cfg).eval(), r=4, lora_alpha=8,
+                                    target_modules="all-linear", init_lora_weights=False, quantize_base="nf4")
+    assert all(isinstance(m.base_layer, lora_ext.NF4Linear) for m in model.lora_layers().values())
+    # Oracle: dense GPT-2 whose Conv1D weights went through bitsandbytes' NF4 round trip, PEFT on top.
+    torch.manual_seed(0)
+    dense = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name in model.lora_layers():
+            conv = dense.get_submodule(name)
+            packed, state = bnb_functional.quantize_4bit(conv.weight.t().contiguous(), blocksize=64, quant_type="nf4",
+                                                         compress_statistics=True)
+            conv.weight.copy_(bnb_functional.dequantize_4bit(packed, state).t())
+        model.save_pretrained(str(tmp_path))
+        assert peft.LoraConfig.from_pretrained(str(tmp_path)).fan_in_fan_out
+        theirs = peft.PeftModel.from_pretrained(dense, str(tmp_path)).eval()
+        ids = _ids()
+        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 _RELOAD = """
 import sys, torch, transformers, lora_ext
 cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,

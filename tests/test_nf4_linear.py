@@ -157,7 +157,7 @@ def test_missing_weight_is_reported():
 
 
 def test_from_linear_rejects_other_modules():
-    with pytest.raises(TypeError, match="expects an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="expects an nn.Linear or a Hugging Face Conv1D, got Conv1d"):
         lora_ext.NF4Linear.from_linear(nn.Conv1d(3, 3, 1))
 
 
