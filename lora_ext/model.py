@@ -41,6 +41,7 @@ class LoraConfig:
     layers_to_transform: Optional[Union[int, list]] = None
     modules_to_save: Optional[list] = None
     quantize_base: Optional[str] = None
+    quant_storage: torch.dtype = torch.uint8  # of the NF4 packed bytes (bitsandbytes' bnb_4bit_quant_storage)
     fan_in_fan_out: bool = False  # the targets are HF Conv1D (set at injection, from the modules themselves)
 
     def to_peft(self, base_model_name_or_path=None) -> dict:
@@ -120,8 +121,10 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS, lora_alpha: float = 16,
                    lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False, random_state: int = 3407,
                    init_lora_weights: Union[bool, str] = True, layers_to_transform=None, modules_to_save=None,
-                   quantize_base: Optional[str] = None, adapter_name: str = "default") -> "LoraModel":
-    """Freeze `model`, put LoRA on the targeted Linear layers (optionally their frozen bases in NF4)."""
+                   quantize_base: Optional[str] = None, adapter_name: str = "default",
+                   quant_storage: torch.dtype = torch.uint8) -> "LoraModel":
+    """Freeze `model`, put LoRA on the targeted Linear layers (optionally their frozen bases in NF4,
+    packed bytes viewed as `quant_storage`)."""
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("this model already has lora_ext adapters; use LoraModel.add_adapter to add another")
     if bias not in BIAS_MODES:
@@ -130,7 +133,7 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
         raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
     config = LoraConfig(r, lora_alpha, target_modules if isinstance(target_modules, str) else list(target_modules),
                         lora_dropout, bias, use_rslora, init_lora_weights, layers_to_transform, modules_to_save,
-                        quantize_base)
+                        quantize_base, quant_storage)
     _inject(model, config, random_state, adapter_name)
     return LoraModel(model, config, adapter_name)
 
@@ -197,7 +200,7 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
             trained_in_full = name in saved or any(name.startswith(s + ".") for s in saved)
             linear = isinstance(module, nn.Linear) or is_conv1d(module)
             if linear and name not in heads and not trained_in_full:
-                _set_module(model, name, NF4Linear.from_linear(module))
+                _set_module(model, name, NF4Linear.from_linear(module, quant_storage=config.quant_storage))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         for name in targets:
@@ -207,6 +210,32 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
     for p in _bias_params(model, config.bias, targets, saved).values():
         p.requires_grad_(True)
     _add_saved_copies(model, saved, adapter_name)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter FSDP2 sharded (a collective: every rank must call it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+@torch.no_grad()
+def _copy_full_into(dest: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, which may be an FSDP2 shard (every rank holds `full`)."""
+    if _is_dtensor(dest):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(device=dest.device, dtype=dest.dtype), dest.device_mesh, dest.placements,
+                                 src_data_rank=None)  # every rank has the same tensor: no broadcast
+    dest.copy_(full)
 
 
 class LoraModel(nn.Module):
@@ -272,16 +301,24 @@ class LoraModel(nn.Module):
                 state.update({f"{path}.{k}": v for k, v in wrapper.modules_to_save[adapter_name].state_dict().items()})
         return state
 
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list] = None) -> None:
-        """PEFT's layout: the 'default' adapter in save_directory, any other in save_directory/<name>."""
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list] = None,
+                        is_main_process: Optional[bool] = None) -> None:
+        """PEFT's layout: the 'default' adapter in save_directory, any other in save_directory/<name>.
+        Distributed: every rank calls it; adapter tensors sharded by FSDP2 are gathered (nothing else is)
+        and the main process (rank 0 unless told) writes."""
         from safetensors.torch import save_file
 
+        if is_main_process is None:
+            is_main_process = _rank() == 0
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
                 raise KeyError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+            sd = {f"base_model.model.{k}": _full_tensor(v).detach().cpu().contiguous()
+                  for k, v in self._adapter_state(name).items()}
+            if not is_main_process:
+                continue
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
-            sd = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in self._adapter_state(name).items()}
             save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
             cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
                                                          "name_or_path", None) or None)
@@ -335,10 +372,10 @@ class LoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
-                        quantize_base: Optional[str] = None) -> "LoraModel":
+                        quantize_base: Optional[str] = None, quant_storage: torch.dtype = torch.uint8) -> "LoraModel":
         """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched."""
         config, weights = cls._read_adapter(directory)
-        config.quantize_base = quantize_base
+        config.quantize_base, config.quant_storage = quantize_base, quant_storage
         cls._check_weights(model, find_targets(model, config), config, weights, os.path.join(directory, WEIGHTS_NAME))
         _inject(model, config, random_state=0, adapter_name=adapter_name)
         lora = cls(model, config, adapter_name)
@@ -445,14 +482,14 @@ class LoraModel(nn.Module):
         model = self.base_model.model
         if adapter_name == self.active_adapter:
             for name, layer in self.lora_layers().items():
-                layer.lora_A.copy_(weights[f"{name}.lora_A.weight"])
-                layer.lora_B.copy_(weights[f"{name}.lora_B.weight"])
+                _copy_full_into(layer.lora_A, weights[f"{name}.lora_A.weight"])
+                _copy_full_into(layer.lora_B, weights[f"{name}.lora_B.weight"])
         for key, p in _bias_params(model, config.bias, self.lora_layers(), self.saved_modules()).items():
-            p.copy_(weights[key])
+            _copy_full_into(p, weights[key])
         for path, wrapper in self.saved_modules().items():
             if adapter_name in wrapper.modules_to_save:
-                wrapper.modules_to_save[adapter_name].load_state_dict(
-                    {k[len(path) + 1:]: v for k, v in weights.items() if k.startswith(path + ".")})
+                for key, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    _copy_full_into(t, weights[f"{path}.{key}"])
 
     # ---------------------------------------------------------------- merge / unload / disable
     def merge_adapter(self) -> None:
@@ -463,21 +500,31 @@ class LoraModel(nn.Module):
         for layer in self.lora_layers().values():
             layer.unmerge()
 
-    def _replace_layers(self, merge: bool) -> nn.Module:
+    def _replace_layers(self, merge: bool, dequantize: bool = False) -> nn.Module:
         model = self.base_model.model
         for name, layer in list(self.lora_layers().items()):
+            if dequantize and isinstance(layer.base_layer, NF4Linear):
+                if layer.merged:
+                    layer.unmerge()  # restores the original 4-bit weight exactly; merged again below, in dense
+                layer.base_layer = layer.base_layer.to_linear()
             if merge and not layer.merged:
                 layer.merge()
             _set_module(model, name, layer.base_layer)
         for name, wrapper in self.saved_modules().items():
             wrapper.disabled = False
             _set_module(model, name, wrapper.active_module)
+        if dequantize:
+            for name, module in list(model.named_modules()):
+                if isinstance(module, NF4Linear):
+                    _set_module(model, name, module.to_linear())
         return model
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
         """The plain model with the active adapter folded into its base weights; modules_to_save are
-        replaced by the active adapter's trained copies (as PEFT)."""
-        return self._replace_layers(merge=True)
+        replaced by the active adapter's trained copies (as PEFT). dequantize=True turns 4-bit bases
+        into dense Linear layers first (the update is then added in full precision, rounded once), so
+        the result is a plain model that `save_pretrained` writes in 16/32-bit."""
+        return self._replace_layers(merge=True, dequantize=dequantize)
 
     def unload(self) -> nn.Module:
         """The plain model without the LoRA layers (nothing merged); as in PEFT, modules_to_save keep the

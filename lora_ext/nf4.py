@@ -284,6 +284,7 @@ class NF4Linear(nn.Module):
 
     def _set_weight(self, qw: NF4Weight) -> None:
         self.weight = nn.Parameter(qw.data, requires_grad=False)
+        self.quant_storage = qw.data.dtype
         # Non-persistent: they travel with .to(); the state dict gets bitsandbytes' names instead.
         self.register_buffer("absmax", qw.absmax, persistent=False)
         self.register_buffer("nested_absmax", qw.nested_absmax, persistent=False)
@@ -293,6 +294,13 @@ class NF4Linear(nn.Module):
 
     @property
     def qweight(self) -> NF4Weight:
+        if self.weight.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"NF4Linear: the packed 4-bit weight is stored as {self.quant_storage} but arrived as "
+                f"{self.weight.dtype}: something cast it (module.to(dtype), or a mixed-precision policy such as "
+                f"FSDP's MixedPrecisionPolicy(param_dtype=...)), which corrupts the packed data. Keep "
+                f"quant_storage=torch.uint8 (casts leave integer parameters alone) or make the policy's "
+                f"param_dtype equal to the storage dtype.")
         return NF4Weight(self.weight.data, self.absmax, torch.Size((self.out_features, self.in_features)), self.dtype,
                          self.blocksize, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
 
@@ -304,6 +312,16 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_nf4(self.qweight, dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """A frozen nn.Linear holding the dequantized weight (in the dtype it was quantized from)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize(self.dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

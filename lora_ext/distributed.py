@@ -1,0 +1,72 @@
+"""LoRA and QLoRA models under PyTorch's own distributed engines.
+
+DDP: wrap the LoraModel in DistributedDataParallel; only the adapters require grad, so only they are
+reduced. FSDP2: `fully_shard_lora` shards each decoder block and the root with `fully_shard`. NF4
+packed weights shard like any parameter (dim 0 of the packed bytes); their small scale buffers stay
+whole on every rank. FSDP2's mixed precision casts only floating-point parameters, so uint8 storage
+is never touched; packed bytes viewed as a float dtype (quant_storage) must not be cast, which
+`check_mixed_precision` refuses up front (and NF4Linear refuses at run time).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .nf4 import NF4Linear
+
+
+def decoder_blocks(model: nn.Module) -> list:
+    """The repeated blocks of a Hugging Face model (its `_no_split_modules` classes), outermost first."""
+    hf = getattr(getattr(model, "base_model", None), "model", model)
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    blocks = [m for m in hf.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(hf).__name__} names no decoder block class (_no_split_modules); pass blocks=[...] "
+                         f"to fully_shard_lora")
+    return blocks
+
+
+def check_mixed_precision(model: nn.Module, mp_policy) -> None:
+    """Refuse a policy that would cast NF4 packed bytes stored in a floating dtype."""
+    param_dtype = getattr(mp_policy, "param_dtype", None)
+    if param_dtype is None:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear) and m.quant_storage.is_floating_point and m.quant_storage != param_dtype:
+            raise ValueError(f"{name}: NF4 packed weights are stored as {m.quant_storage}, and the mixed-precision "
+                             f"policy would cast them to {param_dtype}, corrupting the 4-bit data. Use "
+                             f"quant_storage=torch.uint8 (FSDP2 leaves integer parameters alone) or "
+                             f"param_dtype={m.quant_storage}.")
+
+
+def fully_shard_lora(model: nn.Module, mesh=None, mp_policy=None, blocks: Optional[list] = None,
+                     reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 over a LoRA/QLoRA model: each decoder block, then the root. Build the optimizer after this
+    (it must see the sharded parameters)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    check_mixed_precision(model, mp_policy)
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(),
+                  reshard_after_forward=reshard_after_forward)
+    for block in blocks if blocks is not None else decoder_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rank_bytes(model: nn.Module) -> dict:
+    """Bytes this rank holds, against the whole model: frozen base parameters, trainable adapters, and
+    buffers (NF4 scales; never sharded)."""
+    out = {"base_local": 0, "base_total": 0, "adapter_local": 0, "adapter_total": 0, "buffers": 0}
+    for p in model.parameters():
+        kind = "adapter" if p.requires_grad else "base"
+        out[f"{kind}_local"] += _local(p).numel() * p.element_size()
+        out[f"{kind}_total"] += p.numel() * p.element_size()
+    out["buffers"] = sum(b.numel() * b.element_size() for b in model.buffers())
+    return out

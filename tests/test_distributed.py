@@ -1,0 +1,115 @@
+"""LoRA and QLoRA under DDP and FSDP2 with 2 processes (torchrun, gloo, CPU): after the same steps the
+adapters equal a single-process run over the same global batch, the adapter saved from the sharded
+model loads in one process with the same logits, and FSDP2 holds half the base on each rank."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora_ext
+
+from conftest import requires_c
+
+pytestmark = requires_c
+pytest.importorskip("transformers")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import distributed_worker as worker  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINED = [s for s in worker.SCENARIOS if "refuses" not in s]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(ROOT, "tests", "distributed_worker.py"), str(out)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+    return out, ranks
+
+
+def _reference(scenario):
+    model = worker.build(scenario)
+    losses = worker.train(model)
+    return model.eval(), losses
+
+
+@pytest.mark.parametrize("scenario", TRAINED)
+def test_two_ranks_train_what_one_process_trains(two_ranks, scenario):
+    out, ranks = two_ranks
+    for r in ranks:
+        assert "error" not in r[scenario], r[scenario]
+    reference, ref_losses = _reference(scenario)
+    # Each rank's loss is over its half of the batch; their mean is the global batch's loss.
+    rank_mean = [(a + b) / 2 for a, b in zip(ranks[0][scenario]["losses"], ranks[1][scenario]["losses"])]
+    assert rank_mean == pytest.approx(ref_losses, rel=1e-5)
+    directory = str(out / scenario)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    layers = reference.lora_layers()
+    assert len(saved) == 2 * len(layers)
+    for name, layer in layers.items():
+        torch.testing.assert_close(saved[f"base_model.model.{name}.lora_A.weight"], layer.lora_A.detach(),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved[f"base_model.model.{name}.lora_B.weight"], layer.lora_B.detach(),
+                                   rtol=1e-4, atol=1e-5)
+    fresh = worker.build(scenario, adapter_seed=1)
+    fresh.load_adapter(directory, "default")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=worker.probe_ids()).logits,
+                                   reference(input_ids=worker.probe_ids()).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scenario", [s for s in TRAINED if s.startswith("fsdp2")])
+def test_fsdp2_shards_the_base_and_reloads_onto_shards(two_ranks, scenario):
+    _, ranks = two_ranks
+    for r in ranks:
+        b = r[scenario]["bytes"]
+        # Half the frozen base (NF4 packed bytes too) and half the adapters per rank; dim-0 padding aside.
+        assert b["base_total"] / 2 <= b["base_local"] <= b["base_total"] / 2 + 4096, b
+        assert b["adapter_local"] * 2 == b["adapter_total"], b
+        assert r[scenario]["sharded_reload_max_diff"] <= 1e-6
+    if "qlora" in scenario:
+        dense = ranks[0]["fsdp2-lora"]["bytes"]["base_total"]
+        assert ranks[0][scenario]["bytes"]["base_total"] < dense / 3  # 4-bit (+ embeddings) against fp32
+
+
+def test_fsdp2_refuses_a_policy_that_would_cast_packed_bytes(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        assert "stored as torch.bfloat16, and the mixed-precision policy would cast them to torch.float16" in \
+            r["fsdp2-refuses-cast"]["refused"]
+
+
+def test_nf4_layer_refuses_packed_bytes_that_were_cast():
+    linear = torch.nn.Linear(64, 32)
+    layer = lora_ext.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
+    x = torch.randn(3, 64)
+    y = layer(x)
+    layer.to(torch.float16)  # casts floating parameters: the bf16-viewed packed bytes too
+    with pytest.raises(RuntimeError, match="stored as torch.bfloat16 but arrived as torch.float16"):
+        layer(x)
+    uint8 = lora_ext.NF4Linear.from_linear(linear)
+    torch.testing.assert_close(uint8(x), y)
+    uint8.to(torch.float16)  # integer storage is left alone
+    assert uint8.weight.dtype == torch.uint8
+
+
+def test_the_example_runs_under_torchrun(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(ROOT, "examples", "distributed_qlora.py"), "--strategy", "ddp", "--steps", "2",
+                           "--seq-len", "32", "--out", str(tmp_path)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 2: loss" in proc.stdout and "rank 1: base" in proc.stdout
+    config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["r"] == 16
