@@ -1,4 +1,4 @@
-# The two Quickstart commands (`make demo`, `make test`) work from a fresh clone: they install what
+# The two Quickstart commands (`make finetune`, `make test`) work from a fresh clone: they install what
 # is missing, build the extension in place (incrementally), then run.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -6,7 +6,7 @@ PYTHON ?= python
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: deps build demo test bench install clean
+.PHONY: deps build finetune demo test bench install clean
 
 deps:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -17,8 +17,11 @@ build: deps
 	grep "^lora_ext: building" build/build.log
 	$(PYTHON) -c "import lora_ext; assert lora_ext.HAS_C, 'lora_ext._C did not load'"
 
+finetune: build
+	$(PYTHON) -m lora_ext finetune
+
 demo: build
-	$(PYTHON) -m lora_ext
+	$(PYTHON) -m lora_ext demo
 
 test: build
 	$(PYTHON) -m pytest -q tests

@@ -53,7 +53,7 @@ if command -v compute-sanitizer > /dev/null; then
 else
   echo "compute-sanitizer not found" > "$OUT/sanitizer.log"; failed+=("sanitizer")
 fi
-step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json"
+step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json" --plot "$OUT/bench.png"
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"

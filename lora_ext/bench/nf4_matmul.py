@@ -1,6 +1,7 @@
 """NF4 linear across M on Llama shapes: ours (auto, fused GEMV forced, workspace+BLAS forced) against
-bitsandbytes' matmul_4bit, dequantize + torch.matmul, and dense bf16 matmul; the fused path also as
-a fraction of the copy bandwidth on the bytes it must read (packed weight + absmax + x + y)."""
+bitsandbytes' matmul_4bit, torchao's NF4Tensor under F.linear, dequantize + torch.matmul, and the dense
+bf16 matmul (cuBLAS on a GPU); each row against the roofline of its format's bytes (packed NF4, or the
+dense weight) and its FLOPs."""
 from __future__ import annotations
 
 import torch
@@ -8,10 +9,20 @@ import torch.nn.functional as F
 
 from ..nf4 import dequantize_nf4, quantize_nf4
 from ..ops import nf4_linear as nf4_linear_op
-from .timing import copy_bandwidth, measure, rotation
+from . import peers
+from .timing import EFFORT, rotation
+from .work import elt, nf4_bytes
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (out_features N, in_features K)
 MS = [1, 2, 4, 8, 16, 32, 64, 256, 4096]
+CASES = {  # (shapes, Ms)
+    ("cuda", "full"): (SHAPES, MS),
+    ("cuda", "quick"): (SHAPES, [1, 4, 16, 64, 256, 4096]),
+    ("cpu", "full"): (SHAPES[:1], [1, 2, 4, 8, 16, 32, 64, 256]),
+    ("cpu", "quick"): (SHAPES[:1], [1, 16, 64]),
+}
+TINY = ([(128, 128)], [1, 8])  # torchao needs numel divisible by 64 x 256
+CPU_GEMV_MAX_M = 16  # the forced fused kernel beyond this M on the CPU is slow and not what auto picks
 
 
 def _op(x, qw, max_m):
@@ -19,30 +30,24 @@ def _op(x, qw, max_m):
                          qw.offset, qw.nested_blocksize, max_m)
 
 
-def run(device: str = "cpu", quick: bool = True, dtype: torch.dtype = torch.bfloat16) -> dict:
-    device = torch.device(device)
-    notes = []
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as BF
-    except Exception as e:  # noqa: BLE001
-        bnb = None
-        notes.append(f"bitsandbytes skipped: {type(e).__name__}: {e}")
-    copy_bw = copy_bandwidth(device)
-    shapes, ms = SHAPES, MS
-    if device.type == "cpu":
-        shapes, ms = SHAPES[:1], ([1, 16, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 256])
-    elif quick:
-        ms = [1, 4, 16, 64, 256, 4096]
+def run(device: torch.device, ceilings, scale: str) -> dict:
+    notes: list = []
+    bnb, to_nf4 = peers.bitsandbytes(notes), peers.torchao_to_nf4(notes)
+    dtype = torch.bfloat16
+    dense_name = "dense bf16 cuBLAS" if device.type == "cuda" else "dense bf16 torch.matmul"
+    shapes, ms = TINY if scale == "tiny" else CASES[device.type, scale]
     rows = []
     for N, K in shapes:
-        wbytes = N * K // 2 + N * K // 64
         dense = (torch.randn(N, K, device=device) * 0.02).to(dtype)
-        sets = rotation(lambda: (quantize_nf4(dense, 64, True),), wbytes, device)
-        bnb_sets = None
+        sets = rotation(lambda: (quantize_nf4(dense, 64, True),), nf4_bytes(N * K), device)
+        peer_sets = {}  # a peer whose weights could not be made here is a note, not a crash
         if bnb is not None:
-            bnb_sets = [BF.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
-                        for _ in sets]
+            peer_sets["bitsandbytes matmul_4bit"] = peers.attempt("bitsandbytes", lambda: [
+                bnb.functional.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
+                for _ in sets], notes)
+        if to_nf4 is not None:
+            nf4t = peers.attempt("torchao NF4Tensor", lambda: peers.copies(to_nf4(dense, 64, 256), len(sets)), notes)
+            peer_sets["torchao NF4Tensor"] = nf4t and [(t,) for t in nf4t]
         for M in ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
             cases = {
@@ -50,22 +55,24 @@ def run(device: str = "cpu", quick: bool = True, dtype: torch.dtype = torch.bflo
                 "lora_ext fused GEMV": (lambda qw: _op(x, qw, 1 << 30), sets),
                 "lora_ext workspace+BLAS": (lambda qw: _op(x, qw, 0), sets),
                 "dequantize + torch.matmul": (lambda qw: F.linear(x, dequantize_nf4(qw, dtype)), sets),
-                f"dense {str(dtype).split('.')[-1]} torch.matmul": (lambda: F.linear(x, dense), [()]),
+                dense_name: (lambda: F.linear(x, dense), [()]),
             }
-            if device.type == "cpu" and M > 16:
+            if device.type == "cpu" and M > CPU_GEMV_MAX_M:
                 del cases["lora_ext fused GEMV"]
-            if bnb_sets is not None:
-                cases["bitsandbytes matmul_4bit"] = (lambda q, s: bnb.matmul_4bit(x, q.t(), quant_state=s), bnb_sets)
-            times = {}
-            for peer, (fn, args) in cases.items():
-                times[peer] = measure(fn, args, device, warmup=2, min_reps=5, min_time_s=0.1).median_s
-            moved = wbytes + (M * K + M * N) * x.element_size()
+            if peer_sets.get("bitsandbytes matmul_4bit"):
+                cases["bitsandbytes matmul_4bit"] = (lambda q, s: bnb.matmul_4bit(x, q.t(), quant_state=s),
+                                                     peer_sets["bitsandbytes matmul_4bit"])
+            if peer_sets.get("torchao NF4Tensor"):
+                cases["torchao NF4Tensor"] = (lambda t: F.linear(x, t), peer_sets["torchao NF4Tensor"])
+            times = {peer: s for peer, (fn, args) in cases.items()
+                     if (s := peers.median_s(peer, fn, args, device, EFFORT[scale], notes))}
+            act = (M * K + M * N) * elt(dtype)
             base = times.get("bitsandbytes matmul_4bit")
             for peer, s in times.items():
-                row = {"kernel": "nf4_linear", "N": N, "K": K, "M": M, "peer": peer, "ms": s * 1e3,
-                       "TFLOP/s": 2 * M * N * K / s / 1e12,
-                       "speedup_vs_bitsandbytes": (base / s) if base else None}
-                if peer.startswith("lora_ext"):
-                    row["fraction_of_copy_bw"] = moved / s / copy_bw
-                rows.append(row)
-    return {"device": str(device), "copy_bandwidth_GBps": copy_bw / 1e9, "rows": rows, "notes": notes}
+                wbytes = N * K * elt(dtype) if peer == dense_name else nf4_bytes(N * K)
+                rows.append({"kernel": "nf4_linear", "N": N, "K": K, "M": M, "peer": peer, "ms": s * 1e3,
+                             "TFLOP/s": 2 * M * N * K / s / 1e12, **ceilings.of(s, wbytes + act, 2 * M * N * K),
+                             "speedup_vs_bitsandbytes": (base / s) if base else None})
+    if device.type == "cpu":
+        notes.append(f"the CPU matmul ceiling is {ceilings.matmul_dtype}; these rows run bf16")
+    return {"rows": rows, "notes": notes}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -13,7 +13,7 @@ def _fmt(v) -> str:
 
 
 def table(rows: list, columns: list) -> str:
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -10,6 +10,14 @@ from typing import Callable, Sequence
 import torch
 
 
+# measure() settings per run size: "tiny" is for tests (a check that the code runs, not a figure).
+EFFORT = {
+    "full": dict(warmup=3, min_reps=10, min_time_s=0.5),
+    "quick": dict(warmup=2, min_reps=5, min_time_s=0.2),
+    "tiny": dict(warmup=1, min_reps=2, min_time_s=0.0),
+}
+
+
 @dataclass
 class Timing:
     median_s: float
@@ -60,24 +68,3 @@ def rotation(make: Callable[[], tuple], working_set_bytes: int, device, cache_by
     count = max(1, min(8, -(-2 * cache_bytes // max(1, working_set_bytes))))
     return [make() for _ in range(count)]
 
-
-def copy_bandwidth(device, nbytes: int | None = None) -> float:
-    """Device copy bandwidth in bytes/s, counting bytes read + written (the memory-bound ceiling)."""
-    device = torch.device(device)
-    if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), [()], device, warmup=2, min_reps=10, min_time_s=0.2)
-    return 2 * nbytes / t.median_s
-
-
-def peak_matmul_flops(device, dtype=None, n: int | None = None) -> float:
-    """Dense matmul rate (FLOP/s): bf16 on a GPU, fp32 on the CPU: the compute-bound ceiling."""
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = measure(lambda: a @ b, [()], device, warmup=2, min_reps=5, min_time_s=0.2)
-    return 2 * n**3 / t.median_s

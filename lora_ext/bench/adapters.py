@@ -1,0 +1,69 @@
+"""LoRA peers over one dense model: ours (LoRA; QLoRA with an NF4 base) and PEFT (dense; over
+bitsandbytes Linear4bit), each built on its own copy of the same weights, and run one at a time
+(built, timed, its memory read, freed) so that each peer's GPU peak is its own."""
+from __future__ import annotations
+
+import copy
+import gc
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model import get_peft_model
+from . import peers
+from .memory import held_MiB
+from .timing import measure
+
+FOUR_BIT = {"lora_ext QLoRA", "PEFT QLoRA (bitsandbytes)"}
+# speedup_vs_peft compares each peer with PEFT doing the same job: dense LoRA, or LoRA over 4-bit.
+PEFT_COUNTERPART = {"frozen base": "PEFT LoRA", "lora_ext LoRA": "PEFT LoRA", "PEFT LoRA": "PEFT LoRA",
+                    "lora_ext QLoRA": "PEFT QLoRA (bitsandbytes)",
+                    "PEFT QLoRA (bitsandbytes)": "PEFT QLoRA (bitsandbytes)"}
+
+
+def builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base: bool = True) -> dict:
+    """name -> a function returning that peer's model (adapters random and non-zero, as after training)."""
+    def ours(quantize_base):
+        return lambda: get_peft_model(copy.deepcopy(dense), r=r, lora_alpha=2 * r, target_modules=targets,
+                                      init_lora_weights=False, quantize_base=quantize_base)
+
+    out = {"frozen base": lambda: copy.deepcopy(dense)} if frozen_base else {}
+    out.update({"lora_ext LoRA": ours(None), "lora_ext QLoRA": ours("nf4")})
+    peft = peers.peft(notes)
+    if peft is not None:
+        out["PEFT LoRA"] = lambda: peers.peft_lora(peft, copy.deepcopy(dense), targets, r)
+        bnb = peers.bitsandbytes(notes)
+        if bnb is not None:
+            out["PEFT QLoRA (bitsandbytes)"] = lambda: peers.peft_lora(
+                peft, peers.to_bnb_4bit(bnb, copy.deepcopy(dense)), targets, r)
+    return out
+
+
+def speedup_vs_peft(times: dict, name: str):
+    ref = times.get(PEFT_COUNTERPART[name])
+    return ref / times[name] if ref else None
+
+
+def run_peers(build: dict, make_step: Callable, arg_sets: list, device: torch.device, effort: dict,
+              notes: list) -> dict:
+    """name -> {s, peak_MiB, held_MiB}. make_step(model) -> (step(*args), [what to count as held]).
+    A PEFT peer that fails here is a note; ours failing is an error."""
+    out = {}
+    for name, fn in build.items():
+        if device.type == "cuda":  # the last peer's model gone from the device (cycles too) before this one
+            gc.collect()
+            torch.cuda.empty_cache()
+            start_mem = torch.cuda.memory_allocated()
+
+        def timed():
+            model = fn()
+            step, held = make_step(model)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()  # after the build: its dense transients are not the peer's
+            t = measure(step, arg_sets, device, **effort)
+            peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20 if device.type == "cuda" else None
+            return {"s": t.median_s, "peak_MiB": peak, "held_MiB": held_MiB(*held)}
+
+        out[name] = peers.attempt(name, timed, notes) if name.startswith("PEFT") else timed()
+    return {k: v for k, v in out.items() if v is not None}

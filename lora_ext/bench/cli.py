@@ -1,0 +1,74 @@
+"""`python -m lora_ext bench`: the kernel, layer and training-step benchmarks against the installed peers,
+with the two ceilings measured in the same run."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+
+_TAIL = ["ms", "bound", "fraction_of_ceiling"]
+_MEM = ["peak_MiB", "held_MiB"]
+# section -> (module, table columns); the columns before "peer" name a case (the plot groups by them).
+SECTIONS = {
+    "nf4": ("nf4", ["kernel", "shape", "dtype", "peer", *_TAIL, "GB/s", "speedup_vs_bitsandbytes"]),
+    "nf4_matmul": ("nf4_matmul", ["N", "K", "M", "peer", *_TAIL, "TFLOP/s", "speedup_vs_bitsandbytes"]),
+    "merge": ("merge", ["W", "dtype", "r", "peer", *_TAIL, "GB/s", "speedup_vs_torch"]),
+    "lora_layer": ("lora_layer", ["layer", "dtype", "r", "M", "peer", *_TAIL, "x_frozen_base", "speedup_vs_peft",
+                                  *_MEM]),
+    "layers": ("decoder_block", ["block", "dtype", "r", "M", "peer", *_TAIL, "x_frozen_base", "speedup_vs_peft",
+                                 *_MEM]),
+    "train_step": ("train_step", ["model", "dtype", "r", "tokens", "peer", *_TAIL, "tokens/s", "speedup_vs_peft",
+                                  *_MEM]),
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases: a short run")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--plot", default=None, help="also draw the results into this PNG (needs matplotlib)")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+
+
+def run(args, scale: str | None = None) -> int:
+    """scale: "full" or "quick" (from --quick) unless given; tests pass "tiny" (shapes that only prove the
+    code runs)."""
+    import torch
+
+    from . import ceilings, report
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda requested but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # said now, not after minutes of running
+        print("bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    scale = scale or ("quick" if args.quick else "full")
+    device = torch.device(args.device)
+    ceil = ceilings.measure(device, scale)
+    results = {"torch": torch.__version__, "device": args.device, "quick": args.quick, "scale": scale,
+               "ceilings": ceil.as_dict()}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(0)
+    print(f"## ceilings on {device.type}: {ceil.describe()}; fraction_of_ceiling is against the roofline they draw")
+    for name in args.only or list(SECTIONS):
+        module, columns = SECTIONS[name]
+        result = importlib.import_module(f".{module}", __package__).run(device, ceil, scale)
+        result["notes"] = list(dict.fromkeys(result["notes"]))  # the same skip, once per case, said once
+        results[name] = result
+        print(f"\n## {name} on {device.type}")
+        print(report.table(result["rows"], columns))
+        for note in result["notes"]:
+            print(f"note: {note}")
+    if device.type == "cpu" and {"lora_layer", "layers", "train_step"} & set(args.only or SECTIONS):
+        print("\nnote: peak_MiB is the GPU allocator's peak (not measured on the CPU); held_MiB counts the tensors "
+              "each peer holds (weights, quant state, gradients, optimizer state)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.plot:
+        from . import plot
+
+        plot.write(args.plot, results, {name: cols for name, (_, cols) in SECTIONS.items() if name in results})
+    return 0

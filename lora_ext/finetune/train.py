@@ -1,0 +1,188 @@
+"""The fine-tuning run: build or load the model, put LoRA/QLoRA on it (or resume a saved adapter),
+train with AdamW, and write the adapter (PEFT format), the loss curve, a JSON summary and, with
+--merge, the merged model. Ctrl-C stops training and still saves what was trained."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+from ..model import LoraModel, get_peft_model
+from .base_model import default_model, local_model
+from .data import Windows, builtin_texts, read_texts, token_stream
+from .report import peak_memory_mib, plot_losses, write_summary
+
+STATE_NAME = "training_state.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: no CUDA device is visible")
+    return device
+
+
+def _schedule(steps: int):
+    warmup = max(1, min(20, steps // 10))
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine down to a tenth
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def _eval_loss(model, batches: list, device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    total = sum(model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches) / len(batches)
+    model.train(was_training)
+    return total
+
+
+def _load_model(args, device: torch.device):
+    """(model, tokenizer, base path to record in adapter_config.json or None, whether to save the base)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is a slow fallback
+    resumed_base = os.path.join(args.resume, "base_model") if args.resume else None
+    if args.model:
+        model, tok = local_model(args.model, dtype)
+        return model, tok, os.path.abspath(args.model), False
+    if resumed_base and os.path.isdir(resumed_base):
+        model, tok = local_model(resumed_base, dtype)
+        return model, tok, os.path.abspath(resumed_base), False
+    model, tok = default_model(args.seed)
+    return model.to(dtype), tok, None, True
+
+
+def _adapter_dir(resume: str) -> str:
+    nested = os.path.join(resume, "adapter")
+    return nested if os.path.isdir(nested) else resume
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    if args.resume and not os.path.isdir(args.resume):
+        raise FileNotFoundError(f"--resume: no such directory: {args.resume}")
+    texts = builtin_texts() if args.data is None else read_texts(args.data)  # bad paths fail before any work
+    model, tokenizer, base_path, save_base = _load_model(args, device)
+    windows = Windows(token_stream(texts, tokenizer), args.seq_len, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if save_base:  # the adapter needs its base: the built-in one exists only here, so keep a copy
+        base_path = os.path.abspath(os.path.join(args.out, "base_model"))
+        model.save_pretrained(base_path)
+    model.config.name_or_path = base_path or model.config.name_or_path
+    model.to(device)
+    quantize = "nf4" if args.qlora else None
+    if args.resume:
+        lora = LoraModel.from_pretrained(model, _adapter_dir(args.resume), quantize_base=quantize)
+    else:
+        targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+        lora = get_peft_model(model, r=args.r, lora_alpha=args.alpha, target_modules=targets,
+                              lora_dropout=args.dropout, use_rslora=args.rslora, quantize_base=quantize,
+                              random_state=args.seed)
+    lora.train()
+    params = [p for p in lora.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args.steps))
+    state_path = os.path.join(args.resume, STATE_NAME) if args.resume else None
+    start, losses, eval_losses = 0, [], {}
+    if state_path and os.path.isfile(state_path):
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        windows.generator.set_state(state["generator"])
+        start, losses, eval_losses = state["step"], state["losses"], state["eval_losses"]
+    eval_batches = windows.eval_batches(args.batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    eval_losses.setdefault(start, _eval_loss(lora, eval_batches, device))
+
+    from tqdm.auto import tqdm
+
+    tokens_per_step = args.batch_size * args.seq_len
+    eval_every = max(1, args.steps // 10)
+    step, interrupted, train_time = start, False, 0.0
+    bar = tqdm(total=args.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15)  # a log file gets a line every 15 s, not every step
+    try:
+        while step < args.steps:
+            t0 = time.perf_counter()
+            batch = windows.batch(args.batch_size).to(device)
+            loss = lora(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()  # synchronizes, so the step time below is real
+            train_time += time.perf_counter() - t0
+            losses.append(value)
+            step += 1
+            mem, _ = peak_memory_mib(device)
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_step * (step - start) / train_time:,.0f}",
+                            mem=f"{mem:,.0f}MiB")
+            bar.update(1)
+            if step % eval_every == 0:
+                eval_losses[step] = _eval_loss(lora, eval_batches, device)
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.write(f"interrupted at step {step}: saving what was trained so far")
+    finally:
+        bar.close()
+    if step not in eval_losses:
+        eval_losses[step] = _eval_loss(lora, eval_batches, device)
+
+    adapter_dir = os.path.join(args.out, "adapter")
+    lora.save_pretrained(adapter_dir)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": windows.generator.get_state(), "losses": losses, "eval_losses": eval_losses},
+               os.path.join(args.out, STATE_NAME))
+    peak, peak_kind = peak_memory_mib(device)
+    trained, total = lora.get_nb_trainable_parameters()
+    summary = {
+        "model": args.model or "built-in Llama (config in lora_ext/finetune/base_model.py)",
+        "base_model_path": base_path, "data": args.data or "built-in corpus (lora_ext/data)",
+        "device": str(device), "qlora": bool(args.qlora), "steps": step, "interrupted": interrupted,
+        "resumed_from_step": start if args.resume else None,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+        "lora": {k: v for k, v in lora.peft_config[lora.active_adapter].to_peft().items()
+                 if k in ("r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules")},
+        "trainable_params": trained, "all_params": total,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "held_out_loss": {str(k): v for k, v in eval_losses.items()},
+        "tokens_per_s": tokens_per_step * (step - start) / train_time if train_time else None,
+        "train_time_s": train_time,
+        "peak_memory_MiB": peak, "peak_memory_kind": peak_kind,
+        "adapter": os.path.abspath(adapter_dir),
+    }
+    if losses:
+        plot_losses(losses, eval_losses, os.path.join(args.out, "loss.png"),
+                    f"{'QLoRA' if args.qlora else 'LoRA'} fine-tuning, {step} steps")
+    if args.merge:
+        summary["merge"] = _merge(lora, eval_batches[0].to(device), os.path.join(args.out, "merged"), tokenizer)
+    write_summary(summary, os.path.join(args.out, "summary.json"))
+    return summary
+
+
+@torch.no_grad()
+def _merge(lora: LoraModel, batch: torch.Tensor, directory: str, tokenizer) -> dict:
+    """Fold the adapter into dense weights (4-bit bases are dequantized first), save the plain model,
+    and measure what merging changed: the logits of the merged model against the adapter's."""
+    lora.eval()
+    before = lora(input_ids=batch).logits.float()
+    merged = lora.merge_and_unload(dequantize=True)
+    after = merged(input_ids=batch).logits.float()
+    merged.save_pretrained(directory)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+    diff = after - before
+    return {"path": os.path.abspath(directory), "max_abs_logit_error": diff.abs().max().item(),
+            "relative_logit_error": (diff.norm() / before.norm()).item()}

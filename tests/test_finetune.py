@@ -1,0 +1,186 @@
+"""`python -m lora_ext finetune`: the default run learns and writes an adapter PEFT loads; resume,
+Ctrl-C, --merge, a local model with .jsonl data, and clear errors for bad arguments."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lora_ext
+from lora_ext.__main__ import main
+
+from conftest import requires_c
+
+pytestmark = requires_c
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--batch-size", "4", "--seq-len", "64", "--r", "8"]
+
+
+def _summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def _tiny_local_model(path, vocab=300):
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return str(path)
+
+
+def _ids(vocab=259):
+    return torch.randint(0, vocab, (2, 33), generator=torch.Generator().manual_seed(3))
+
+
+def test_default_qlora_run_learns_and_peft_reads_the_adapter(tmp_path):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    out = str(tmp_path / "run")
+    assert main(["finetune", "--steps", "40", "--out", out, *SMALL]) == 0
+    s = _summary(out)
+    held = list(s["held_out_loss"].values())
+    assert s["steps"] == 40 and s["qlora"] and not s["interrupted"]
+    assert held[-1] < held[0] - 0.5, held  # ln(259) = 5.56 at the start; bytes are far from uniform
+    png = open(os.path.join(out, "loss.png"), "rb").read(8)
+    assert png == b"\x89PNG\r\n\x1a\n"
+    # PEFT over the saved base whose Linear weights went through bitsandbytes' NF4 round trip must give
+    # the logits our QLoRA model gives.
+    base = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "base_model"))
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                packed, state = bnb_functional.quantize_4bit(m.weight.contiguous(), blocksize=64, quant_type="nf4",
+                                                             compress_statistics=True)
+                m.weight.copy_(bnb_functional.dequantize_4bit(packed, state))
+    theirs = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    ours = lora_ext.LoraModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "base_model")),
+        os.path.join(out, "adapter"), quantize_base="nf4").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids()).logits, theirs(_ids()).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    model = _tiny_local_model(tmp_path / "model")
+    common = ["--model", model, "--no-qlora", "--steps", "12", *SMALL]
+    assert main(["finetune", "--out", str(tmp_path / "straight"), *common]) == 0
+    from lora_ext.finetune import data
+
+    draw = data.Windows.batch
+    calls = []
+
+    def interrupt_at_the_sixth_batch(self, batch_size):  # Ctrl-C, reproducibly
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return draw(self, batch_size)
+
+    monkeypatch.setattr(data.Windows, "batch", interrupt_at_the_sixth_batch)
+    assert main(["finetune", "--out", str(tmp_path / "first"), *common]) == 0
+    monkeypatch.setattr(data.Windows, "batch", draw)
+    assert _summary(tmp_path / "first")["interrupted"] and _summary(tmp_path / "first")["steps"] == 5
+    assert main(["finetune", "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "first"), *common]) == 0
+    s = _summary(tmp_path / "resumed")
+    assert s["steps"] == 12 and s["resumed_from_step"] == 5
+    from safetensors.torch import load_file
+
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    first = load_file(str(tmp_path / "first" / "adapter" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(first[k], straight[k]) for k in straight)  # the last 7 steps did something
+
+
+def test_local_model_jsonl_data_and_merge(tmp_path):
+    model = _tiny_local_model(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"record {i}: the quick brown fox jumps over the lazy dog."})
+                              for i in range(60)))
+    out = str(tmp_path / "run")
+    assert main(["finetune", "--model", model, "--data", str(data), "--targets", "q_proj,v_proj", "--steps", "6",
+                 "--out", out, "--merge", "--rslora", "--alpha", "16", *SMALL]) == 0
+    s = _summary(out)
+    assert s["lora"]["target_modules"] == ["q_proj", "v_proj"] and s["lora"]["use_rslora"]
+    cfg = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert cfg["base_model_name_or_path"] == os.path.abspath(model)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(s["merge"]["path"]).eval()
+    adapted = lora_ext.LoraModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model),
+                                                 os.path.join(out, "adapter"), quantize_base="nf4").eval()
+    with torch.no_grad():
+        a, b = merged(_ids(300)).logits, adapted(_ids(300)).logits
+    # The merged model is the dequantized base plus the update: the adapter's model up to rounding.
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert s["merge"]["max_abs_logit_error"] < 1e-3
+    assert not any(isinstance(m, (lora_ext.NF4Linear, lora_ext.LoraLinear)) for m in merged.modules())
+
+
+def test_ctrl_c_saves_what_was_trained(tmp_path):
+    model = _tiny_local_model(tmp_path / "model")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ext", "finetune", "--model", model, "--steps", "100000",
+                             "--out", str(out), *SMALL], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline:  # made just before training starts
+        time.sleep(0.2)
+    time.sleep(4)  # a few steps
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    s = _summary(out)
+    assert s["interrupted"] and 0 < s["steps"] < 100000, output
+    assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
+    assert "interrupted at step" in output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/model"], "--model: no such directory: /nonexistent/model"),
+    (["--data", "/nonexistent/data.txt"], "--data: no such file: /nonexistent/data.txt"),
+    (["--resume", "/nonexistent/run"], "--resume: no such directory"),
+])
+def test_bad_paths_give_clear_errors(tmp_path, capsys, argv, message):
+    assert main(["finetune", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_data_and_arguments(tmp_path, capsys):
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n")
+    assert main(["finetune", "--data", str(csv), "--out", str(tmp_path / "o")]) == 2
+    assert "--data must be a .txt or .jsonl file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"content": "no text field"}\n')
+    assert main(["finetune", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "line 2: expected an object with a string 'text' field" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert main(["finetune", "--data", str(short), "--out", str(tmp_path / "o")]) == 2
+    assert "too few for --seq-len 128" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    for argv in (["--steps", "0"], ["--r", "-1"], ["--qlora", "yes"], ["--batch-size", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", *argv])
+        assert e.value.code == 2
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_no_command_runs_finetune_on_its_defaults(monkeypatch):
+    from lora_ext.finetune import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda args: seen.append(args) or 0)
+    assert main([]) == 0
+    args = seen[0]
+    assert (args.model, args.data, args.qlora, args.steps, args.targets, args.resume) == (None, None, True, 300,
+                                                                                         "all-linear", None)
