@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (see DESIGN.md, Machines): build for sm_90, run the whole test
-# suite with the GPU tests, compute-sanitizer memcheck over a smoke script, the quick benchmarks.
+# suite with the GPU tests, compute-sanitizer memcheck over a smoke script, 100 steps of the main job
+# (finetune), the quick benchmarks.
 # Writes logs, results.json and summary.md under $OUT. Every step runs (a failed build stops it);
 # the exit status is non-zero when any step failed, and the last line names the failed steps.
 set -uo pipefail
@@ -53,6 +54,7 @@ if command -v compute-sanitizer > /dev/null; then
 else
   echo "compute-sanitizer not found" > "$OUT/sanitizer.log"; failed+=("sanitizer")
 fi
+step finetune 120 python -m lora_ext finetune --device cuda --steps 100 --out "$OUT/finetune"
 step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json" --plot "$OUT/bench.png"
 
 {
@@ -60,6 +62,7 @@ step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/resul
   echo; echo '```'; cat "$OUT/env.json"; echo '```'
   echo; cat "$OUT/steps.md"
   echo; echo "## tests"; echo '```'; tail -3 "$OUT/tests.log" 2>/dev/null; echo '```'
+  echo; echo "## finetune (main job, 100 steps)"; echo '```'; tail -4 "$OUT/finetune.log" 2>/dev/null; echo '```'
   echo; echo "## bench (quick)"; echo '```'; cat "$OUT/bench.log" 2>/dev/null; echo '```'
   echo; echo "## ptxas"; echo '```'; cat "$OUT/ptxas.txt"; echo '```'
 } > "$OUT/summary.md"

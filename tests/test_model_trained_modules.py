@@ -39,13 +39,9 @@ def _saved_keys(directory):
     return set(load_file(str(directory / "adapter_model.safetensors")))
 
 
-@pytest.mark.parametrize("bias", ["all", "lora_only"])
-def test_bias_training_matches_peft_both_ways(tmp_path, bias):
-    ours = lora_ext.get_peft_model(_biased_llama(), r=4, lora_alpha=8, target_modules=TARGETS, bias=bias)
-    theirs = peft.get_peft_model(_biased_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias=bias))
-    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    trainable = {n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
-    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n}
+def _trained_and_read_both_ways(ours, theirs, make_base, tmp_path):
+    """Train (perturb) both, save both: the same saved keys, and each library reads the other's adapter
+    with the same logits."""
     _perturb_trained(ours)
     _perturb_trained(theirs)
     ours.save_pretrained(str(tmp_path / "ours"))
@@ -53,11 +49,21 @@ def test_bias_training_matches_peft_both_ways(tmp_path, bias):
     assert _saved_keys(tmp_path / "ours") == _saved_keys(tmp_path / "theirs")
     ids = token_ids()
     with torch.no_grad():
-        peft_reads_ours = peft.PeftModel.from_pretrained(_biased_llama(), str(tmp_path / "ours")).eval()
+        peft_reads_ours = peft.PeftModel.from_pretrained(make_base(), str(tmp_path / "ours")).eval()
         torch.testing.assert_close(peft_reads_ours(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
-        we_read_theirs = lora_ext.LoraModel.from_pretrained(_biased_llama(), str(tmp_path / "theirs"))
+        we_read_theirs = lora_ext.LoraModel.from_pretrained(make_base(), str(tmp_path / "theirs"))
         torch.testing.assert_close(we_read_theirs(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(we_read_theirs(ids).logits, _biased_llama()(ids).logits, atol=1e-3)
+        assert not torch.allclose(we_read_theirs(ids).logits, make_base()(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_training_matches_peft_both_ways(tmp_path, bias):
+    ours = lora_ext.get_peft_model(_biased_llama(), r=4, lora_alpha=8, target_modules=TARGETS, bias=bias)
+    theirs = peft.get_peft_model(_biased_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias=bias))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n}
+    _trained_and_read_both_ways(ours, theirs, _biased_llama, tmp_path)
 
 
 def test_qlora_bias_trains_on_the_nf4_base():
@@ -79,17 +85,9 @@ def test_modules_to_save_matches_peft_both_ways(tmp_path):
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     not_lora = lambda keys: {k for k in keys if "lora_" not in k}  # noqa: E731  (LoRA keys: our one-adapter layout)
     assert not_lora(ours.state_dict()) == not_lora(theirs.state_dict())  # same in-memory names for the rest
-    _perturb_trained(ours)
-    _perturb_trained(theirs)
-    ours.save_pretrained(str(tmp_path / "ours"))
-    theirs.save_pretrained(str(tmp_path / "theirs"))
-    assert _saved_keys(tmp_path / "ours") == _saved_keys(tmp_path / "theirs")
+    _trained_and_read_both_ways(ours, theirs, llama, tmp_path)
     ids = token_ids()
     with torch.no_grad():
-        peft_reads_ours = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "ours")).eval()
-        torch.testing.assert_close(peft_reads_ours(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
-        we_read_theirs = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "theirs"))
-        torch.testing.assert_close(we_read_theirs(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)
         # The originals stay frozen and untouched: disabling gives the base model back.
         with ours.disable_adapter():
             torch.testing.assert_close(ours(ids).logits, llama()(ids).logits)

@@ -94,7 +94,8 @@ def run(args) -> dict:
     state_path = os.path.join(args.resume, STATE_NAME) if args.resume else None
     start, losses, eval_losses = 0, [], {}
     if state_path and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        # On the CPU: the data generator's state must stay there; the optimizer moves its own state.
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         windows.generator.set_state(state["generator"])
