@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .model import _is_dtensor
 from .nf4 import NF4Linear
 
 
@@ -57,7 +58,7 @@ def fully_shard_lora(model: nn.Module, mesh=None, mp_policy=None, blocks: Option
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def rank_bytes(model: nn.Module) -> dict:

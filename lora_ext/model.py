@@ -96,6 +96,10 @@ def _head_names(model: nn.Module) -> set:
     return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
+def _closest(wanted: list, names: list) -> list:
+    return sorted({c for w in wanted for c in difflib.get_close_matches(str(w), names, n=5, cutoff=0.4)})
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list:
     """Names of the Linear modules the config targets; an error naming the closest ones if none."""
     linears = _linear_names(model)
@@ -107,7 +111,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list:
     if not names:
         wanted = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), leaves + linears, n=5, cutoff=0.4)})
+        close = _closest(wanted, leaves + linears)
         raise ValueError(f"target_modules {config.target_modules!r} matches no Linear module; closest Linear names: "
                          f"{close or leaves[:10]}")
     return names
@@ -142,10 +146,12 @@ def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
     """Paths of the modules_to_save modules; an error if none matches or one is (or holds) a LoRA target."""
     paths = find_saved_modules(model, config.modules_to_save)
     if config.modules_to_save and not paths:
-        names = [n for n, _ in model.named_modules() if n]
-        close = sorted({c for w in config.modules_to_save for c in difflib.get_close_matches(str(w), names, n=5,
-                                                                                              cutoff=0.4)})
+        close = _closest(config.modules_to_save, [n for n, _ in model.named_modules() if n])
         raise ValueError(f"modules_to_save {config.modules_to_save!r} matches no module; closest: {close}")
+    if paths and config.bias == "all":
+        raise ValueError("bias='all' together with modules_to_save is not supported: a bias inside a module trained "
+                         "in full would be two things at once; use bias='lora_only' or train that module's bias "
+                         "through modules_to_save")
     clash = [p for p in paths if any(t == p or t.startswith(p + ".") for t in targets)]
     if clash:
         raise ValueError(f"modules_to_save {clash} are (or contain) LoRA targets; a module is either adapted "
@@ -156,35 +162,38 @@ def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
 def _bias_params(model: nn.Module, mode: str, targets, skip=()) -> dict:
     """The biases an adapter with this `bias` mode trains and saves, by their names after injection (a
     target's own bias is `<target>.base_layer.bias`), so it also works before injection. PEFT's rule:
-    'all' = every parameter with 'bias' in its name, 'lora_only' = the biases of the LoRA targets."""
+    'all' = every parameter named `bias`, 'lora_only' = the biases of the LoRA targets."""
     if mode == "none":
         return {}
     targets, out = set(targets), {}
     for name, p in model.named_parameters():
-        if "bias" not in name or "lora_" in name or any(name.startswith(s + ".") for s in skip):
-            continue
         path, _, leaf = name.rpartition(".")
+        if leaf != "bias" or "lora_" in name or any(name.startswith(s + ".") for s in skip):
+            continue
         if path in targets:
             path = f"{path}.base_layer"
             name = f"{path}.{leaf}"
         adapted = path.endswith(".base_layer") and path[: -len(".base_layer")] in targets
-        if mode == "all" or (adapted and leaf == "bias"):
+        if mode == "all" or adapted:
             out[name] = p
     return out
 
 
-def _add_saved_copies(model: nn.Module, paths: list, adapter_name: str) -> None:
+def _add_saved_copies(model: nn.Module, paths: list, adapter_name: str, active_adapter: str) -> None:
+    """Give `adapter_name` its own trainable copy of each module in `paths` (wrapping them first) and
+    none of any other wrapped module. Only the active adapter's copies train, as in PEFT."""
     for path in paths:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSaveWrapper):
             wrapper = ModulesToSaveWrapper(wrapper)
-            for p in wrapper.original_module.parameters():
-                p.requires_grad_(False)
+            wrapper.original_module.requires_grad_(False)
+            wrapper.active_adapter = active_adapter
             _set_module(model, path, wrapper)
         if adapter_name not in wrapper.modules_to_save:
-            wrapper.add_copy(adapter_name)
-        if wrapper.active_adapter is None:
-            wrapper.active_adapter = adapter_name
+            wrapper.add_copy(adapter_name).requires_grad_(adapter_name == active_adapter)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper) and path not in paths and adapter_name in module.modules_to_save:
+            del module.modules_to_save[adapter_name]
 
 
 def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str) -> None:
@@ -209,7 +218,7 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
                                                 config.use_rslora, config.init_lora_weights))
     for p in _bias_params(model, config.bias, targets, saved).values():
         p.requires_grad_(True)
-    _add_saved_copies(model, saved, adapter_name)
+    _add_saved_copies(model, saved, adapter_name, adapter_name)
 
 
 def _rank() -> int:
@@ -267,9 +276,11 @@ class LoraModel(nn.Module):
         return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, LoraLinear)}
 
     def get_nb_trainable_parameters(self) -> tuple:
+        # Packed NF4 counts its weights, two a byte of storage (as PEFT counts Params4bit).
+        packed = {id(m.weight) for m in self.modules() if isinstance(m, NF4Linear)}
         trainable = total = 0
         for p in self.parameters():
-            n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed NF4: two weights a byte, as PEFT counts
+            n = p.numel() * (2 * p.element_size() if id(p) in packed else 1)
             total += n
             trainable += n if p.requires_grad else 0
         return trainable, total
@@ -304,8 +315,9 @@ class LoraModel(nn.Module):
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list] = None,
                         is_main_process: Optional[bool] = None) -> None:
         """PEFT's layout: the 'default' adapter in save_directory, any other in save_directory/<name>.
-        Distributed: every rank calls it; adapter tensors sharded by FSDP2 are gathered (nothing else is)
-        and the main process (rank 0 unless told) writes."""
+        Distributed: every rank must call it (gathering FSDP2-sharded adapter tensors is a collective, so
+        calling it on rank 0 alone hangs); only the adapters are gathered, and the main process (rank 0
+        unless told) writes."""
         from safetensors.torch import save_file
 
         if is_main_process is None:
@@ -391,29 +403,47 @@ class LoraModel(nn.Module):
                              f"{config.target_modules!r}")
         return names
 
-    def _check_one_bias_owner(self, config: LoraConfig, adapter_name: str, origin: str) -> None:
+    def _check_trained_parts(self, config: LoraConfig, saved: list, adapter_name: str, origin: str) -> None:
+        """Biases belong to the base: one adapter at most trains them (as in PEFT), and bias='all' does not
+        mix with modules_to_save (see _saved_paths), whichever adapter brings which."""
         owner = self._bias_owner(except_name=adapter_name)
         if config.bias != "none" and owner is not None:
             raise ValueError(f"{origin}: bias={config.bias!r}, but adapter {owner!r} already trains the biases; "
                              f"biases belong to the base, so only one adapter of a model may train them (as in PEFT)")
+        others_wrapped = any(set(w.modules_to_save) - {adapter_name} for w in self.saved_modules().values())
+        all_owner = any(c.bias == "all" for n, c in self.peft_config.items() if n != adapter_name)
+        if (config.bias == "all" and others_wrapped) or (saved and all_owner):
+            raise ValueError(f"{origin}: bias='all' together with modules_to_save (in another adapter of this model) "
+                             f"is not supported; use bias='lora_only'")
+
+    def _check_unmerged(self, origin: str) -> None:
+        if any(layer.merged for layer in self.lora_layers().values()):
+            raise RuntimeError(f"{origin}: the active adapter is merged into the base; call unmerge_adapter() first")
 
     def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
         """Load an adapter saved by lora_ext or PEFT as `adapter_name`. An existing name is hot-swapped:
         the active adapter's weights are replaced in place (same rank), no module is rebuilt. Biases an
-        adapter carries (bias != 'none') are written into the base, which every adapter shares."""
+        adapter carries (bias != 'none') are written into the base, which every adapter shares. Everything
+        is checked before the model changes."""
         config, weights = self._read_adapter(directory)
         model = self.base_model.model
         names = self._same_targets(config, directory)
         saved = self._check_weights(model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
-        self._check_one_bias_owner(config, adapter_name, directory)
+        self._check_trained_parts(config, saved, adapter_name, directory)
         config.fan_in_fan_out = self.peft_config[self.active_adapter].fan_in_fan_out
         hot_swap = adapter_name == self.active_adapter
-        if hot_swap and config.r != self.peft_config[adapter_name].r:
-            raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
-                             f"{self.peft_config[adapter_name].r}; load it under another name")
-        for p in _bias_params(model, config.bias, names, self.saved_modules()).values():
+        if hot_swap:
+            self._check_unmerged(f"load_adapter({directory!r}, {adapter_name!r})")
+            if config.r != self.peft_config[adapter_name].r:
+                raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
+                                 f"{self.peft_config[adapter_name].r}; load it under another name")
+        previous = self.peft_config.get(adapter_name)
+        if previous is not None:  # the biases it trained are no longer its own unless the new one says so
+            for p in _bias_params(model, previous.bias, names, self.saved_modules()).values():
+                p.requires_grad_(False)
+        for p in _bias_params(model, config.bias, names, saved).values():
             p.requires_grad_(True)
-        _add_saved_copies(model, saved, adapter_name)
+        _add_saved_copies(model, saved, adapter_name, self.active_adapter)
         if not hot_swap:
             device = next(iter(self.lora_layers().values())).lora_A.device
             self._stored[adapter_name] = {n: (weights[f"{n}.lora_A.weight"].to(device),
@@ -437,22 +467,24 @@ class LoraModel(nn.Module):
                             init_lora_weights, active.layers_to_transform, modules_to_save,
                             fan_in_fan_out=active.fan_in_fan_out)
         saved = _saved_paths(self.base_model.model, config, list(self.lora_layers()))
+        self._check_trained_parts(config, saved, adapter_name, f"add_adapter({adapter_name!r})")
         stored = {}
         for name, layer in self.lora_layers().items():
             A = torch.empty(r, layer.in_features, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
             B = torch.empty(layer.out_features, r, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
             init_lora_(A, B, init_lora_weights)
             stored[name] = (A, B)
-        _add_saved_copies(self.base_model.model, saved, adapter_name)
+        _add_saved_copies(self.base_model.model, saved, adapter_name, self.active_adapter)
         self._stored[adapter_name] = stored
         self.peft_config[adapter_name] = config
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the one the model runs; the base is untouched."""
+        """Make `adapter_name` the one the model runs (and trains); the base is untouched."""
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         if adapter_name == self.active_adapter:
             return
+        self._check_unmerged(f"set_adapter({adapter_name!r})")
         cfg = self.peft_config[adapter_name]
         incoming = self._stored.pop(adapter_name)
         previous = {}
@@ -461,6 +493,8 @@ class LoraModel(nn.Module):
             previous[name] = layer.set_adapter_weights(A, B, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
         for wrapper in self.saved_modules().values():
             wrapper.active_adapter = adapter_name
+            for name, copy in wrapper.modules_to_save.items():
+                copy.requires_grad_(name == adapter_name)
         self._stored[self.active_adapter] = previous
         self.active_adapter = adapter_name
 

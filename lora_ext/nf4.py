@@ -253,6 +253,9 @@ def is_conv1d(module: nn.Module) -> bool:
 class NF4Linear(nn.Module):
     """A frozen Linear whose weight is stored in NF4; state dicts use bitsandbytes' Linear4bit keys."""
 
+    _QUANT_STATE = ("absmax", "nested_absmax", "nested_code", "offset")
+    _conv1d_type = None  # the Hugging Face Conv1D class it was quantized from, if any (to_linear rebuilds one)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
                  double_quant: bool = True, dtype: torch.dtype = torch.float32, device=None,
                  quant_storage: torch.dtype = torch.uint8):
@@ -276,6 +279,8 @@ class NF4Linear(nn.Module):
                             f"got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        if is_conv1d(linear):
+            self._conv1d_type = type(linear)
         self.out_features, self.in_features = weight.shape
         self._set_weight(quantize_nf4(weight, blocksize, double_quant, quant_storage))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
@@ -297,10 +302,10 @@ class NF4Linear(nn.Module):
         if self.weight.dtype != self.quant_storage:
             raise RuntimeError(
                 f"NF4Linear: the packed 4-bit weight is stored as {self.quant_storage} but arrived as "
-                f"{self.weight.dtype}: something cast it (module.to(dtype), or a mixed-precision policy such as "
-                f"FSDP's MixedPrecisionPolicy(param_dtype=...)), which corrupts the packed data. Keep "
-                f"quant_storage=torch.uint8 (casts leave integer parameters alone) or make the policy's "
-                f"param_dtype equal to the storage dtype.")
+                f"{self.weight.dtype}: something cast it (a mixed-precision policy such as FSDP's "
+                f"MixedPrecisionPolicy(param_dtype=...); module.to(dtype) leaves NF4 data alone), which corrupts "
+                f"the packed data. Keep quant_storage=torch.uint8 (such casts skip integer parameters) or make the "
+                f"policy's param_dtype equal to the storage dtype.")
         return NF4Weight(self.weight.data, self.absmax, torch.Size((self.out_features, self.in_features)), self.dtype,
                          self.blocksize, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
 
@@ -313,15 +318,35 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_nf4(self.qweight, dtype)
 
-    def to_linear(self) -> nn.Linear:
-        """A frozen nn.Linear holding the dequantized weight (in the dtype it was quantized from)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.dtype)
+    def to_linear(self) -> nn.Module:
+        """A frozen dense layer holding the dequantized weight (in the dtype it was quantized from): an
+        nn.Linear, or the Hugging Face Conv1D it came from (weight transposed back), so a model saved
+        with it loads as the original architecture."""
+        w = self.dequantize(self.dtype)
+        if self._conv1d_type is not None:
+            layer = self._conv1d_type(self.out_features, self.in_features).to(device=w.device, dtype=self.dtype)
+            w = w.t()
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=w.device, dtype=self.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.dequantize(self.dtype))
+            layer.weight.copy_(w)
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
+                layer.bias.copy_(self.bias)
+        return layer.requires_grad_(False)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) / model.half() cast every floating tensor; the packed bytes (when viewed as a
+        # float quant_storage) and the quantization state may only move, never change dtype.
+        kept = {name: self._buffers[name] for name in self._QUANT_STATE if self._buffers.get(name) is not None}
+        packed = self.weight.data
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            if self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        if self.weight.dtype != packed.dtype:
+            self.weight.data = packed.to(self.weight.device)
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -20,8 +20,6 @@ class ModulesToSaveWrapper(nn.Module):
 
     def add_copy(self, adapter_name: str) -> nn.Module:
         trained = copy.deepcopy(self.original_module)
-        for p in trained.parameters():
-            p.requires_grad_(True)
         self.modules_to_save[adapter_name] = trained
         return trained
 

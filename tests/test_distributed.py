@@ -90,23 +90,24 @@ def test_fsdp2_refuses_a_policy_that_would_cast_packed_bytes(two_ranks):
             r["fsdp2-refuses-cast"]["refused"]
 
 
-def test_nf4_layer_refuses_packed_bytes_that_were_cast():
+def test_nf4_layer_keeps_its_packed_bytes_through_casts_and_refuses_a_cast_copy():
     linear = torch.nn.Linear(64, 32)
-    layer = lora_ext.NF4Linear.from_linear(linear, quant_storage=torch.bfloat16)
     x = torch.randn(3, 64)
-    y = layer(x)
-    layer.to(torch.float16)  # casts floating parameters: the bf16-viewed packed bytes too
+    for storage in (torch.uint8, torch.bfloat16):
+        layer = lora_ext.NF4Linear.from_linear(linear, quant_storage=storage)
+        y = layer(x)
+        layer.to(torch.float16)  # model.half(): the bias follows, the 4-bit data and its scales do not
+        assert layer.weight.dtype == storage and layer.nested_absmax.dtype == torch.float32
+        assert layer.bias.dtype == torch.float16
+        torch.testing.assert_close(layer(x.half()).float(), y, atol=3e-3, rtol=3e-3)
+    layer.weight.data = layer.weight.data.to(torch.float16)  # what a mixed-precision all-gather would hand over
     with pytest.raises(RuntimeError, match="stored as torch.bfloat16 but arrived as torch.float16"):
-        layer(x)
-    uint8 = lora_ext.NF4Linear.from_linear(linear)
-    torch.testing.assert_close(uint8(x), y)
-    uint8.to(torch.float16)  # integer storage is left alone
-    assert uint8.weight.dtype == torch.uint8
+        layer(x.half())
 
 
 def test_the_example_runs_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(ROOT, "examples", "distributed_qlora.py"), "--strategy", "ddp", "--steps", "2",
+                           os.path.join(ROOT, "examples", "distributed_qlora.py"), "--strategy", "fsdp2", "--steps", "2",
                            "--seq-len", "32", "--out", str(tmp_path)],
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -67,37 +67,44 @@ def test_default_qlora_run_learns_and_peft_reads_the_adapter(tmp_path):
         torch.testing.assert_close(ours(_ids()).logits, theirs(_ids()).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     model = _tiny_local_model(tmp_path / "model")
-    common = ["--model", model, "--no-qlora", "--steps", "12", *SMALL]
-    assert main(["finetune", "--out", str(tmp_path / "straight"), *common]) == 0
+    common = ["--steps", "12", *SMALL]
+    assert main(["finetune", "--out", str(tmp_path / "straight"), "--model", model, "--no-qlora", *common]) == 0
     from lora_ext.finetune import data
 
     draw = data.Windows.batch
     calls = []
 
-    def interrupt_at_the_sixth_batch(self, batch_size):  # Ctrl-C, reproducibly
+    def ctrl_c_during_the_sixth_step(self, batch_size):
         calls.append(1)
         if len(calls) == 6:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # lands mid-step: the step still completes
         return draw(self, batch_size)
 
-    monkeypatch.setattr(data.Windows, "batch", interrupt_at_the_sixth_batch)
-    assert main(["finetune", "--out", str(tmp_path / "first"), *common]) == 0
+    monkeypatch.setattr(data.Windows, "batch", ctrl_c_during_the_sixth_step)
+    assert main(["finetune", "--out", str(tmp_path / "first"), "--model", model, "--no-qlora", *common]) == 0
     monkeypatch.setattr(data.Windows, "batch", draw)
-    assert _summary(tmp_path / "first")["interrupted"] and _summary(tmp_path / "first")["steps"] == 5
+    first = _summary(tmp_path / "first")
+    assert first["interrupted"] and first["steps"] == 6
+    assert "interrupted at step 6" in capsys.readouterr().err
+    # Resuming needs neither --model nor --no-qlora: both come from the run it continues.
     assert main(["finetune", "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "first"), *common]) == 0
     s = _summary(tmp_path / "resumed")
-    assert s["steps"] == 12 and s["resumed_from_step"] == 5
+    assert s["steps"] == 12 and s["resumed_from_step"] == 6 and not s["qlora"]
+    assert s["base_model_path"] == os.path.abspath(model)
     from safetensors.torch import load_file
 
     straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
-    first = load_file(str(tmp_path / "first" / "adapter" / "adapter_model.safetensors"))
+    interrupted = load_file(str(tmp_path / "first" / "adapter" / "adapter_model.safetensors"))
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(first[k], straight[k]) for k in straight)  # the last 7 steps did something
+    assert any(not torch.allclose(interrupted[k], straight[k]) for k in straight)  # the last 6 steps did something
+    assert main(["finetune", "--out", str(tmp_path / "other"), "--resume", str(tmp_path / "first"), "--qlora",
+                 *common]) == 2
+    assert "that run trained LoRA; drop --qlora to continue it" in capsys.readouterr().err
 
 
 def test_local_model_jsonl_data_and_merge(tmp_path):
@@ -182,5 +189,8 @@ def test_no_command_runs_finetune_on_its_defaults(monkeypatch):
     monkeypatch.setattr(cli, "run", lambda args: seen.append(args) or 0)
     assert main([]) == 0
     args = seen[0]
-    assert (args.model, args.data, args.qlora, args.steps, args.targets, args.resume) == (None, None, True, 300,
+    assert (args.model, args.data, args.qlora, args.steps, args.targets, args.resume) == (None, None, None, 300,
                                                                                          "all-linear", None)
+    from lora_ext.finetune.train import _qlora
+
+    assert _qlora(args, {}) is True  # QLoRA unless told otherwise

@@ -246,7 +246,13 @@ def test_gpt2_qlora_quantizes_conv1d_as_the_linear_it_stands_for(tmp_path):
         assert peft.LoraConfig.from_pretrained(str(tmp_path)).fan_in_fan_out
         theirs = peft.PeftModel.from_pretrained(dense, str(tmp_path)).eval()
         ids = _ids()
-        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+        adapted = model(ids).logits
+        torch.testing.assert_close(adapted, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+        # Merged into dense weights, the model is a GPT-2 again: Conv1D layers that save and reload.
+        model.merge_and_unload(dequantize=True).save_pretrained(str(tmp_path / "merged"))
+        reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged")).eval()
+        assert type(reloaded.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+        torch.testing.assert_close(reloaded(ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
 _RELOAD = """

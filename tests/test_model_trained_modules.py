@@ -121,7 +121,13 @@ def test_each_adapter_has_its_own_copy(tmp_path):
     with torch.no_grad():
         first = model(ids).logits
         model.add_adapter("second", r=4, modules_to_save=["lm_head"])  # a fresh copy of the original head
+        torch.testing.assert_close(model(ids).logits, first)  # adding does not change what runs
+        head = model.saved_modules()["lm_head"]
+        assert head.modules_to_save["default"].weight.requires_grad
+        assert not head.modules_to_save["second"].weight.requires_grad  # only the active copy trains (PEFT)
         model.set_adapter("second")
+        assert head.modules_to_save["second"].weight.requires_grad
+        assert not head.modules_to_save["default"].weight.requires_grad
         torch.testing.assert_close(model(ids).logits, llama()(ids).logits)  # B = 0 and an untrained head
         model.saved_modules()["lm_head"].modules_to_save["second"].weight.mul_(2)
         second = model(ids).logits
@@ -130,6 +136,7 @@ def test_each_adapter_has_its_own_copy(tmp_path):
         model.save_pretrained(str(tmp_path))
         other = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS)
         other.load_adapter(str(tmp_path / "second"), "second")  # wraps lm_head on demand
+        torch.testing.assert_close(other(ids).logits, llama()(ids).logits)  # "default" (B = 0) still runs
         other.set_adapter("second")
         torch.testing.assert_close(other(ids).logits, second)
         other.set_adapter("default")  # no copy of lm_head: the original runs
@@ -158,3 +165,59 @@ def test_bad_trained_module_requests_name_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match=r"lm_head.weight has shape \(80, 64\), the model needs \(96, 64\)"):
         lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path / "head"))
     assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
+
+
+def test_hot_swap_follows_the_new_adapter_and_refuses_a_merged_model(tmp_path):
+    model = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, modules_to_save=["lm_head"])
+    _perturb_trained(model)
+    plain = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, init_lora_weights=False)
+    plain.save_pretrained(str(tmp_path / "plain"))
+    ids = token_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        model.merge_adapter()
+        A = {n: m.lora_A.detach().clone() for n, m in model.lora_layers().items()}
+        with pytest.raises(RuntimeError, match="merged into the base; call unmerge_adapter"):
+            model.load_adapter(str(tmp_path / "plain"), "default")
+        assert all(torch.equal(m.lora_A, A[n]) for n, m in model.lora_layers().items())
+        model.add_adapter("other", r=4)
+        with pytest.raises(RuntimeError, match="merged into the base"):
+            model.set_adapter("other")
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        model.set_adapter("other")  # not lost by the refused call
+        model.set_adapter("default")
+        # An adapter without modules_to_save hot-swapped in: its LoRA, and the original head.
+        model.load_adapter(str(tmp_path / "plain"), "default")
+        assert "default" not in model.saved_modules()["lm_head"].modules_to_save
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_all_with_modules_to_save_is_refused_and_nothing_changes():
+    with pytest.raises(ValueError, match="bias='all' together with modules_to_save is not supported"):
+        lora_ext.get_peft_model(_biased_llama(), target_modules=TARGETS, bias="all", modules_to_save=["lm_head"])
+    model = lora_ext.get_peft_model(_biased_llama(), r=4, target_modules=TARGETS, bias="all")
+    with pytest.raises(ValueError, match="bias='all' together with modules_to_save"):
+        model.add_adapter("head", modules_to_save=["lm_head"])
+    assert sorted(model.peft_config) == ["default"] and not model.saved_modules()
+
+
+def test_bias_all_means_parameters_named_bias_as_in_peft():
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    torch.manual_seed(0)
+    ours = lora_ext.get_peft_model(transformers.T5ForConditionalGeneration(cfg), r=4, target_modules=["q", "v"],
+                                   bias="all")
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(transformers.T5ForConditionalGeneration(cfg),
+                                 peft.LoraConfig(r=4, target_modules=["q", "v"], bias="all"))
+    ours_trained = {n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert ours_trained == {n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert not any("relative_attention_bias" in n for n in ours_trained)  # a weight, though 'bias' is in its name
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_nf4_parameter_count_does_not_depend_on_the_storage_dtype():
+    counts = {st: lora_ext.get_peft_model(llama(), r=4, quantize_base="nf4", quant_storage=st)
+              .get_nb_trainable_parameters() for st in (torch.uint8, torch.bfloat16, torch.float32)}
+    assert len(set(counts.values())) == 1, counts
+    assert counts[torch.uint8] == lora_ext.get_peft_model(llama(), r=4).get_nb_trainable_parameters()

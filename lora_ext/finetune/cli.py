@@ -23,8 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     p.add_argument("--targets", default="all-linear", help="comma-separated module names (q_proj,v_proj,...) or "
                                                            "'all-linear'")
-    p.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=True,
-                   help="store the frozen base in NF4 (QLoRA); --no-qlora keeps it dense (LoRA)")
+    p.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=None,
+                   help="store the frozen base in NF4 (QLoRA, the default); --no-qlora keeps it dense (LoRA); "
+                        "a resumed run keeps what it used")
     p.add_argument("--steps", type=_positive_int, default=300, help="total optimizer steps (a resumed run "
                                                                     "continues up to this number)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -33,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when visible)")
     p.add_argument("--out", default="finetune_out", help="output directory")
     p.add_argument("--merge", action="store_true", help="also save the merged model and print the merge error")
-    p.add_argument("--resume", default=None, help="a previous --out directory (or adapter directory) to continue")
+    p.add_argument("--resume", default=None, help="a previous --out directory (or adapter directory) to continue; "
+                                                  "its base model and --qlora setting carry over")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -42,7 +44,7 @@ def run(args) -> int:
 
     try:
         summary = train(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 2
     held = summary["held_out_loss"]

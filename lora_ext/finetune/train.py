@@ -3,10 +3,15 @@ train with AdamW, and write the adapter (PEFT format), the loss curve, a JSON su
 --merge, the merged model. Ctrl-C stops training and still saves what was trained."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from typing import Optional
 
 import torch
 
@@ -18,12 +23,37 @@ from .report import peak_memory_mib, plot_losses, write_summary
 STATE_NAME = "training_state.pt"
 
 
+class _CtrlC:
+    pressed = False
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+    """The first Ctrl-C stops the loop at the end of the step it lands in, so what is saved is whole
+    steps and a resumed run continues exactly; a second one interrupts at once."""
+    state = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state.pressed:
+            raise KeyboardInterrupt
+        state.pressed = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: no CUDA device is visible")
+        raise ValueError(f"--device {name}: no CUDA device is visible")
     return device
 
 
@@ -47,41 +77,68 @@ def _eval_loss(model, batches: list, device: torch.device) -> float:
     return total
 
 
-def _load_model(args, device: torch.device):
-    """(model, tokenizer, base path to record in adapter_config.json or None, whether to save the base)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is a slow fallback
-    resumed_base = os.path.join(args.resume, "base_model") if args.resume else None
-    if args.model:
-        model, tok = local_model(args.model, dtype)
-        return model, tok, os.path.abspath(args.model), False
-    if resumed_base and os.path.isdir(resumed_base):
-        model, tok = local_model(resumed_base, dtype)
-        return model, tok, os.path.abspath(resumed_base), False
-    model, tok = default_model(args.seed)
-    return model.to(dtype), tok, None, True
-
-
-def _adapter_dir(resume: str) -> str:
+def _previous_run(resume: str) -> tuple:
+    """(adapter directory, training state or {}) of the run --resume names: a finetune --out directory,
+    or an adapter directory alone."""
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume: no such directory: {resume}")
     nested = os.path.join(resume, "adapter")
-    return nested if os.path.isdir(nested) else resume
+    adapter = nested if os.path.isdir(nested) else resume
+    state_path = os.path.join(resume, STATE_NAME)
+    # On the CPU: the data generator's state must stay there; the optimizer moves its own state.
+    state = torch.load(state_path, map_location="cpu", weights_only=True) if os.path.isfile(state_path) else {}
+    return adapter, state
+
+
+def _base_path(args, adapter_dir: Optional[str]) -> Optional[str]:
+    """The base model's directory: --model, else the one the resumed adapter was trained on, else None
+    (the built-in model)."""
+    if args.model or not adapter_dir:
+        return args.model
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        recorded = json.load(f).get("base_model_name_or_path")
+    if not recorded or not os.path.isdir(recorded):
+        raise FileNotFoundError(f"--resume: the adapter was trained on {recorded!r}, which is not a local "
+                                f"directory here; pass --model")
+    return recorded
+
+
+def _qlora(args, state: dict) -> bool:
+    """--qlora/--no-qlora, or what the resumed run used; resuming with the other one is refused (the
+    adapter learned to correct that base)."""
+    before = state.get("qlora")
+    if args.qlora is not None and before is not None and args.qlora != before:
+        raise ValueError(f"--resume: that run trained {'QLoRA' if before else 'LoRA'}; drop "
+                         f"--{'no-' if args.qlora is False else ''}qlora to continue it")
+    return bool(args.qlora if args.qlora is not None else (True if before is None else before))
+
+
+def _load_model(path: Optional[str], device: torch.device, seed: int):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is a slow fallback
+    if path:
+        return local_model(path, dtype)
+    model, tok = default_model(seed)
+    return model.to(dtype), tok
 
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    if args.resume and not os.path.isdir(args.resume):
-        raise FileNotFoundError(f"--resume: no such directory: {args.resume}")
+    adapter_dir, state = _previous_run(args.resume) if args.resume else (None, {})
+    qlora = _qlora(args, state)
     texts = builtin_texts() if args.data is None else read_texts(args.data)  # bad paths fail before any work
-    model, tokenizer, base_path, save_base = _load_model(args, device)
+    base_path = _base_path(args, adapter_dir)
+    model, tokenizer = _load_model(base_path, device, args.seed)
     windows = Windows(token_stream(texts, tokenizer), args.seq_len, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    if save_base:  # the adapter needs its base: the built-in one exists only here, so keep a copy
-        base_path = os.path.abspath(os.path.join(args.out, "base_model"))
+    if base_path is None:  # the adapter needs its base: the built-in one exists only here, so keep a copy
+        base_path = os.path.join(args.out, "base_model")
         model.save_pretrained(base_path)
-    model.config.name_or_path = base_path or model.config.name_or_path
+    base_path = os.path.abspath(base_path)
+    model.config.name_or_path = base_path
     model.to(device)
-    quantize = "nf4" if args.qlora else None
-    if args.resume:
-        lora = LoraModel.from_pretrained(model, _adapter_dir(args.resume), quantize_base=quantize)
+    quantize = "nf4" if qlora else None
+    if adapter_dir:
+        lora = LoraModel.from_pretrained(model, adapter_dir, quantize_base=quantize)
     else:
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
         lora = get_peft_model(model, r=args.r, lora_alpha=args.alpha, target_modules=targets,
@@ -91,11 +148,8 @@ def run(args) -> dict:
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args.steps))
-    state_path = os.path.join(args.resume, STATE_NAME) if args.resume else None
     start, losses, eval_losses = 0, [], {}
-    if state_path and os.path.isfile(state_path):
-        # On the CPU: the data generator's state must stay there; the optimizer moves its own state.
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         windows.generator.set_state(state["generator"])
@@ -109,40 +163,41 @@ def run(args) -> dict:
 
     tokens_per_step = args.batch_size * args.seq_len
     eval_every = max(1, args.steps // 10)
-    step, interrupted, train_time = start, False, 0.0
+    step, train_time = start, 0.0
     bar = tqdm(total=args.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15)  # a log file gets a line every 15 s, not every step
-    try:
-        while step < args.steps:
-            t0 = time.perf_counter()
-            batch = windows.batch(args.batch_size).to(device)
-            loss = lora(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()  # synchronizes, so the step time below is real
-            train_time += time.perf_counter() - t0
-            losses.append(value)
-            step += 1
-            mem, _ = peak_memory_mib(device)
-            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_step * (step - start) / train_time:,.0f}",
-                            mem=f"{mem:,.0f}MiB")
-            bar.update(1)
-            if step % eval_every == 0:
-                eval_losses[step] = _eval_loss(lora, eval_batches, device)
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.write(f"interrupted at step {step}: saving what was trained so far")
-    finally:
-        bar.close()
+    with _stop_on_ctrl_c() as ctrl_c:
+        try:
+            while step < args.steps and not ctrl_c.pressed:
+                t0 = time.perf_counter()
+                batch = windows.batch(args.batch_size).to(device)
+                loss = lora(input_ids=batch, labels=batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = loss.item()  # synchronizes, so the step time below is real
+                train_time += time.perf_counter() - t0
+                losses.append(value)
+                step += 1
+                mem, _ = peak_memory_mib(device)
+                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_step * (step - start) / train_time:,.0f}",
+                                mem=f"{mem:,.0f}MiB")
+                bar.update(1)
+                if step % eval_every == 0:
+                    eval_losses[step] = _eval_loss(lora, eval_batches, device)
+        finally:
+            bar.close()
+    interrupted = ctrl_c.pressed
+    if interrupted:
+        print(f"interrupted at step {step}: saving what was trained so far", file=sys.stderr)
     if step not in eval_losses:
         eval_losses[step] = _eval_loss(lora, eval_batches, device)
 
     adapter_dir = os.path.join(args.out, "adapter")
     lora.save_pretrained(adapter_dir)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"step": step, "qlora": qlora, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": windows.generator.get_state(), "losses": losses, "eval_losses": eval_losses},
                os.path.join(args.out, STATE_NAME))
     peak, peak_kind = peak_memory_mib(device)
@@ -150,7 +205,7 @@ def run(args) -> dict:
     summary = {
         "model": args.model or "built-in Llama (config in lora_ext/finetune/base_model.py)",
         "base_model_path": base_path, "data": args.data or "built-in corpus (lora_ext/data)",
-        "device": str(device), "qlora": bool(args.qlora), "steps": step, "interrupted": interrupted,
+        "device": str(device), "qlora": qlora, "steps": step, "interrupted": interrupted,
         "resumed_from_step": start if args.resume else None,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
         "lora": {k: v for k, v in lora.peft_config[lora.active_adapter].to_peft().items()
@@ -166,7 +221,7 @@ def run(args) -> dict:
     }
     if losses:
         plot_losses(losses, eval_losses, os.path.join(args.out, "loss.png"),
-                    f"{'QLoRA' if args.qlora else 'LoRA'} fine-tuning, {step} steps")
+                    f"{'QLoRA' if qlora else 'LoRA'} fine-tuning, {step} steps")
     if args.merge:
         summary["merge"] = _merge(lora, eval_batches[0].to(device), os.path.join(args.out, "merged"), tokenizer)
     write_summary(summary, os.path.join(args.out, "summary.json"))
