@@ -69,8 +69,13 @@ def test_default_qlora_run_learns_and_peft_reads_the_adapter(tmp_path):
 
 def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     model = _tiny_local_model(tmp_path / "model")
+    from lora_ext.finetune.data import builtin_texts
+
+    text = tmp_path / "text.txt"
+    text.write_text(builtin_texts()[-1])
     common = ["--steps", "12", *SMALL]
-    assert main(["finetune", "--out", str(tmp_path / "straight"), "--model", model, "--no-qlora", *common]) == 0
+    first_only = ["--model", model, "--no-qlora", "--data", str(text)]
+    assert main(["finetune", "--out", str(tmp_path / "straight"), *first_only, *common]) == 0
     from lora_ext.finetune import data
 
     draw = data.Windows.batch
@@ -83,16 +88,16 @@ def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypa
         return draw(self, batch_size)
 
     monkeypatch.setattr(data.Windows, "batch", ctrl_c_during_the_sixth_step)
-    assert main(["finetune", "--out", str(tmp_path / "first"), "--model", model, "--no-qlora", *common]) == 0
+    assert main(["finetune", "--out", str(tmp_path / "first"), *first_only, *common]) == 0
     monkeypatch.setattr(data.Windows, "batch", draw)
     first = _summary(tmp_path / "first")
     assert first["interrupted"] and first["steps"] == 6
     assert "interrupted at step 6" in capsys.readouterr().err
-    # Resuming needs neither --model nor --no-qlora: both come from the run it continues.
+    # Resuming needs no --model, --no-qlora or --data: they come from the run it continues.
     assert main(["finetune", "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "first"), *common]) == 0
     s = _summary(tmp_path / "resumed")
     assert s["steps"] == 12 and s["resumed_from_step"] == 6 and not s["qlora"]
-    assert s["base_model_path"] == os.path.abspath(model)
+    assert s["base_model_path"] == os.path.abspath(model) and s["data"] == str(text)
     from safetensors.torch import load_file
 
     straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))

@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="finetune_out", help="output directory")
     p.add_argument("--merge", action="store_true", help="also save the merged model and print the merge error")
     p.add_argument("--resume", default=None, help="a previous --out directory (or adapter directory) to continue; "
-                                                  "its base model and --qlora setting carry over")
+                                                  "its base model, --qlora and --data carry over")
     p.add_argument("--seed", type=int, default=0)
 
 

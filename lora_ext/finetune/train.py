@@ -125,7 +125,8 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     adapter_dir, state = _previous_run(args.resume) if args.resume else (None, {})
     qlora = _qlora(args, state)
-    texts = builtin_texts() if args.data is None else read_texts(args.data)  # bad paths fail before any work
+    data = args.data if args.data is not None else state.get("data")  # a resumed run keeps its text
+    texts = builtin_texts() if data is None else read_texts(data)  # bad paths fail before any work
     base_path = _base_path(args, adapter_dir)
     model, tokenizer = _load_model(base_path, device, args.seed)
     windows = Windows(token_stream(texts, tokenizer), args.seq_len, seed=args.seed)
@@ -197,14 +198,15 @@ def run(args) -> dict:
 
     adapter_dir = os.path.join(args.out, "adapter")
     lora.save_pretrained(adapter_dir)
-    torch.save({"step": step, "qlora": qlora, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"step": step, "qlora": qlora, "data": data and os.path.abspath(data),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": windows.generator.get_state(), "losses": losses, "eval_losses": eval_losses},
                os.path.join(args.out, STATE_NAME))
     peak, peak_kind = peak_memory_mib(device)
     trained, total = lora.get_nb_trainable_parameters()
     summary = {
         "model": args.model or "built-in Llama (config in lora_ext/finetune/base_model.py)",
-        "base_model_path": base_path, "data": args.data or "built-in corpus (lora_ext/data)",
+        "base_model_path": base_path, "data": data or "built-in corpus (lora_ext/data)",
         "device": str(device), "qlora": qlora, "steps": step, "interrupted": interrupted,
         "resumed_from_step": start if args.resume else None,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
