@@ -199,3 +199,12 @@ def test_no_command_runs_finetune_on_its_defaults(monkeypatch):
     from lora_ext.finetune.train import _qlora
 
     assert _qlora(args, {}) is True  # QLoRA unless told otherwise
+
+
+def test_a_moved_default_run_resumes_on_its_saved_base(tmp_path):
+    assert main(["finetune", "--steps", "2", "--out", str(tmp_path / "run"), *SMALL]) == 0
+    os.rename(tmp_path / "run", tmp_path / "moved")  # the recorded base path no longer exists
+    assert main(["finetune", "--steps", "3", "--resume", str(tmp_path / "moved"), "--out", str(tmp_path / "next"),
+                 *SMALL]) == 0
+    s = _summary(tmp_path / "next")
+    assert s["steps"] == 3 and s["base_model_path"] == str(tmp_path / "moved" / "base_model") and s["qlora"]

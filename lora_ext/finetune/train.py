@@ -97,10 +97,12 @@ def _base_path(args, adapter_dir: Optional[str]) -> Optional[str]:
         return args.model
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         recorded = json.load(f).get("base_model_name_or_path")
-    if not recorded or not os.path.isdir(recorded):
-        raise FileNotFoundError(f"--resume: the adapter was trained on {recorded!r}, which is not a local "
-                                f"directory here; pass --model")
-    return recorded
+    beside = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "base_model")  # a moved built-in run
+    for candidate in (recorded, beside):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(f"--resume: the adapter was trained on {recorded!r}, which is not a local directory "
+                            f"here; pass --model")
 
 
 def _qlora(args, state: dict) -> bool:
