@@ -142,3 +142,19 @@ def test_missing_peers_are_notes_not_failures(tmp_path, monkeypatch):
     assert {r["peer"] for r in res["layers"]["rows"]} == {"frozen base", "lora_ext LoRA", "lora_ext QLoRA"}
     assert {r["peer"] for r in res["nf4"]["rows"]} == {"lora_ext", "lora_ext (into workspace)",
                                                        "reference (pure PyTorch)"}
+
+
+def test_a_failing_section_costs_only_itself(tmp_path, monkeypatch, capsys):
+    import lora_ext.bench.merge as merge_section
+
+    def broken(device, ceilings, scale):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(merge_section, "run", broken)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert cli.run(parse(["--only", "merge", "nf4", "--json", str(out), "--plot", str(png)]), scale="tiny") == 1
+    results = json.loads(out.read_text())
+    assert "kernel exploded" in results["merge"]["error"]
+    assert results["nf4"]["rows"]  # the section after it still ran
+    assert png_size(png)[0] > 0
+    assert "sections failed: merge" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import traceback
 
 _TAIL = ["ms", "bound", "fraction_of_ceiling"]
 _MEM = ["peak_MiB", "held_MiB"]
@@ -52,12 +53,19 @@ def run(args, scale: str | None = None) -> int:
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(0)
     print(f"## ceilings on {device.type}: {ceil.describe()}; fraction_of_ceiling is against the roofline they draw")
+    failed = []
     for name in args.only or list(SECTIONS):
         module, columns = SECTIONS[name]
-        result = importlib.import_module(f".{module}", __package__).run(device, ceil, scale)
+        print(f"\n## {name} on {device.type}", flush=True)
+        try:
+            result = importlib.import_module(f".{module}", __package__).run(device, ceil, scale)
+        except Exception:  # noqa: BLE001  (one broken section must not cost the others' numbers)
+            failed.append(name)
+            results[name] = {"error": traceback.format_exc()}
+            print(results[name]["error"], file=sys.stderr)
+            continue
         result["notes"] = list(dict.fromkeys(result["notes"]))  # the same skip, once per case, said once
         results[name] = result
-        print(f"\n## {name} on {device.type}")
         print(report.table(result["rows"], columns))
         for note in result["notes"]:
             print(f"note: {note}")
@@ -70,5 +78,9 @@ def run(args, scale: str | None = None) -> int:
     if args.plot:
         from . import plot
 
-        plot.write(args.plot, results, {name: cols for name, (_, cols) in SECTIONS.items() if name in results})
+        plot.write(args.plot, results, {name: cols for name, (_, cols) in SECTIONS.items()
+                                        if name in results and name not in failed})
+    if failed:
+        print(f"bench: sections failed: {', '.join(failed)} (tracebacks above and in the JSON)", file=sys.stderr)
+        return 1
     return 0
