@@ -57,6 +57,26 @@ def measure(fn: Callable, arg_sets: Sequence[tuple], device, warmup: int = 3, mi
     return Timing(statistics.median(times), min(times), len(times))
 
 
+def measure_interleaved(fns: dict, arg_sets: Sequence[tuple], warmup: int = 3, min_reps: int = 10,
+                        min_time_s: float = 0.3, max_reps: int = 200) -> dict:
+    """CPU timing of several functions in turns (A B C A B C ...), so a slow spell of a shared machine
+    falls on all of them alike rather than on whichever was being timed: name -> Timing."""
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(*arg_sets[i % len(arg_sets)])
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    i = 0
+    while i < max_reps and (i < min_reps or time.perf_counter() - start < min_time_s * len(fns)):
+        args = arg_sets[i % len(arg_sets)]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(*args)
+            times[name].append(time.perf_counter() - t0)
+        i += 1
+    return {name: Timing(statistics.median(t), min(t), len(t)) for name, t in times.items()}
+
+
 def rotation(make: Callable[[], tuple], working_set_bytes: int, device, cache_bytes: int | None = None) -> list:
     """Enough independent argument sets that cycling through them exceeds the cache (2x L2 on a GPU,
     2x 32 MiB on a CPU), capped at 8 sets."""
