@@ -36,9 +36,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 python - > "$OUT/env.json" 2>&1 <<'PY'
-import json, subprocess, torch
+import json, shutil, subprocess, torch
 gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip()
+                     capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,
                   "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, indent=2))
 PY
@@ -53,6 +53,7 @@ if command -v compute-sanitizer > /dev/null; then
   step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/gpu_smoke.py
 else
   echo "compute-sanitizer not found" > "$OUT/sanitizer.log"; failed+=("sanitizer")
+  echo "| sanitizer | FAILED (compute-sanitizer not found) | - |" >> "$OUT/steps.md"
 fi
 step finetune 120 python -m lora_ext finetune --device cuda --steps 100 --out "$OUT/finetune"
 step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json" --plot "$OUT/bench.png"
