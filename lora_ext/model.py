@@ -293,9 +293,6 @@ class LoraModel(nn.Module):
         """The modules_to_save wrappers, by path."""
         return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
-    def _bias_owner(self, except_name: Optional[str] = None) -> Optional[str]:
-        return next((n for n, c in self.peft_config.items() if c.bias != "none" and n != except_name), None)
-
     # ---------------------------------------------------------------- save / load (PEFT format)
     def _adapter_state(self, adapter_name: str) -> dict:
         """What an adapter saves, by model path: lora_A/lora_B, its biases (bias != 'none'; biases are
@@ -406,12 +403,13 @@ class LoraModel(nn.Module):
     def _check_trained_parts(self, config: LoraConfig, saved: list, adapter_name: str, origin: str) -> None:
         """Biases belong to the base: one adapter at most trains them (as in PEFT), and bias='all' does not
         mix with modules_to_save (see _saved_paths), whichever adapter brings which."""
-        owner = self._bias_owner(except_name=adapter_name)
+        others = {n: c for n, c in self.peft_config.items() if n != adapter_name}
+        owner = next((n for n, c in others.items() if c.bias != "none"), None)
         if config.bias != "none" and owner is not None:
             raise ValueError(f"{origin}: bias={config.bias!r}, but adapter {owner!r} already trains the biases; "
                              f"biases belong to the base, so only one adapter of a model may train them (as in PEFT)")
         others_wrapped = any(set(w.modules_to_save) - {adapter_name} for w in self.saved_modules().values())
-        all_owner = any(c.bias == "all" for n, c in self.peft_config.items() if n != adapter_name)
+        all_owner = any(c.bias == "all" for c in others.values())
         if (config.bias == "all" and others_wrapped) or (saved and all_owner):
             raise ValueError(f"{origin}: bias='all' together with modules_to_save (in another adapter of this model) "
                              f"is not supported; use bias='lora_only'")

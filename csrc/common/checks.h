@@ -23,6 +23,16 @@ inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// float64 too: accepted where gradcheck runs the ops.
+inline bool is_float_or_double(at::ScalarType t) { return is_float_type(t) || t == at::kDouble; }
+
+// Rows of t seen as a matrix over its last dimension (the product of the leading dims).
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 inline void check_float_type(at::ScalarType t, const char* what) {
   LORA_CHECK(is_float_type(t), what, " must be float32, float16 or bfloat16, got ", t);
 }

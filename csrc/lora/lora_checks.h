@@ -13,7 +13,7 @@ struct LoraDims {
 inline LoraDims check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                 double dropout_p) {
   LORA_CHECK(x.dim() >= 1, op, ": input must have at least one dimension");
-  LORA_CHECK(is_float_type(x.scalar_type()) || x.scalar_type() == at::kDouble, op,
+  LORA_CHECK(is_float_or_double(x.scalar_type()), op,
              ": input must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
   LORA_CHECK(A.dim() == 2 && B.dim() == 2, op, ": lora_A must be (r, in_features) and lora_B (out_features, r), got ",
              A.sizes(), " and ", B.sizes());
@@ -23,13 +23,12 @@ inline LoraDims check_lora_args(const char* op, const at::Tensor& x, const at::T
   LORA_CHECK(B.size(1) == r, op, ": lora_B must be (out_features, ", r, ") to match lora_A's rank, got ", B.sizes());
   LORA_CHECK(A.scalar_type() == B.scalar_type(), op, ": lora_A and lora_B must share a dtype, got ", A.scalar_type(),
              " and ", B.scalar_type());
-  LORA_CHECK(is_float_type(A.scalar_type()) || A.scalar_type() == at::kDouble, op,
+  LORA_CHECK(is_float_or_double(A.scalar_type()), op,
              ": adapter weights must be floating point, got ", A.scalar_type());
   check_same_device(A, x, "lora_A");
   check_same_device(B, x, "lora_B");
   LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout must be in [0, 1), got ", dropout_p);
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  const int64_t M = leading_rows(x);
   return {M, K, B.size(0), r};
 }
 

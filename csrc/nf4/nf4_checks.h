@@ -108,7 +108,7 @@ inline LinearArgs check_linear_args(const char* op, const at::Tensor& x, const a
                                     const c10::optional<at::Tensor>& nested_code,
                                     const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
   // float64 is accepted for gradcheck: it runs the BLAS path on the exact fp32 dequantized weight.
-  LORA_CHECK(is_float_type(x.scalar_type()) || x.scalar_type() == at::kDouble, op,
+  LORA_CHECK(is_float_or_double(x.scalar_type()), op,
              ": input must be float32, float16 or bfloat16 (or float64), got ", x.scalar_type());
   LORA_CHECK(x.dim() >= 1, op, ": input must have at least one dimension, got a scalar");
   LORA_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
@@ -123,8 +123,7 @@ inline LinearArgs check_linear_args(const char* op, const at::Tensor& x, const a
     LORA_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (", out_features,
                ",), got ", bias->sizes());
   }
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  const int64_t M = leading_rows(x);
   return {M, out_features, K, w};
 }
 
@@ -134,7 +133,7 @@ inline LinearArgs check_grad_input_args(const at::Tensor& grad_out, const at::Te
                                         const c10::optional<at::Tensor>& nested_code,
                                         const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
   const char* op = "nf4_linear_grad_input";
-  LORA_CHECK(is_float_type(grad_out.scalar_type()) || grad_out.scalar_type() == at::kDouble, op,
+  LORA_CHECK(is_float_or_double(grad_out.scalar_type()), op,
              ": grad_output must be float32, float16 or bfloat16 (or float64), got ", grad_out.scalar_type());
   LORA_CHECK(grad_out.dim() >= 1, op, ": grad_output must have at least one dimension");
   LORA_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
@@ -143,8 +142,7 @@ inline LinearArgs check_grad_input_args(const at::Tensor& grad_out, const at::Te
   const auto w = check_dequantize_args(packed, absmax, blocksize, {N, in_features},
                                        weight_dtype(grad_out.scalar_type()), nested_absmax, nested_code, offset,
                                        nested_blocksize);
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < grad_out.dim(); ++d) M *= grad_out.size(d);
+  const int64_t M = leading_rows(grad_out);
   return {M, N, in_features, w};
 }
 
