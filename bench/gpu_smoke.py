@@ -57,6 +57,23 @@ def main() -> int:
     for a, b in zip(g, g_ref):
         if not torch.allclose(a.float().cpu(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item()):
             failures.append("lora_backward")
+    # The low-rank kernels against the CPU operator: split-K over >= 1024 tokens, r > 64 (two column
+    # tiles), K % 4 != 0 (dropout drawn per element), an unaligned x (no vector loads), r = 1.
+    for M, K, N, r, p, dtype, offset in [(1100, 36, 20, 12, 0.3, torch.bfloat16, 0),
+                                         (1030, 33, 70, 80, 0.2, torch.float16, 0),
+                                         (67, 40, 17, 16, 0.1, torch.bfloat16, 1), (5, 7, 3, 1, 0.0, torch.float32, 0)]:
+        x = torch.randn(M * K + offset, dtype=dtype)[offset:].view(M, K)
+        base, dy = torch.randn(M, N, dtype=dtype), torch.randn(M, N, dtype=dtype)
+        A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5
+        y, T = torch.ops.lora_ext.lora_forward(x, base, A, B, 0.5, p, 3)
+        grads = torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.5, p, 3)
+        xg = torch.empty(M * K + offset, dtype=dtype, device="cuda")[offset:].view(M, K).copy_(x)
+        y_g, T_g = torch.ops.lora_ext.lora_forward(xg, base.cuda(), A.cuda(), B.cuda(), 0.5, p, 3)
+        grads_g = torch.ops.lora_ext.lora_backward(dy.cuda(), xg, T_g, A.cuda(), B.cuda(), 0.5, p, 3)
+        for name, a, b in [("y", y_g, y), ("T", T_g, T)] + list(zip(("dx", "dA", "dB"), grads_g, grads)):
+            tol = 1e-5 if a.dtype == torch.float32 else 1e-2
+            if not torch.allclose(a.float().cpu(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item()):
+                failures.append(("lora kernels", name, M, K, N, r, p))
     # Merge: fp64 delta, one rounding; the CUDA bits equal the CPU's.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         W = torch.randn(37, 301).to(dtype)

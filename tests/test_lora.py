@@ -9,7 +9,7 @@ from torch import nn
 import lora_ext
 from lora_ext import reference as R
 
-from conftest import requires_c
+from conftest import requires_c, requires_cuda
 
 pytestmark = requires_c
 
@@ -106,6 +106,63 @@ def test_bf16_activations_fp32_adapters(device):
     _close(y, y_ref, 2e-2)
     for a, b in zip(g, g_ref):
         _close(a, b, 2e-2)
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of t's dtype at each of t's values, in fp64."""
+    fi = torch.finfo(t.dtype)
+    mag = t.double().abs().clamp_min(fi.smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
+
+
+@pytest.mark.parametrize("act, adapter", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                          (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_outputs_rounded_once_from_fp32(device, act, adapter):
+    """y and dx are computed in fp32 and rounded once to the activations' dtype, whatever the adapters
+    are stored in: against the fp64 reference rounded once, all within one ulp and nearly all equal
+    (rounding the LoRA term and the sum separately would miss in a large share of elements). x is
+    3-D and non-contiguous; dropout is on."""
+    K, N, r, p, seed = 203, 77, 12, 0.2, 31
+    x = torch.randn(37, 3, K, device=device).to(act).transpose(0, 1)
+    base_out = torch.randn(3, 37, N, device=device).to(act)
+    A = (torch.randn(r, K, device=device) / math.sqrt(K)).to(adapter)
+    B = torch.randn(N, r, device=device).to(adapter)
+    inputs = [t.detach().clone().requires_grad_(True) for t in (x, base_out, A, B)]
+    inputs64 = [t.detach().double().requires_grad_(True) for t in (x, base_out, A, B)]
+    y = lora_ext.ops.lora_forward(*inputs, 1.7, p, seed)
+    y_ref = R.lora_forward(*inputs64, 1.7, p, seed)[0]
+    dy = torch.randn_like(y)  # the same (rounded) values for both
+    g = torch.autograd.grad(y, inputs, dy)
+    g_ref = torch.autograd.grad(y_ref, inputs64, dy.double())
+    assert y.dtype == act and g[0].dtype == act and g[2].dtype == adapter and g[3].dtype == adapter
+    for ours, ref in [(y, y_ref), (g[0], g_ref[0])]:
+        ref_once = ref.to(act)
+        miss = (ours.double() - ref_once.double()).abs() > 0
+        fp32_sums = 1e-6 * ref.abs().max().item()  # where a sum cancels, fp32's error outweighs an ulp
+        assert ((ours.double() - ref.double()).abs() <= _ulp(ref_once) + fp32_sums).all()
+        if act != torch.float32:  # 16-bit outputs: fp32's own error rarely moves the rounding
+            assert miss.double().mean().item() < 0.01, miss.double().mean().item()
+    for ours, ref in zip(g[2:], g_ref[2:]):  # dA, dB: fp32 sums rounded once to the adapters' dtype
+        _close(ours, ref, 1e-5 if adapter == torch.float32 else 1e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("M, K, N, r, p", [(1, 1, 1, 1, 0.0), (7, 4097, 33, 12, 0.1), (4096, 300, 260, 64, 0.3),
+                                           (2048, 129, 65, 256, 0.0), (333, 5, 4100, 3, 0.5)])
+def test_cuda_kernels_match_the_cpu_operator(M, K, N, r, p):
+    """The CUDA low-rank kernels against the CPU operator (their twin) on the same fp32 inputs: odd
+    sizes, one-element tiles, several column tiles (r = 256), split-K reductions over 4096 tokens."""
+    x, base_out, A, B = _lora_inputs((M,), K, N, r, "cpu")
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        outs[dev] = _grads(lambda x, b, A, B: lora_ext.ops.lora_forward(x, b, A, B, 0.75, p, 17),
+                           [t.to(dev) for t in (x, base_out, A, B)])
+    (y, g), (y_cpu, g_cpu) = outs["cuda"], outs["cpu"]
+    _close(y.cpu(), y_cpu, 1e-5)
+    for a, b in zip(g, g_cpu):
+        _close(a.cpu(), b, 1e-5)
+    if p > 0:
+        assert torch.equal(g[0].cpu() == 0, g_cpu[0] == 0), "the same elements of x dropped on both devices"
 
 
 def test_opcheck(device):

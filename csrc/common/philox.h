@@ -41,7 +41,10 @@ LORA_HD Philox4 philox4x32_10(uint64_t counter, uint64_t seed) {
 // keep_threshold = round((1 - p) * 2^32), as a 64-bit value so p = 0 keeps everything.
 LORA_HD bool dropout_keep(uint64_t e, uint64_t seed, uint64_t keep_threshold) {
   const Philox4 r = philox4x32_10(e >> 2, seed);
-  return static_cast<uint64_t>(r.v[e & 3]) < keep_threshold;
+  // A select rather than r.v[e & 3]: a dynamic index would put r in local memory on the GPU.
+  const uint32_t j = static_cast<uint32_t>(e & 3);
+  const uint32_t draw = j == 0 ? r.v[0] : j == 1 ? r.v[1] : j == 2 ? r.v[2] : r.v[3];
+  return static_cast<uint64_t>(draw) < keep_threshold;
 }
 
 }  // namespace lora_ext

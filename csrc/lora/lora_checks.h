@@ -1,6 +1,8 @@
 // Argument rules of the LoRA operators, shared by the CPU and CUDA glue.
 #pragma once
 
+#include <initializer_list>
+
 #include "common/checks.h"
 
 namespace lora_ext {
@@ -30,6 +32,40 @@ inline LoraDims check_lora_args(const char* op, const at::Tensor& x, const at::T
   LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout must be in [0, 1), got ", dropout_p);
   const int64_t M = leading_rows(x);
   return {M, K, B.size(0), r};
+}
+
+inline LoraDims check_forward_args(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A,
+                                   const at::Tensor& B, double dropout_p) {
+  const auto d = check_lora_args("lora_forward", x, A, B, dropout_p);
+  LORA_CHECK(base_out.dim() == x.dim() && base_out.size(-1) == d.N && base_out.numel() == d.M * d.N,
+             "lora_forward: base output must have the input's leading dims and ", d.N, " features, got ",
+             base_out.sizes(), " for input ", x.sizes());
+  LORA_CHECK(is_float_or_double(base_out.scalar_type()), "lora_forward: base output must be floating point, got ",
+             base_out.scalar_type());
+  check_same_device(base_out, x, "lora_forward: base output");
+  return d;
+}
+
+inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& T,
+                                    const at::Tensor& A, const at::Tensor& B, double dropout_p) {
+  const auto d = check_lora_args("lora_backward", x, A, B, dropout_p);
+  LORA_CHECK(grad_y.numel() == d.M * d.N, "lora_backward: grad_output must have ", d.M * d.N, " elements, got ",
+             grad_y.sizes());
+  LORA_CHECK(is_float_or_double(grad_y.scalar_type()), "lora_backward: grad_output must be floating point, got ",
+             grad_y.scalar_type());
+  LORA_CHECK(T.dim() == 2 && T.size(0) == d.M && T.size(1) == d.r, "lora_backward: T must be (", d.M, ", ", d.r,
+             "), got ", T.sizes());
+  check_same_device(grad_y, x, "lora_backward: grad_output");
+  check_same_device(T, x, "lora_backward: T");
+  return d;
+}
+
+// The dtype the low-rank products are computed in: fp32 (whatever the activations and adapters are
+// stored in), or fp64 when any operand is fp64 (gradcheck).
+inline at::ScalarType compute_dtype(std::initializer_list<at::ScalarType> types) {
+  for (const auto t : types)
+    if (t == at::kDouble) return at::kDouble;
+  return at::kFloat;
 }
 
 }  // namespace lora

@@ -1,4 +1,4 @@
-// Parameters and launcher of the LoRA dropout CUDA kernel (plain C++: no torch headers).
+// Parameters and launchers of the LoRA CUDA kernels (plain C++: no torch headers).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,6 +21,33 @@ struct DropoutParams {
 };
 
 void launch_dropout(const DropoutParams& p, cudaStream_t stream);
+
+// One skinny product of the LoRA branch: out (M x N, contiguous) = alpha * a (M x K) * b (K x N)
+// [+ addend], fp32 accumulation, rounded once to out_dtype. Operands are read through strides, so
+// the transposes the backward needs (dy^T, x^T) are never copied. a is the big operand (x, dy) in
+// the activation dtype, or fp32 (T, dT); b is always fp32 and small (the adapters, T, dT).
+struct LowRankGemmParams {
+  const void* a;
+  int64_t a_stride_m, a_stride_k;
+  DType a_dtype;  // any of fp32/fp16/bf16 when out is fp32; fp32 otherwise
+  const float* b;
+  int64_t b_stride_k, b_stride_n;
+  const void* addend;  // M x N contiguous in out_dtype, or null
+  void* out;
+  DType out_dtype;
+  float* workspace;  // splits * M * N floats when splits > 1: one partial sum per K slice
+  int64_t M, N, K;
+  int splits;  // K is cut into this many slices, summed in order afterwards (deterministic)
+  float alpha;
+  bool dropout_a;    // a's elements dropped by their offset in a (a is x: the element index of x)
+  bool dropout_out;  // alpha * acc dropped by its index i * N + j in out (out is dx)
+  DropoutSpec dropout;
+};
+
+// Blocks of output a launch makes before any K split, to choose `splits`.
+int64_t lowrank_gemm_tiles(int64_t M, int64_t N);
+// false (nothing launched) for a dtype pair the LoRA branch does not use.
+bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream);
 
 }  // namespace lora
 }  // namespace lora_ext
