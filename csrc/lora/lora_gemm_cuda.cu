@@ -1,204 +1,25 @@
-// The skinny products of the LoRA branch on CUDA cores. Forward: T = dropout(x) A^T, then
-// y = base + s T B^T. Backward: dT = s dy B, dB = s dy^T T, dA^T = dropout(x)^T dT, and
-// dx = dropout'(dT A). Each is one launch of the kernel below. It reads the big operand (x or dy)
-// once per column tile in its own dtype, converts and drops out in registers, and accumulates in
-// fp32. There is no cast pass, no dropout(x) copy and no materialized transpose.
-//
-// Tiling: 256 threads own a 64 x (16 * kTN) output tile (4 x kTN values each), and K is walked in
-// steps of 16 through shared memory. kTN = 1 for outputs 16 columns wide or less (r <= 16), 4 otherwise.
-// Reductions over tokens (dB, dA) have few output tiles. Their K is cut into `splits` slices whose
-// fp32 partial sums are added in order by a second kernel: deterministic, no atomics.
-#include <cstdint>
-#include <type_traits>
-
-#include "common/cuda_types.cuh"
-#include "lora/lora_launch.h"
+// Launchers of the LoRA low-rank kernels (lora_gemm.cuh): one launch per product of the LoRA
+// branch, plus the in-order sum of the K slices when a product's K was split.
+#include "lora/lora_gemm.cuh"
 
 namespace lora_ext {
 namespace lora {
-namespace {
 
-constexpr int kThreads = 256;  // 16 x 16
-constexpr int kBM = 64;        // output rows per block
-constexpr int kTM = 4;         // output rows per thread
-constexpr int kBK = 16;        // K per shared-memory step
-static_assert(kBM * kBK == 4 * kThreads, "each thread stages 4 elements of the A tile");
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The one rounding of an output value: alpha * acc, dropout (dx), + addend (base output). `draw` is
-// element e's Philox word when the caller drew it for a group of four (`drawn`).
-template <typename TC>
-__device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int64_t e, bool drawn, uint32_t draw) {
-  float v = mul_rn(p.alpha, acc);
-  if (p.dropout_out) {
-    const bool keep = drawn ? draw < p.dropout.keep_threshold
-                                      : dropout_keep(static_cast<uint64_t>(e), p.dropout.seed, p.dropout.keep_threshold);
-    v = keep ? mul_rn(v, p.dropout.inv_keep) : 0.0f;
-  }
-  if (p.addend != nullptr) v = add_rn(v, to_float(static_cast<const TC*>(p.addend)[e]));
-  return from_float<TC>(v);
+int64_t lowrank_gemm_tiles(int64_t M, int64_t N) {
+  return lowrank::ceil_div(M, lowrank::kBM) * lowrank::ceil_div(N, 16 * lowrank::tile_n(N));
 }
-
-// Each thread stages 4 elements of the 64 x 16 A tile that are consecutive along a's contiguous
-// dimension. One Philox call draws the dropout of all four when they form one aligned group of x
-// (x's flat index 4c..4c+3), and the four are read with one 8- or 16-byte load when aligned.
-template <typename TA>
-__device__ __forceinline__ void load_a_group(const LowRankGemmParams& p, const TA* a, bool along_k, int64_t i0,
-                                             int64_t k0, int64_t ke, float (*a_s)[kBM + 4]) {
-  const int t = threadIdx.x;
-  const int ii = along_k ? t >> 2 : (t & 15) * 4;
-  const int kk = along_k ? (t & 3) * 4 : t >> 4;
-  const int64_t i = i0 + ii, k = k0 + kk;
-  const int64_t step = along_k ? p.a_stride_k : p.a_stride_m;  // offset between the four
-  const int64_t off = i * p.a_stride_m + k * p.a_stride_k;
-  bool in[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) in[c] = along_k ? (i < p.M && k + c < ke) : (i + c < p.M && k < ke);
-  float v[4];
-  if (step == 1 && in[3] && reinterpret_cast<uintptr_t>(a + off) % (4 * sizeof(TA)) == 0) {
-    using Vec = std::conditional_t<sizeof(TA) == 2, uint2, uint4>;
-    const Vec raw = *reinterpret_cast<const Vec*>(a + off);
-    const TA* vals = reinterpret_cast<const TA*>(&raw);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) v[c] = to_float(vals[c]);
-  } else {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) v[c] = in[c] ? to_float(a[off + c * step]) : 0.0f;
-  }
-  if (p.dropout_a) {
-    if (step == 1 && off % 4 == 0) {
-      const Philox4 r = philox4x32_10(static_cast<uint64_t>(off) >> 2, p.dropout.seed);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = r.v[c] < p.dropout.keep_threshold ? mul_rn(v[c], p.dropout.inv_keep) : 0.0f;
-    } else {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = dropout_apply(v[c], static_cast<uint64_t>(off + c * step), p.dropout);
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < 4; ++c) a_s[along_k ? kk + c : kk][along_k ? ii : ii + c] = v[c];
-}
-
-template <typename TA, typename TC, int kTN>
-__global__ void __launch_bounds__(kThreads) lowrank_gemm_kernel(LowRankGemmParams p) {
-  constexpr int kBN = 16 * kTN;
-  // +4 floats of padding per row: fewer bank conflicts on the transposed stores
-  __shared__ float a_s[kBK][kBM + 4];
-  __shared__ float b_s[kBK][kBN + 4];
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int64_t slice = ceil_div(ceil_div(p.K, p.splits), kBK) * kBK;
-  const int64_t kb = static_cast<int64_t>(blockIdx.z) * slice;
-  const int64_t ke = kb + slice < p.K ? kb + slice : p.K;  // an empty slice (kb >= K) writes zeros
-  const TA* a = static_cast<const TA*>(p.a);
-  // Threads load along whichever dimension is contiguous, so the loads coalesce.
-  const bool a_along_k = p.a_stride_k == 1;
-  const bool b_along_n = p.b_stride_n == 1;
-
-  float acc[kTM][kTN];
-#pragma unroll
-  for (int m = 0; m < kTM; ++m)
-#pragma unroll
-    for (int n = 0; n < kTN; ++n) acc[m][n] = 0.0f;
-
-  for (int64_t k0 = kb; k0 < ke; k0 += kBK) {
-    load_a_group(p, a, a_along_k, i0, k0, ke, a_s);
-    for (int idx = tid; idx < kBK * kBN; idx += kThreads) {
-      const int jj = b_along_n ? idx % kBN : idx / kBK;
-      const int kk = b_along_n ? idx / kBN : idx % kBK;
-      const int64_t k = k0 + kk, j = j0 + jj;
-      b_s[kk][jj] = (k < ke && j < p.N) ? p.b[k * p.b_stride_k + j * p.b_stride_n] : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[kTM], bv[kTN];
-#pragma unroll
-      for (int m = 0; m < kTM; ++m) av[m] = a_s[kk][ty * kTM + m];
-#pragma unroll
-      for (int n = 0; n < kTN; ++n) bv[n] = b_s[kk][tx * kTN + n];
-#pragma unroll
-      for (int m = 0; m < kTM; ++m)
-#pragma unroll
-        for (int n = 0; n < kTN; ++n) acc[m][n] = fmaf(av[m], bv[n], acc[m][n]);
-    }
-    __syncthreads();
-  }
-
-  const int64_t mn = p.M * p.N;
-  TC* out = static_cast<TC*>(p.out);
-#pragma unroll
-  for (int m = 0; m < kTM; ++m) {
-    const int64_t i = i0 + ty * kTM + m;
-    if (i >= p.M) break;
-    // dx's dropout: one Philox call for this thread's 4 outputs of the row when they are one group
-    const int64_t e0 = i * p.N + j0 + tx * kTN;
-    const bool grouped = kTN == 4 && p.dropout_out && p.splits == 1 && e0 % 4 == 0;
-    Philox4 r{};
-    if (grouped) r = philox4x32_10(static_cast<uint64_t>(e0) >> 2, p.dropout.seed);
-#pragma unroll
-    for (int n = 0; n < kTN; ++n) {
-      const int64_t j = j0 + tx * kTN + n;
-      if (j >= p.N) break;
-      const int64_t e = e0 + n;
-      if (p.splits > 1) {
-        p.workspace[static_cast<int64_t>(blockIdx.z) * mn + e] = acc[m][n];
-      } else {
-        out[e] = finish<TC>(p, acc[m][n], e, grouped, r.v[n]);
-      }
-    }
-  }
-}
-
-// Sums the K slices' partial products in slice order, then rounds once as the main kernel would.
-template <typename TC>
-__global__ void __launch_bounds__(kThreads) split_sum_kernel(LowRankGemmParams p) {
-  const int64_t mn = p.M * p.N;
-  TC* out = static_cast<TC*>(p.out);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < mn; e += stride) {
-    float s = 0.0f;
-    for (int z = 0; z < p.splits; ++z) s = add_rn(s, p.workspace[z * mn + e]);
-    out[e] = finish<TC>(p, s, e, false, 0u);
-  }
-}
-
-template <typename TA, typename TC>
-void launch_typed(const LowRankGemmParams& p, cudaStream_t stream) {
-  const unsigned gx = static_cast<unsigned>(ceil_div(p.M, kBM));
-  const unsigned gz = static_cast<unsigned>(p.splits);
-  if (p.N <= 16) {
-    lowrank_gemm_kernel<TA, TC, 1><<<dim3(gx, static_cast<unsigned>(ceil_div(p.N, 16)), gz), kThreads, 0, stream>>>(p);
-  } else {
-    lowrank_gemm_kernel<TA, TC, 4><<<dim3(gx, static_cast<unsigned>(ceil_div(p.N, 64)), gz), kThreads, 0, stream>>>(p);
-  }
-  if (p.splits > 1) split_sum_kernel<TC><<<grid_for(p.M * p.N, kThreads), kThreads, 0, stream>>>(p);
-}
-
-}  // namespace
-
-int64_t lowrank_gemm_tiles(int64_t M, int64_t N) { return ceil_div(M, kBM) * ceil_div(N, N <= 16 ? 16 : 64); }
 
 bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
+  using namespace lowrank;
   if (p.M == 0 || p.N == 0) return true;
-  // The pairs the LoRA branch uses: a big operand in, fp32 out (T, dT, dB, dA), or fp32 in, the
-  // activation dtype out (y, dx). The glue never asks for another.
-  if (p.out_dtype == DType::kFloat32 && p.a_dtype == DType::kFloat32) {
-    launch_typed<float, float>(p, stream);
-  } else if (p.out_dtype == DType::kFloat32 && p.a_dtype == DType::kFloat16) {
-    launch_typed<__half, float>(p, stream);
-  } else if (p.out_dtype == DType::kFloat32 && p.a_dtype == DType::kBFloat16) {
-    launch_typed<__nv_bfloat16, float>(p, stream);
-  } else if (p.a_dtype == DType::kFloat32 && p.out_dtype == DType::kFloat16) {
-    launch_typed<float, __half>(p, stream);
-  } else if (p.a_dtype == DType::kFloat32 && p.out_dtype == DType::kBFloat16) {
-    launch_typed<float, __nv_bfloat16>(p, stream);
-  } else {
-    return false;  // fp64 goes through the cuBLAS composite
-  }
-  return true;
+  return dispatch_pair(p, [&]<typename TA, typename TC>() {
+    if (tile_n(p.N) == 1) {
+      lowrank_gemm_kernel<TA, TC, 1><<<gemm_grid(p), kThreads, 0, stream>>>(p);
+    } else {
+      lowrank_gemm_kernel<TA, TC, 4><<<gemm_grid(p), kThreads, 0, stream>>>(p);
+    }
+    if (p.splits > 1) split_sum_kernel<TC><<<split_sum_grid(p), kThreads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace lora
