@@ -19,6 +19,16 @@ def seed(request):
     return s
 
 
+@pytest.fixture(scope="session")
+def emulated(tmp_path_factory):
+    """The CUDA kernels and launchers, built for the CPU (tests/emulated.py)."""
+    import emulated as emu
+    lib, why = emu.build(str(tmp_path_factory.mktemp("cuda_emulation")))
+    if lib is None:
+        pytest.skip(why)
+    return lib
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

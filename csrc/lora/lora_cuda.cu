@@ -2,6 +2,7 @@
 #include <cstdint>
 
 #include "common/cuda_types.cuh"
+#include "common/launch.cuh"
 #include "lora/lora_launch.h"
 
 namespace lora_ext {
@@ -43,10 +44,10 @@ void launch_dropout(const DropoutParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
   const unsigned grid = grid_for((p.n + 3) / 4, kThreads);
   switch (p.dtype) {
-    case DType::kFloat16: dropout_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kBFloat16: dropout_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kFloat64: dropout_kernel<double><<<grid, kThreads, 0, stream>>>(p); break;
-    default: dropout_kernel<float><<<grid, kThreads, 0, stream>>>(p);
+    case DType::kFloat16: launch_kernel(dropout_kernel<__half>, grid, kThreads, stream, p); break;
+    case DType::kBFloat16: launch_kernel(dropout_kernel<__nv_bfloat16>, grid, kThreads, stream, p); break;
+    case DType::kFloat64: launch_kernel(dropout_kernel<double>, grid, kThreads, stream, p); break;
+    default: launch_kernel(dropout_kernel<float>, grid, kThreads, stream, p);
   }
 }
 

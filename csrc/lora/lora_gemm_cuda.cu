@@ -1,5 +1,6 @@
 // Launchers of the LoRA low-rank kernels (lora_gemm.cuh): one launch per product of the LoRA
 // branch, plus the in-order sum of the K slices when a product's K was split.
+#include "common/launch.cuh"
 #include "lora/lora_gemm.cuh"
 
 namespace lora_ext {
@@ -14,11 +15,11 @@ bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return true;
   return dispatch_pair(p, [&]<typename TA, typename TC>() {
     if (tile_n(p.N) == 1) {
-      lowrank_gemm_kernel<TA, TC, 1><<<gemm_grid(p), kThreads, 0, stream>>>(p);
+      launch_kernel(lowrank_gemm_kernel<TA, TC, 1>, gemm_grid(p), kThreads, stream, p);
     } else {
-      lowrank_gemm_kernel<TA, TC, 4><<<gemm_grid(p), kThreads, 0, stream>>>(p);
+      launch_kernel(lowrank_gemm_kernel<TA, TC, 4>, gemm_grid(p), kThreads, stream, p);
     }
-    if (p.splits > 1) split_sum_kernel<TC><<<split_sum_grid(p), kThreads, 0, stream>>>(p);
+    if (p.splits > 1) launch_kernel(split_sum_kernel<TC>, split_sum_grid(p), kThreads, stream, p);
   });
 }
 

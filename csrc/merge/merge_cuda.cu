@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "common/cuda_types.cuh"
+#include "common/launch.cuh"
 #include "merge/merge_common.h"
 #include "merge/merge_launch.h"
 
@@ -43,9 +44,9 @@ void launch_merge(const MergeParams& p, cudaStream_t stream) {
   if (p.d == 0 || p.k == 0) return;
   const dim3 grid(static_cast<unsigned>((p.k + kThreads - 1) / kThreads), static_cast<unsigned>((p.d + kRows - 1) / kRows));
   switch (p.dtype) {
-    case DType::kFloat16: merge_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kBFloat16: merge_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    default: merge_kernel<float><<<grid, kThreads, 0, stream>>>(p);
+    case DType::kFloat16: launch_kernel(merge_kernel<__half>, grid, kThreads, stream, p); break;
+    case DType::kBFloat16: launch_kernel(merge_kernel<__nv_bfloat16>, grid, kThreads, stream, p); break;
+    default: launch_kernel(merge_kernel<float>, grid, kThreads, stream, p);
   }
 }
 

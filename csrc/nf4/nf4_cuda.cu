@@ -1,7 +1,9 @@
 // NF4 CUDA kernels. The per-element math is nf4_common.h, shared with the CPU kernels.
 #include <cstdint>
+#include <cstring>
 
 #include "common/cuda_types.cuh"
+#include "common/launch.cuh"
 #include "nf4/nf4_common.h"
 #include "merge/merge_common.h"
 #include "nf4/nf4_launch.h"
@@ -144,7 +146,11 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(DequantizePara
       }
       uint4* dst = reinterpret_cast<uint4*>(out + start);
 #pragma unroll
-      for (int k = 0; k < static_cast<int>(kChunk * sizeof(T) / 16); ++k) dst[k] = reinterpret_cast<const uint4*>(vals)[k];
+      for (int k = 0; k < static_cast<int>(kChunk * sizeof(T) / 16); ++k) {
+        uint4 v;  // memcpy, not a uint4* into vals: that breaks strict aliasing (register moves either way)
+        memcpy(&v, reinterpret_cast<const char*>(vals) + 16 * k, 16);
+        dst[k] = v;
+      }
     } else {
       const int64_t end = min(start + kChunk, p.n);
       for (int64_t i = start; i < end; ++i) {
@@ -181,8 +187,8 @@ template <typename Source>
 void quantize_from(const Source& src, const ScaleSource& scales, uint8_t* packed, float* absmax, int64_t n,
                    int blocksize_log2, cudaStream_t stream) {
   const long long nblocks = (n + (int64_t{1} << blocksize_log2) - 1) >> blocksize_log2;
-  quantize_nf4_kernel<Source><<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(src, scales, packed, absmax,
-                                                                                         n, blocksize_log2);
+  launch_kernel(quantize_nf4_kernel<Source>, grid_for(nblocks, kWarpsPerBlock), kThreads, stream, src, scales, packed,
+                absmax, n, blocksize_log2);
 }
 
 template <typename T>
@@ -194,9 +200,9 @@ void quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
 template <typename T>
 void dequantize_typed(const DequantizeParams& p, bool vec, cudaStream_t stream) {
   if (vec) {
-    dequantize_nf4_kernel<T><<<grid_for((p.n + kChunk - 1) / kChunk, kThreads), kThreads, 0, stream>>>(p);
+    launch_kernel(dequantize_nf4_kernel<T>, grid_for((p.n + kChunk - 1) / kChunk, kThreads), kThreads, stream, p);
   } else {
-    dequantize_nf4_bytewise_kernel<T><<<grid_for((p.n + 1) / 2, kThreads), kThreads, 0, stream>>>(p);
+    launch_kernel(dequantize_nf4_bytewise_kernel<T>, grid_for((p.n + 1) / 2, kThreads), kThreads, stream, p);
   }
 }
 
@@ -220,7 +226,7 @@ void launch_merge_nf4(const MergeNf4Params& p, cudaStream_t stream) {
 void launch_double_quant(const DoubleQuantParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
   const long long nblocks = (p.n + (int64_t{1} << p.blocksize_log2) - 1) >> p.blocksize_log2;
-  double_quant_kernel<<<grid_for(nblocks, kWarpsPerBlock), kThreads, 0, stream>>>(p);
+  launch_kernel(double_quant_kernel, grid_for(nblocks, kWarpsPerBlock), kThreads, stream, p);
 }
 
 void launch_dequantize_nf4(const DequantizeParams& p, cudaStream_t stream) {

@@ -3,8 +3,10 @@
 // multiplies against up to kTileM rows of x, then reduces across the warp. Weight bytes are read
 // once per tile of x rows; nothing dequantized is written.
 #include <cstdint>
+#include <cstring>
 
 #include "common/cuda_types.cuh"
+#include "common/launch.cuh"
 #include "nf4/nf4_common.h"
 #include "nf4/nf4_matmul_launch.h"
 #include "nf4/nf4_scales.cuh"
@@ -24,7 +26,8 @@ __device__ __forceinline__ void load_x_chunk(const T* src, float* dst) {
 #pragma unroll
   for (int v = 0; v < kChunk / kPerVec; ++v) {
     const uint4 raw = reinterpret_cast<const uint4*>(src)[v];
-    const T* vals = reinterpret_cast<const T*>(&raw);
+    T vals[kPerVec];
+    memcpy(vals, &raw, sizeof(raw));  // not a T* into raw: that breaks strict aliasing
 #pragma unroll
     for (int j = 0; j < kPerVec; ++j) dst[v * kPerVec + j] = to_float(vals[j]);
   }
@@ -96,9 +99,9 @@ template <typename T, int kTileM>
 void launch_tiled(const GemvParams& p, bool vec, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + kWarps - 1) / kWarps), static_cast<unsigned>((p.M + kTileM - 1) / kTileM));
   if (vec) {
-    nf4_gemv_kernel<T, kTileM, true><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel(nf4_gemv_kernel<T, kTileM, true>, grid, kThreads, stream, p);
   } else {
-    nf4_gemv_kernel<T, kTileM, false><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel(nf4_gemv_kernel<T, kTileM, false>, grid, kThreads, stream, p);
   }
 }
 

@@ -1,13 +1,22 @@
-// Runs CUDA kernel source on the CPU for the tests: every CUDA thread of a block is a std::thread,
-// __shared__ arrays become statics (blocks run one at a time), and __syncthreads() is a barrier
-// across the block's threads. Slow, and only as faithful as that, but it executes the kernels'
-// real index math, tiling, bounds checks and barriers. Include it before the kernel's header.
+// Runs CUDA kernel source on the CPU for the tests. Every CUDA thread of a block is a std::thread,
+// and blocks run one at a time. __shared__ arrays become statics, __syncthreads() is a barrier
+// across the block's threads, and __shfl_xor_sync exchanges values through per-warp barriers (our
+// kernels shuffle with whole warps only). A thread that returns leaves both barriers, as an exited
+// GPU thread does. Slow, and only as faithful as that, but it executes the kernels' and launchers'
+// real index math, tiling, bounds checks, barriers and shuffles. Force-included
+// (-include) before the CUDA sources, built with -DLORA_EXT_CUDA_EMULATION.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <math.h>  // fmaf and friends, global as in device code
+
+#include <algorithm>
 #include <barrier>
+#include <cstdint>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -15,28 +24,39 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 
-namespace cuda_emulation {
-inline std::barrier<>* block_barrier = nullptr;
-}
+// Device code's built-in integer min/max.
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
 inline dim3 blockDim;
 inline dim3 gridDim;
 
-inline void __syncthreads() { cuda_emulation::block_barrier->arrive_and_wait(); }
-
 namespace cuda_emulation {
 
-// kernel() once per thread of every block of `grid`, threads of a block concurrently.
+struct Block {
+  explicit Block(unsigned threads) : sync(threads), lanes(threads) {
+    for (unsigned w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+  }
+  std::barrier<> sync;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> lanes;  // one shuffle slot per thread
+};
+
+inline Block* block = nullptr;  // the block running now
+
+// kernel() once per thread of every block of `grid`; a block's threads run concurrently.
 inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
   gridDim = grid;
   blockDim = dim3(threads);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> barrier(threads);
-        block_barrier = &barrier;
+        Block b(threads);
+        block = &b;
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (unsigned t = 0; t < threads; ++t) {
@@ -44,10 +64,31 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             threadIdx = uint3{t, 0, 0};
             blockIdx = uint3{x, y, z};
             kernel();
+            b.sync.arrive_and_drop();
+            b.warps[t / 32]->arrive_and_drop();
           });
         }
         for (auto& th : pool) th.join();
+        block = nullptr;
       }
 }
 
 }  // namespace cuda_emulation
+
+inline void __syncthreads() { cuda_emulation::block->sync.arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask, int /*width*/ = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
+  auto& b = *cuda_emulation::block;
+  const unsigned t = threadIdx.x, warp = t / 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  b.lanes[t] = bits;
+  b.warps[warp]->arrive_and_wait();
+  const uint64_t other = b.lanes[warp * 32 + ((t % 32) ^ static_cast<unsigned>(lane_mask))];
+  b.warps[warp]->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &other, sizeof(T));
+  return r;
+}

@@ -1,0 +1,78 @@
+"""Builds the CUDA sources (csrc/*/*_cuda.cu) with the host compiler under tests/emulation/
+cuda_emulation.h, plus the C entry points of tests/emulation/launchers_emulated.cpp, into one shared
+library for ctypes. The tests then run the real kernels and launchers on the CPU."""
+import ctypes
+import glob
+import os
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.path.dirname(HERE), "csrc")
+EMULATION = os.path.join(HERE, "emulation")
+
+c_i64, c_int, c_ptr, c_f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
+SCALES = [c_ptr] * 5 + [c_int]  # absmax, qabsmax, nested_absmax, nested_code, offset, nested_log2
+SIGNATURES = {
+    "emu_quantize_nf4": (None, [c_ptr, c_int, c_ptr, c_ptr, c_i64, c_int]),
+    "emu_double_quant": (None, [c_ptr] * 5 + [c_i64, c_int]),
+    "emu_dequantize_nf4": (None, [c_ptr] + SCALES + [c_ptr, c_i64, c_int, c_int]),
+    "emu_nf4_gemv": (None, [c_ptr, c_i64, c_ptr] + SCALES + [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int, c_int]),
+    "emu_merge": (None, [c_ptr] * 3 + [c_i64] * 3 + [c_f64, c_f64, c_int]),
+    "emu_merge_nf4": (None, [c_ptr] + SCALES + [c_int, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_f64, c_ptr, c_ptr]),
+    "emu_dropout": (None, [c_ptr, c_ptr, c_i64, c_f64, ctypes.c_uint64, c_int]),
+    "emu_lowrank_gemm": (c_int, [c_ptr, c_i64, c_i64, c_int, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_ptr]
+                         + [c_i64] * 3 + [c_int, ctypes.c_float, c_int, c_int, c_f64, ctypes.c_uint64]),
+}
+DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}  # the launch headers' DType
+
+
+def cuda_include_dirs():
+    dirs = []
+    try:
+        from lora_ext import _build_config
+        if _build_config.CUDA_HOME:
+            dirs.append(os.path.join(_build_config.CUDA_HOME, "include"))
+    except ImportError:
+        pass
+    dirs += sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu*", "include")))
+    return [d for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h"))]
+
+
+def build(out_dir):
+    """The emulated kernels as a ctypes library, or None (with the reason) without a compiler or headers."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    includes = cuda_include_dirs()
+    if cxx is None or not includes:
+        return None, "needs a C++20 compiler and the CUDA headers (toolkit or nvidia-* wheels)"
+    # Strict aliasing stays on, and contraction off as for the CPU kernels: the emulation should catch
+    # what the host compiler is entitled to miscompile.
+    flags = ["-std=c++20", "-O2", "-fPIC", "-ffp-contract=off", f"-I{CSRC}", *[f"-I{d}" for d in includes]]
+    jobs = [[cxx, *flags, "-DLORA_EXT_CUDA_EMULATION", "-include", os.path.join(EMULATION, "cuda_emulation.h"),
+             "-x", "c++", "-c", src, "-o", os.path.join(out_dir, os.path.basename(src) + ".o")]
+            for src in sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cu")))]
+    jobs.append([cxx, *flags, "-c", os.path.join(EMULATION, "launchers_emulated.cpp"), "-o",
+                 os.path.join(out_dir, "launchers_emulated.o")])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs):
+            if result.returncode != 0:
+                raise RuntimeError(f"emulation build failed:\n{' '.join(result.args)}\n{result.stderr[-4000:]}")
+    lib = os.path.join(out_dir, "cuda_emulated.so")
+    subprocess.run([cxx, "-shared", *[j[-1] for j in jobs], "-o", lib, "-lpthread"], check=True, capture_output=True)
+    dll = ctypes.CDLL(lib)
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(dll, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return dll, None
+
+
+def ptr(t):
+    """A tensor's data pointer for ctypes, None for None. Hold the tensor by a name until the call
+    returns: ptr(a.double()) points into a temporary that is freed at once."""
+    return None if t is None else t.data_ptr()
+
+
+def code(dtype):
+    return DTYPE_CODE[str(dtype).replace("torch.", "")]

@@ -1,0 +1,129 @@
+// C entry points over the real CUDA launchers (csrc/*/*_cuda.cu, built with cuda_emulation.h), for
+// tests/test_cuda_kernels_emulated.py through ctypes. Each one fills the parameter struct as the
+// torch glue (csrc/*/*_cuda_api.cpp) does, from plain pointers and sizes.
+#include <cstdint>
+
+#include "lora/lora_launch.h"
+#include "merge/merge_launch.h"
+#include "nf4/nf4_launch.h"
+#include "nf4/nf4_matmul_launch.h"
+
+using namespace lora_ext;
+
+namespace {
+
+nf4::ScaleSource scale_source(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                              const float* nested_code, const float* offset, int nested_log2) {
+  nf4::ScaleSource s{};
+  if (qabsmax != nullptr) {
+    s.qabsmax = qabsmax;
+    s.nested_absmax = nested_absmax;
+    s.nested_code = nested_code;
+    s.offset = offset;
+    s.nested_blocksize_log2 = nested_log2;
+  } else {
+    s.absmax = absmax;
+  }
+  return s;
+}
+
+}  // namespace
+
+extern "C" {
+
+void emu_quantize_nf4(const void* x, int dtype, uint8_t* packed, float* absmax, int64_t n, int blocksize_log2) {
+  nf4::launch_quantize_nf4({x, packed, absmax, n, blocksize_log2, static_cast<nf4::DType>(dtype)}, nullptr);
+}
+
+void emu_double_quant(const float* absmax, const float* offset, const float* code, uint8_t* qabsmax,
+                      float* nested_absmax, int64_t n, int blocksize_log2) {
+  nf4::launch_double_quant({absmax, offset, code, qabsmax, nested_absmax, n, blocksize_log2}, nullptr);
+}
+
+void emu_dequantize_nf4(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                        const float* nested_code, const float* offset, int nested_log2, void* out, int64_t n,
+                        int blocksize_log2, int dtype) {
+  nf4::DequantizeParams p{};
+  p.packed = packed;
+  p.scales = scale_source(absmax, qabsmax, nested_absmax, nested_code, offset, nested_log2);
+  p.out = out;
+  p.n = n;
+  p.blocksize_log2 = blocksize_log2;
+  p.dtype = static_cast<nf4::DType>(dtype);
+  nf4::launch_dequantize_nf4(p, nullptr);
+}
+
+void emu_nf4_gemv(const void* x, int64_t ldx, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                  const float* nested_absmax, const float* nested_code, const float* offset, int nested_log2,
+                  const void* bias, void* y, int64_t M, int64_t N, int64_t K, int blocksize_log2, int dtype) {
+  nf4::GemvParams p{};
+  p.x = x;
+  p.packed = packed;
+  p.scales = scale_source(absmax, qabsmax, nested_absmax, nested_code, offset, nested_log2);
+  p.bias = bias;
+  p.y = y;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.ldx = ldx;
+  p.blocksize_log2 = blocksize_log2;
+  p.dtype = static_cast<nf4::DType>(dtype);
+  nf4::launch_nf4_gemv(p, nullptr);
+}
+
+void emu_merge(void* W, const double* A, const double* B, int64_t d, int64_t k, int64_t r, double scale, double sign,
+               int dtype) {
+  merge::launch_merge({W, A, B, d, k, r, scale, sign, static_cast<merge::DType>(dtype)}, nullptr);
+}
+
+void emu_merge_nf4(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                   const float* nested_code, const float* offset, int nested_log2, int blocksize_log2, const double* A,
+                   const double* B, int64_t n, int64_t k, int64_t r, double scale, uint8_t* packed_out,
+                   float* absmax_out) {
+  nf4::MergeNf4Params p{};
+  p.packed = packed;
+  p.scales = scale_source(absmax, qabsmax, nested_absmax, nested_code, offset, nested_log2);
+  p.blocksize_log2 = blocksize_log2;
+  p.A = A;
+  p.B = B;
+  p.n = n;
+  p.k = k;
+  p.r = r;
+  p.scale = scale;
+  p.packed_out = packed_out;
+  p.absmax_out = absmax_out;
+  nf4::launch_merge_nf4(p, nullptr);
+}
+
+void emu_dropout(const void* x, void* out, int64_t n, double p, uint64_t seed, int dtype) {
+  lora::launch_dropout({x, out, n, lora::dropout_spec(p, seed), static_cast<lora::DType>(dtype)}, nullptr);
+}
+
+int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int a_dtype, const float* b,
+                     int64_t b_stride_k, int64_t b_stride_n, const void* addend, void* out, int out_dtype,
+                     float* workspace, int64_t M, int64_t N, int64_t K, int splits, float alpha, int dropout_a,
+                     int dropout_out, double dropout_p, uint64_t seed) {
+  lora::LowRankGemmParams p{};
+  p.a = a;
+  p.a_stride_m = a_stride_m;
+  p.a_stride_k = a_stride_k;
+  p.a_dtype = static_cast<lora::DType>(a_dtype);
+  p.b = b;
+  p.b_stride_k = b_stride_k;
+  p.b_stride_n = b_stride_n;
+  p.addend = addend;
+  p.out = out;
+  p.out_dtype = static_cast<lora::DType>(out_dtype);
+  p.workspace = workspace;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.splits = splits;
+  p.alpha = alpha;
+  p.dropout_a = dropout_a != 0;
+  p.dropout_out = dropout_out != 0;
+  p.dropout = lora::dropout_spec(dropout_p, seed);
+  return lora::launch_lowrank_gemm(p, nullptr) ? 1 : 0;
+}
+
+}  // extern "C"
