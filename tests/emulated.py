@@ -76,3 +76,32 @@ def ptr(t):
 
 def code(dtype):
     return DTYPE_CODE[str(dtype).replace("torch.", "")]
+
+
+GUARD = 64  # elements of margin on each side: keeps a 16-byte-aligned start for every dtype
+
+
+class Guarded:
+    """A tensor placed inside a larger buffer, with margins of NaN (floating) or 0xA5 (bytes). A
+    kernel that reads past the tensor's ends picks up NaN, and one that writes past them changes a
+    margin, which check() reports. This is a CPU stand-in for compute-sanitizer's memcheck."""
+
+    def __init__(self, like: "torch.Tensor"):
+        import torch
+        flat = like.reshape(-1)
+        fill = float("nan") if flat.is_floating_point() else 0xA5
+        self.buf = torch.full((flat.numel() + 2 * GUARD,), fill, dtype=flat.dtype)
+        self.t = self.buf[GUARD:GUARD + flat.numel()].view(like.shape)
+        self.t.copy_(like)
+        self.margins = self._margins().clone()
+
+    def _margins(self):
+        import torch
+        as_bytes = self.buf.view(torch.uint8)
+        edge = GUARD * self.buf.element_size()
+        return torch.cat([as_bytes[:edge], as_bytes[-edge:]])
+
+    def check(self):
+        import torch
+        assert torch.equal(self._margins(), self.margins), "a kernel wrote outside its output"
+        return self.t

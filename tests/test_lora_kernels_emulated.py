@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import requires_c
-from emulated import code, ptr
+from emulated import Guarded, code, ptr
 
 pytestmark = requires_c
 
@@ -27,12 +27,18 @@ def gemm(emulated, a, b, out, alpha=1.0, addend=None, dropout_a=False, dropout_o
     """out = alpha * a b [+ addend] by the emulated kernels, as lora_cuda_api.cpp's lowrank_gemm."""
     (at, m, k, a_sm, a_sk), (bt, kb, n, b_sk, b_sn) = a, b
     assert k == kb and bt.dtype == torch.float32 and out.is_contiguous() and out.shape == (m, n)
-    workspace = torch.empty(splits * m * n) if splits > 1 else None
-    ok = emulated.emu_lowrank_gemm(ptr(at), a_sm, a_sk, code(at.dtype), ptr(bt), b_sk, b_sn, ptr(addend), ptr(out),
-                                   code(out.dtype), ptr(workspace), m, n, k, splits, alpha, int(dropout_a),
+    # Operands in NaN margins, outputs in checked margins (Guarded).
+    ga, gb, gout = Guarded(at), Guarded(bt), Guarded(out)
+    gadd = Guarded(addend) if addend is not None else None
+    gws = Guarded(torch.empty(splits * m * n)) if splits > 1 else None
+    ok = emulated.emu_lowrank_gemm(ptr(ga.t), a_sm, a_sk, code(at.dtype), ptr(gb.t), b_sk, b_sn,
+                                   ptr(gadd.t if gadd else None), ptr(gout.t), code(out.dtype),
+                                   ptr(gws.t if gws else None), m, n, k, splits, alpha, int(dropout_a),
                                    int(dropout_out), p, seed)
     assert ok == 1, "no kernel for this dtype pair"
-    return out
+    if gws is not None:
+        gws.check()
+    return out.copy_(gout.check())
 
 
 def forward(emulated, x, base_out, A, B, scale, p, seed, splits):
@@ -113,6 +119,6 @@ def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, spli
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_dropout_kernel_equals_the_cpu_kernel(emulated, dtype):
     x = torch.randn(3 * 257 + 2).to(dtype)  # a ragged last group of four
-    out = torch.empty_like(x)
-    emulated.emu_dropout(ptr(x), ptr(out), x.numel(), 0.3, 99, code(dtype))
-    assert torch.equal(out, torch.ops.lora_ext.lora_dropout(x, 0.3, 99))
+    gx, out = Guarded(x), Guarded(torch.empty_like(x))
+    emulated.emu_dropout(ptr(gx.t), ptr(out.t), x.numel(), 0.3, 99, code(dtype))
+    assert torch.equal(out.check(), torch.ops.lora_ext.lora_dropout(x, 0.3, 99))

@@ -3,7 +3,8 @@ run on the CPU (tests/emulated.py: each CUDA thread a std::thread, __syncthreads
 shuffles through per-warp barriers). The CPU kernels are bit-exact with bitsandbytes
 (tests/test_nf4.py), and these tests hold the CUDA kernels to the same bits. That covers the
 warp-per-block quantizer, the double quantizer, both dequantize paths (16-byte vector and bytewise),
-the GEMV's vector and scalar paths, and the merges."""
+the GEMV's vector and scalar paths, and the merges. Every buffer sits between guard margins
+(emulated.Guarded): reads past an end pick up NaN, and writes past an end are reported."""
 import math
 
 import pytest
@@ -13,20 +14,30 @@ import lora_ext
 from lora_ext import reference as R
 
 from conftest import requires_c
-from emulated import code, ptr
+from emulated import Guarded, code, ptr
 
 pytestmark = requires_c
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _scales(qw):
-    """The (absmax, qabsmax, nested_absmax, nested_code, offset, nested_log2) a launcher gets. Raw
-    pointers: every tensor they point into must be held by a name until the call returns."""
-    if qw.double_quant:
-        return None, ptr(qw.absmax), ptr(qw.nested_absmax), ptr(qw.nested_code), ptr(qw.offset), \
-            int(math.log2(qw.nested_blocksize))
-    return ptr(qw.absmax), None, None, None, None, 8
+class Weight:
+    """An NF4 weight's packed bytes and scales copied into guarded buffers (emulated.Guarded: NaN or
+    0xA5 margins), and the pointers a launcher gets. The copies live as long as this object."""
+
+    def __init__(self, qw):
+        self.qw = qw
+        self.packed = Guarded(qw.packed)
+        self.state = [Guarded(t) if t is not None else None
+                      for t in (qw.absmax, qw.nested_absmax, qw.nested_code, qw.offset)]
+
+    def scales(self):
+        """(absmax, qabsmax, nested_absmax, nested_code, offset, nested_log2)"""
+        absmax, nested_absmax, nested_code, offset = [g.t if g is not None else None for g in self.state]
+        if self.qw.double_quant:
+            return None, ptr(absmax), ptr(nested_absmax), ptr(nested_code), ptr(offset), \
+                int(math.log2(self.qw.nested_blocksize))
+        return ptr(absmax), None, None, None, None, 8
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -38,21 +49,22 @@ def test_quantize_equals_the_cpu_kernel(emulated, dtype, n, blocksize):
     if n > 40:
         x[:32] = 0.0                                        # an all-zero block (blocksize 32)
         x[40] = x[41:64].abs().max() * 0.5 * (0.5626170039176941 + 0.44070982933044434)  # a midpoint
-    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8)
-    absmax = torch.empty((n + blocksize - 1) // blocksize)
-    emulated.emu_quantize_nf4(ptr(x), code(dtype), ptr(packed), ptr(absmax), n, int(math.log2(blocksize)))
+    gx = Guarded(x)
+    packed = Guarded(torch.empty((n + 1) // 2, 1, dtype=torch.uint8))
+    absmax = Guarded(torch.empty((n + blocksize - 1) // blocksize))
+    emulated.emu_quantize_nf4(ptr(gx.t), code(dtype), ptr(packed.t), ptr(absmax.t), n, int(math.log2(blocksize)))
     packed_cpu, absmax_cpu = torch.ops.lora_ext.quantize_nf4(x, blocksize)
-    assert torch.equal(packed, packed_cpu) and torch.equal(absmax, absmax_cpu)
+    assert torch.equal(packed.check(), packed_cpu) and torch.equal(absmax.check(), absmax_cpu)
 
 
 @pytest.mark.parametrize("n", [1, 255, 600])
 def test_double_quant_equals_the_cpu_kernel(emulated, n):
     absmax, code_map = torch.rand(n) * 3, R.dynamic_map()
     q_cpu, nested_cpu, offset = torch.ops.lora_ext.double_quant(absmax, code_map, 256)
-    q = torch.empty(n, dtype=torch.uint8)
-    nested = torch.empty((n + 255) // 256)
-    emulated.emu_double_quant(ptr(absmax), ptr(offset), ptr(code_map), ptr(q), ptr(nested), n, 8)
-    assert torch.equal(q, q_cpu) and torch.equal(nested, nested_cpu)
+    ins = [Guarded(t) for t in (absmax, offset, code_map)]
+    q, nested = Guarded(torch.empty(n, dtype=torch.uint8)), Guarded(torch.empty((n + 255) // 256))
+    emulated.emu_double_quant(*[ptr(g.t) for g in ins], ptr(q.t), ptr(nested.t), n, 8)
+    assert torch.equal(q.check(), q_cpu) and torch.equal(nested.check(), nested_cpu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,15 +73,14 @@ def test_double_quant_equals_the_cpu_kernel(emulated, n):
 def test_dequantize_equals_the_cpu_kernel(emulated, dtype, double_quant, n, aligned):
     """16-byte vector chunks with a ragged tail when packed and out are aligned; byte by byte when the
     packed bytes are a view at an odd offset."""
-    qw = lora_ext.quantize_nf4(torch.randn(n), 64, double_quant)
-    packed = qw.packed.reshape(-1)
+    w = Weight(lora_ext.quantize_nf4(torch.randn(n), 64, double_quant))
+    packed = w.packed.t.reshape(-1)
     if not aligned:
-        raw = torch.empty(packed.numel() + 1, dtype=torch.uint8)
-        raw[1:] = packed
-        packed = raw[1:]
-    out = torch.empty(n, dtype=dtype)
-    emulated.emu_dequantize_nf4(ptr(packed), *_scales(qw), ptr(out), n, 6, code(dtype))
-    assert torch.equal(out, qw.dequantize(dtype).reshape(-1))
+        raw = Guarded(torch.cat([torch.zeros(1, dtype=torch.uint8), packed]))
+        packed = raw.t[1:]
+    out = Guarded(torch.empty(n, dtype=dtype))
+    emulated.emu_dequantize_nf4(ptr(packed), *w.scales(), ptr(out.t), n, 6, code(dtype))
+    assert torch.equal(out.check(), w.qw.dequantize(dtype).reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,13 +90,15 @@ def test_dequantize_equals_the_cpu_kernel(emulated, dtype, double_quant, n, alig
 def test_gemv_against_fp64(emulated, dtype, M, K, N, ldx, bias, double_quant):
     """Warp-per-output GEMV: the 32-wide vector path (K % 32 == 0, aligned rows), the lane-strided
     path (odd K, or an ldx that unaligns rows), tiles of 1 and 4 rows with a ragged last tile."""
-    qw = lora_ext.quantize_nf4(torch.randn(N, K) * 0.05, 64, double_quant)
-    storage = torch.randn(M, ldx).to(dtype)
-    x = storage[:, :K]
-    b = torch.randn(N).to(dtype) if bias else None
-    y = torch.empty(M, N, dtype=dtype)
-    emulated.emu_nf4_gemv(ptr(x), ldx, ptr(qw.packed), *_scales(qw), ptr(b), ptr(y), M, N, K, 6, code(dtype))
-    ref = x.double() @ qw.dequantize(torch.float32).double().t() + (b.double() if bias else 0.0)
+    w = Weight(lora_ext.quantize_nf4(torch.randn(N, K) * 0.05, 64, double_quant))
+    storage = Guarded(torch.randn(M, ldx).to(dtype))
+    x = storage.t[:, :K]
+    b = Guarded(torch.randn(N).to(dtype)) if bias else None
+    y = Guarded(torch.empty(M, N, dtype=dtype))
+    emulated.emu_nf4_gemv(ptr(x), ldx, ptr(w.packed.t), *w.scales(), ptr(b.t if bias else None), ptr(y.t), M, N, K,
+                          6, code(dtype))
+    y = y.check()
+    ref = x.double() @ w.qw.dequantize(torch.float32).double().t() + (b.t.double() if bias else 0.0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
@@ -98,22 +111,24 @@ def test_merge_equals_the_cpu_kernel(emulated, dtype, sign):
     d, k, r = 37, 301, 12
     W = torch.randn(d, k).to(dtype)
     A, B = torch.randn(r, k) / 17, torch.randn(d, r) / 3
-    ours, A64, B64 = W.clone(), A.double(), B.double()
-    emulated.emu_merge(ptr(ours), ptr(A64), ptr(B64), d, k, r, 0.5, sign, code(dtype))
+    ours, A64, B64 = Guarded(W), Guarded(A.double()), Guarded(B.double())
+    emulated.emu_merge(ptr(ours.t), ptr(A64.t), ptr(B64.t), d, k, r, 0.5, sign, code(dtype))
     cpu = W.clone()
     (lora_ext.merge_lora_ if sign > 0 else lora_ext.unmerge_lora_)(cpu, A, B, 0.5)
-    assert torch.equal(ours, cpu)
+    assert torch.equal(ours.check(), cpu)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_merge_equals_the_cpu_kernel(emulated, double_quant):
     d, k, r = 19, 96, 5
-    qw = lora_ext.quantize_nf4(torch.randn(d, k), 64, double_quant)
+    w = Weight(lora_ext.quantize_nf4(torch.randn(d, k), 64, double_quant))
+    qw = w.qw
     A, B = torch.randn(r, k) / 9, torch.randn(d, r) / 3
-    packed = torch.empty_like(qw.packed)
-    absmax, A64, B64 = torch.empty((d * k + 63) // 64), A.double(), B.double()
-    emulated.emu_merge_nf4(ptr(qw.packed), *_scales(qw), 6, ptr(A64), ptr(B64), d * k, k, r, 0.75,
-                           ptr(packed), ptr(absmax))
+    packed, absmax = Guarded(torch.empty_like(qw.packed)), Guarded(torch.empty((d * k + 63) // 64))
+    A64, B64 = Guarded(A.double()), Guarded(B.double())
+    emulated.emu_merge_nf4(ptr(w.packed.t), *w.scales(), 6, ptr(A64.t), ptr(B64.t), d * k, k, r, 0.75,
+                           ptr(packed.t), ptr(absmax.t))
+    packed, absmax = packed.check(), absmax.check()
     packed_cpu, absmax_cpu = torch.ops.lora_ext.merge_nf4(qw.packed, qw.absmax, 64, [d, k], A, B, 0.75,
                                                           qw.nested_absmax, qw.nested_code, qw.offset,
                                                           qw.nested_blocksize)
