@@ -23,6 +23,10 @@ SIGNATURES = {
     "emu_merge": (None, [c_ptr] * 3 + [c_i64] * 3 + [c_f64, c_f64, c_int]),
     "emu_merge_nf4": (None, [c_ptr] + SCALES + [c_int, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_f64, c_ptr, c_ptr]),
     "emu_dropout": (None, [c_ptr, c_ptr, c_i64, c_f64, ctypes.c_uint64, c_int]),
+    "emu_lora_forward": (c_int, [c_ptr, c_int, c_ptr, c_ptr, c_ptr, c_int, c_ptr, c_ptr] + [c_i64] * 4
+                         + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
+    "emu_lora_backward": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 7 + [c_i64] * 4
+                          + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
     "emu_lowrank_gemm": (c_int, [c_ptr, c_i64, c_i64, c_int, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_ptr]
                          + [c_i64] * 3 + [c_int, ctypes.c_float, c_int, c_int, c_f64, ctypes.c_uint64]),
 }
@@ -86,12 +90,13 @@ class Guarded:
     kernel that reads past the tensor's ends picks up NaN, and one that writes past them changes a
     margin, which check() reports. This is a CPU stand-in for compute-sanitizer's memcheck."""
 
-    def __init__(self, like: "torch.Tensor"):
+    def __init__(self, like: "torch.Tensor", offset: int = 0):
+        """A guarded copy of `like`, starting `offset` elements (< GUARD) past an aligned address."""
         import torch
         flat = like.reshape(-1)
         fill = float("nan") if flat.is_floating_point() else 0xA5
         self.buf = torch.full((flat.numel() + 2 * GUARD,), fill, dtype=flat.dtype)
-        self.t = self.buf[GUARD:GUARD + flat.numel()].view(like.shape)
+        self.t = self.buf[GUARD + offset:GUARD + offset + flat.numel()].view(like.shape)
         self.t.copy_(like)
         self.margins = self._margins().clone()
 

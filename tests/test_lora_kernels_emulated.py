@@ -41,24 +41,34 @@ def gemm(emulated, a, b, out, alpha=1.0, addend=None, dropout_a=False, dropout_o
     return out.copy_(gout.check())
 
 
-def forward(emulated, x, base_out, A, B, scale, p, seed, splits):
-    M, K, r, N = x.numel() // x.shape[-1], x.shape[-1], A.shape[0], B.shape[0]
-    x2, A32, B32 = x.reshape(M, K).contiguous(), A.float().contiguous(), B.float().contiguous()
-    T = gemm(emulated, as_is(x2), transposed(A32), torch.empty(M, r), dropout_a=p > 0, p=p, seed=seed, splits=splits)
-    y = gemm(emulated, as_is(T), transposed(B32), torch.empty(M, N, dtype=base_out.dtype), alpha=scale,
-             addend=base_out.reshape(M, N).contiguous())
-    return y.view(base_out.shape), T.to(A.dtype)
+H200_BLOCKS = 2 * 132  # the plan's target block count on an H200: the K splits the GPU would use
 
 
-def backward(emulated, grad_y, x, T, A, B, scale, p, seed, splits):
+def forward(emulated, x, base_out, A, B, scale, p, seed, x_offset=0, target_blocks=H200_BLOCKS):
+    """lora_cuda_api.cpp's forward: lora_plan.h's products, emulated, on guarded buffers (x starting
+    x_offset elements past an aligned address)."""
     M, K, r, N = x.numel() // x.shape[-1], x.shape[-1], A.shape[0], B.shape[0]
-    dy, x2 = grad_y.reshape(M, N).contiguous(), x.reshape(M, K).contiguous()
-    A32, B32, T32 = A.float().contiguous(), B.float().contiguous(), T.float().contiguous()
-    dT = gemm(emulated, as_is(dy), as_is(B32), torch.empty(M, r), alpha=scale, splits=splits)
-    dB = gemm(emulated, transposed(dy), as_is(T32), torch.empty(N, r), alpha=scale, splits=splits)
-    dAt = gemm(emulated, transposed(x2), as_is(dT), torch.empty(K, r), dropout_a=p > 0, p=p, seed=seed, splits=splits)
-    dx = gemm(emulated, as_is(dT), as_is(A32), torch.empty(M, K, dtype=x.dtype), dropout_out=p > 0, p=p, seed=seed)
-    return dx.view(x.shape), dAt.t().contiguous().to(A.dtype), dB.to(B.dtype)
+    gx, gbase = Guarded(x.reshape(M, K), x_offset), Guarded(base_out.reshape(M, N))
+    gA, gB = Guarded(A.float()), Guarded(B.float())
+    T, y = Guarded(torch.empty(M, r)), Guarded(torch.empty(M, N, dtype=base_out.dtype))
+    ok = emulated.emu_lora_forward(ptr(gx.t), code(x.dtype), ptr(gA.t), ptr(gB.t), ptr(gbase.t), code(base_out.dtype),
+                                   ptr(T.t), ptr(y.t), M, K, N, r, scale, p, seed, target_blocks)
+    assert ok == 1
+    return y.check().view(base_out.shape), T.check().to(A.dtype)
+
+
+def backward(emulated, grad_y, x, T, A, B, scale, p, seed, x_offset=0, target_blocks=H200_BLOCKS):
+    M, K, r, N = x.numel() // x.shape[-1], x.shape[-1], A.shape[0], B.shape[0]
+    gdy, gx = Guarded(grad_y.reshape(M, N)), Guarded(x.reshape(M, K), x_offset)
+    gA, gB, gT = Guarded(A.float()), Guarded(B.float()), Guarded(T.float())
+    dT, dB, dAt = Guarded(torch.empty(M, r)), Guarded(torch.empty(N, r)), Guarded(torch.empty(K, r))
+    dx = Guarded(torch.empty(M, K, dtype=x.dtype))
+    ok = emulated.emu_lora_backward(ptr(gdy.t), code(grad_y.dtype), ptr(gx.t), code(x.dtype), ptr(gA.t), ptr(gB.t),
+                                    ptr(gT.t), ptr(dT.t), ptr(dB.t), ptr(dAt.t), ptr(dx.t), M, K, N, r, scale, p, seed,
+                                    target_blocks)
+    assert ok == 1
+    dT.check()
+    return dx.check().view(x.shape), dAt.check().t().contiguous().to(A.dtype), dB.check().to(B.dtype)
 
 
 def _close(a, b, tol):
@@ -88,26 +98,26 @@ def test_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, dtyp
         _close(out16, exact, 1e-2)
 
 
-@pytest.mark.parametrize("M, K, N, r, p, act, splits, offset", [
-    (7, 40, 24, 4, 0.25, torch.float32, 1, 0),        # K % 4 == 0: dropout drawn in groups of four
-    (67, 33, 70, 12, 0.3, torch.bfloat16, 2, 0),      # K odd: dropout drawn element by element
-    (130, 36, 20, 80, 0.1, torch.float16, 3, 1),      # r > 64: two column tiles; x unaligned (no vector loads)
-    (5, 7, 3, 1, 0.0, torch.bfloat16, 1, 0),          # r = 1, no dropout
+@pytest.mark.parametrize("M, K, N, r, p, act, offset", [
+    (7, 40, 24, 4, 0.25, torch.float32, 0),        # K % 4 == 0: dropout drawn in groups of four
+    (67, 33, 70, 12, 0.3, torch.bfloat16, 0),      # K odd: dropout drawn element by element
+    (130, 36, 20, 80, 0.1, torch.float16, 1),      # r > 64: two column tiles; x unaligned (no vector loads)
+    (1100, 24, 20, 16, 0.2, torch.bfloat16, 0),    # 1100 tokens: dB and dA split K in two slices
+    (5, 7, 3, 1, 0.0, torch.bfloat16, 0),          # r = 1, no dropout
 ])
-def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, splits, offset):
-    """Forward and backward built from the emulated emulated exactly as the CUDA operator builds them,
+def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset):
+    """Forward and backward as the CUDA operator runs them (lora_plan.h, the launchers, the kernels),
     against the CPU operator: the same values, and the same elements of x dropped."""
-    x = torch.randn(M * K + offset).to(act)[offset:].view(M, K)
-    assert offset == 0 or x.data_ptr() % 8 != 0
+    x = torch.randn(M, K).to(act)
     base_out, grad_y = torch.randn(M, N).to(act), torch.randn(M, N).to(act)
     A, B = torch.randn(r, K) / math.sqrt(K), torch.randn(N, r) / math.sqrt(r)
     scale, seed = 1.25, 4242
-    y, T = forward(emulated, x, base_out, A, B, scale, p, seed, splits)
+    y, T = forward(emulated, x, base_out, A, B, scale, p, seed, x_offset=offset)
     y_cpu, T_cpu = torch.ops.lora_ext.lora_forward(x, base_out, A, B, scale, p, seed)
     tol = 1e-5 if act == torch.float32 else 1e-2
     _close(y, y_cpu, tol)
     _close(T, T_cpu, 1e-5)
-    grads = backward(emulated, grad_y, x, T_cpu, A, B, scale, p, seed, splits)
+    grads = backward(emulated, grad_y, x, T_cpu, A, B, scale, p, seed, x_offset=offset)
     grads_cpu = torch.ops.lora_ext.lora_backward(grad_y, x, T_cpu, A, B, scale, p, seed)
     for name, ours, ref in zip(("dx", "dA", "dB"), grads, grads_cpu):
         _close(ours, ref, tol if name == "dx" else 1e-5)

@@ -3,7 +3,10 @@
 // torch glue (csrc/*/*_cuda_api.cpp) does, from plain pointers and sizes.
 #include <cstdint>
 
+#include <vector>
+
 #include "lora/lora_launch.h"
+#include "lora/lora_plan.h"
 #include "merge/merge_launch.h"
 #include "nf4/nf4_launch.h"
 #include "nf4/nf4_matmul_launch.h"
@@ -11,6 +14,13 @@
 using namespace lora_ext;
 
 namespace {
+
+// One product of a LoRA plan, with the workspace its K split needs, as lora_cuda_api.cpp's run().
+bool run(lora::LowRankGemmParams p) {
+  std::vector<float> workspace(p.splits > 1 ? static_cast<size_t>(p.splits * p.M * p.N) : 0);
+  p.workspace = workspace.data();
+  return lora::launch_lowrank_gemm(p, nullptr);
+}
 
 nf4::ScaleSource scale_source(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
                               const float* nested_code, const float* offset, int nested_log2) {
@@ -124,6 +134,25 @@ int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int 
   p.dropout_out = dropout_out != 0;
   p.dropout = lora::dropout_spec(dropout_p, seed);
   return lora::launch_lowrank_gemm(p, nullptr) ? 1 : 0;
+}
+
+// The LoRA branch's plan (lora_plan.h), launched product by product as lora_cuda_api.cpp does.
+int emu_lora_forward(const void* x, int x_dtype, const float* A32, const float* B32, const void* base, int y_dtype,
+                     float* T, void* y, int64_t M, int64_t K, int64_t N, int64_t r, float scale, double dropout_p,
+                     uint64_t seed, int64_t target_blocks) {
+  const lora::Shapes s{M, K, N, r, static_cast<lora::DType>(x_dtype), static_cast<lora::DType>(y_dtype)};
+  const auto plan = lora::forward_plan(s, x, A32, B32, base, T, y, scale, lora::dropout_spec(dropout_p, seed),
+                                       dropout_p > 0.0, target_blocks);
+  return run(plan.down) && run(plan.up) ? 1 : 0;
+}
+
+int emu_lora_backward(const void* dy, int y_dtype, const void* x, int x_dtype, const float* A32, const float* B32,
+                      const float* T32, float* dT, float* dB, float* dAt, void* dx, int64_t M, int64_t K, int64_t N,
+                      int64_t r, float scale, double dropout_p, uint64_t seed, int64_t target_blocks) {
+  const lora::Shapes s{M, K, N, r, static_cast<lora::DType>(x_dtype), static_cast<lora::DType>(y_dtype)};
+  const auto plan = lora::backward_plan(s, dy, x, A32, B32, T32, dT, dB, dAt, dx, scale,
+                                        lora::dropout_spec(dropout_p, seed), dropout_p > 0.0, target_blocks);
+  return run(plan.dT) && run(plan.dB) && run(plan.dAt) && run(plan.dx) ? 1 : 0;
 }
 
 }  // extern "C"
