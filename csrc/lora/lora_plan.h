@@ -33,6 +33,11 @@ struct Epilogue {
   DropoutSpec dropout{};
 };
 
+inline Epilogue scaled(float alpha, const void* addend = nullptr) { return {alpha, addend, false, false, {}}; }
+// x's dropout on the a operand (x itself), or on the output (dx); `on` false: no dropout.
+inline Epilogue dropout_on_a(const DropoutSpec& d, bool on) { return {1.0f, nullptr, on, false, d}; }
+inline Epilogue dropout_on_out(const DropoutSpec& d, bool on) { return {1.0f, nullptr, false, on, d}; }
+
 // out (contiguous, a.rows x b.cols) = alpha * a b [+ addend]. When the output has too few tiles to
 // fill `target_blocks` (the reductions over tokens), K is cut into slices of at least 512; the
 // caller then provides splits * M * N floats of workspace.
@@ -77,16 +82,10 @@ struct ForwardPlan {
 inline ForwardPlan forward_plan(const Shapes& s, const void* x, const float* A32, const float* B32, const void* base,
                                 float* T, void* y, float scale, const DropoutSpec& dropout, bool use_dropout,
                                 int64_t target_blocks) {
-  Epilogue down;
-  down.dropout_a = use_dropout;
-  down.dropout = dropout;
-  Epilogue up;
-  up.alpha = scale;
-  up.addend = base;
   return {gemm_params(as_is(x, s.x_dtype, s.M, s.K), transposed(A32, DType::kFloat32, s.r, s.K), T,
-                      DType::kFloat32, down, target_blocks),
+                      DType::kFloat32, dropout_on_a(dropout, use_dropout), target_blocks),
           gemm_params(as_is(T, DType::kFloat32, s.M, s.r), transposed(B32, DType::kFloat32, s.N, s.r), y, s.y_dtype,
-                      up, target_blocks)};
+                      scaled(scale, base), target_blocks)};
 }
 
 struct BackwardPlan {
@@ -101,19 +100,13 @@ inline BackwardPlan backward_plan(const Shapes& s, const void* dy, const void* x
                                   const DropoutSpec& dropout, bool use_dropout, int64_t target_blocks) {
   const Operand dy_op = as_is(dy, s.y_dtype, s.M, s.N);
   const Operand dT_op = as_is(dT, DType::kFloat32, s.M, s.r);
-  Epilogue scaled;
-  scaled.alpha = scale;
-  Epilogue dropped_x;
-  dropped_x.dropout_a = use_dropout;
-  dropped_x.dropout = dropout;
-  Epilogue dropped_dx;
-  dropped_dx.dropout_out = use_dropout;
-  dropped_dx.dropout = dropout;
-  return {gemm_params(dy_op, as_is(B32, DType::kFloat32, s.N, s.r), dT, DType::kFloat32, scaled, target_blocks),
+  return {gemm_params(dy_op, as_is(B32, DType::kFloat32, s.N, s.r), dT, DType::kFloat32, scaled(scale), target_blocks),
           gemm_params(transposed(dy, s.y_dtype, s.M, s.N), as_is(T32, DType::kFloat32, s.M, s.r), dB, DType::kFloat32,
-                      scaled, target_blocks),
-          gemm_params(transposed(x, s.x_dtype, s.M, s.K), dT_op, dAt, DType::kFloat32, dropped_x, target_blocks),
-          gemm_params(dT_op, as_is(A32, DType::kFloat32, s.r, s.K), dx, s.x_dtype, dropped_dx, target_blocks)};
+                      scaled(scale), target_blocks),
+          gemm_params(transposed(x, s.x_dtype, s.M, s.K), dT_op, dAt, DType::kFloat32,
+                      dropout_on_a(dropout, use_dropout), target_blocks),
+          gemm_params(dT_op, as_is(A32, DType::kFloat32, s.r, s.K), dx, s.x_dtype, dropout_on_out(dropout, use_dropout),
+                      target_blocks)};
 }
 
 }  // namespace lora
