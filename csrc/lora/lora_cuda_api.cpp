@@ -41,10 +41,18 @@ at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
   return dropout_cuda_impl(x.contiguous(), dropout_spec(p, static_cast<uint64_t>(seed))).view(x.sizes());
 }
 
+// The widest output a product's grid can cover (gridDim.y <= 65535 tiles of 64 columns): the
+// products' outputs are r, N (y) or K (dx) columns wide.
+constexpr int64_t kMaxFeatures = 65535LL * 64;
+
+void check_features(const LoraDims& d) {
+  LORA_CHECK(d.K <= kMaxFeatures && d.N <= kMaxFeatures, "lora: CUDA kernels take at most ", kMaxFeatures,
+             " in and out features, got ", d.K, " and ", d.N);
+}
+
 // Launches one product of a plan on the current stream, with the workspace its K split needs.
 void run(LowRankGemmParams p, const at::Tensor& like) {
-  LORA_CHECK(p.N <= 65535LL * 64, "lora: a low-rank product's output is at most ", 65535LL * 64,
-             " columns wide (the layer's in or out features), got ", p.N);
+  TORCH_INTERNAL_ASSERT(p.N <= kMaxFeatures);
   at::Tensor workspace;
   if (p.splits > 1) {
     workspace = at::empty({p.splits, p.M, p.N}, like.options().dtype(at::kFloat));
@@ -66,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   if (!kernel_dtype(x.scalar_type()) || !kernel_dtype(base_out.scalar_type()) || !kernel_dtype(A.scalar_type())) {
     return forward_impl(x, base_out, A, B, scale, dropout_p, seed, dropout_cuda_impl);
   }
+  check_features(d);
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous(), base2 = base_out.reshape({d.M, d.N}).contiguous();
   const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
   at::Tensor T = at::empty({d.M, d.r}, x.options().dtype(at::kFloat));
@@ -89,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   if (!kernel_dtype(grad_y.scalar_type()) || !kernel_dtype(x.scalar_type()) || !kernel_dtype(A.scalar_type())) {
     return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, dropout_cuda_impl);
   }
+  check_features(d);
   const at::Tensor dy = grad_y.reshape({d.M, d.N}).contiguous(), x2 = x.reshape({d.M, d.K}).contiguous();
   const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
   const at::Tensor T32 = T.to(at::kFloat).contiguous();
