@@ -203,15 +203,15 @@ def _copy_adapters(ours, peft_layer):
 
 
 @pytest.mark.parametrize("r,use_rslora,bias", [(1, False, True), (8, True, False), (12, False, False),
-                                               (64, True, True)])
+                                               (16, False, True), (64, True, True), (256, True, False)])
 def test_matches_peft_dense(r, use_rslora, bias):
-    base = nn.Linear(96, 80, bias=bias)
-    ours = lora_ext.LoraLinear(nn.Linear(96, 80, bias=bias), r=r, lora_alpha=2 * r, use_rslora=use_rslora)
+    base = nn.Linear(300, 280, bias=bias)
+    ours = lora_ext.LoraLinear(nn.Linear(300, 280, bias=bias), r=r, lora_alpha=2 * r, use_rslora=use_rslora)
     ours.base_layer.load_state_dict(base.state_dict())
     model, peft_layer = _peft_layer(base, r, 2 * r, use_rslora)
     _copy_adapters(ours, peft_layer)
     assert ours.scaling == pytest.approx(peft_layer.scaling["default"])
-    for shape in [(1, 96), (7, 96), (2, 5, 96)]:
+    for shape in [(1, 300), (7, 300), (2, 5, 300), (4096, 300)]:
         x = torch.randn(*shape)
         y, (gx,) = _grads(ours, [x])
         y_p, (gx_p,) = _grads(model, [x])
@@ -223,7 +223,8 @@ def test_matches_peft_dense(r, use_rslora, bias):
             m.zero_grad()
 
 
-def test_matches_peft_on_bitsandbytes_4bit_base():
+@pytest.mark.parametrize("r", [1, 16, 64])
+def test_matches_peft_on_bitsandbytes_4bit_base(r):
     bnb = pytest.importorskip("bitsandbytes")
     dense = nn.Linear(128, 64).to(torch.bfloat16)
     l4 = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
@@ -233,16 +234,19 @@ def test_matches_peft_on_bitsandbytes_4bit_base():
     l4 = l4.to("cpu")
     nf4 = lora_ext.NF4Linear(128, 64, dtype=torch.bfloat16)
     nf4.load_state_dict(l4.state_dict())
-    ours = lora_ext.LoraLinear(nf4, r=16, lora_alpha=32)
-    model, peft_layer = _peft_layer(l4, 16, 32, False)
+    ours = lora_ext.LoraLinear(nf4, r=r, lora_alpha=2 * r)
+    model, peft_layer = _peft_layer(l4, r, 2 * r, False)
     _copy_adapters(ours, peft_layer)
-    x = torch.randn(9, 128, dtype=torch.bfloat16)
-    y, (gx,) = _grads(ours, [x])
-    y_p, (gx_p,) = _grads(model, [x])
-    _close(y, y_p, 2e-2)
-    _close(gx, gx_p, 3e-2)
-    _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 3e-2)
-    _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 3e-2)
+    for shape in [(1, 128), (9, 128), (2, 5, 128)]:
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        y, (gx,) = _grads(ours, [x])
+        y_p, (gx_p,) = _grads(model, [x])
+        _close(y, y_p, 2e-2)
+        _close(gx, gx_p, 3e-2)
+        _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 3e-2)
+        _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 3e-2)
+        for m in (ours, model):
+            m.zero_grad()
 
 
 def test_qlora_against_fp64_reference(device):
