@@ -45,15 +45,19 @@ def cuda_include_dirs():
     return [d for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h"))]
 
 
-def build(out_dir):
-    """The emulated kernels as a ctypes library, or None (with the reason) without a compiler or headers."""
+def _compiler():
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     includes = cuda_include_dirs()
     if cxx is None or not includes:
-        return None, "needs a C++20 compiler and the CUDA headers (toolkit or nvidia-* wheels)"
+        return None, None, "needs a C++20 compiler and the CUDA headers (toolkit or nvidia-* wheels)"
+    return cxx, includes, None
+
+
+def _compile_objects(cxx, includes, out_dir, extra_flags):
+    """Every csrc/*/*_cuda.cu under the emulation header, plus the C entry points: the object files."""
     # Strict aliasing stays on, and contraction off as for the CPU kernels: the emulation should catch
     # what the host compiler is entitled to miscompile.
-    flags = ["-std=c++20", "-O2", "-fPIC", "-ffp-contract=off", f"-I{CSRC}", *[f"-I{d}" for d in includes]]
+    flags = ["-std=c++20", "-fPIC", "-ffp-contract=off", *extra_flags, f"-I{CSRC}", *[f"-I{d}" for d in includes]]
     jobs = [[cxx, *flags, "-DLORA_EXT_CUDA_EMULATION", "-include", os.path.join(EMULATION, "cuda_emulation.h"),
              "-x", "c++", "-c", src, "-o", os.path.join(out_dir, os.path.basename(src) + ".o")]
             for src in sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cu")))]
@@ -63,8 +67,34 @@ def build(out_dir):
         for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs):
             if result.returncode != 0:
                 raise RuntimeError(f"emulation build failed:\n{' '.join(result.args)}\n{result.stderr[-4000:]}")
+    return [j[-1] for j in jobs]
+
+
+def build_race_driver(out_dir):
+    """tests/emulation/race_driver.cpp over the kernels, all built with ThreadSanitizer: the
+    executable's path, or None with the reason."""
+    cxx, includes, why = _compiler()
+    if cxx is None:
+        return None, why
+    probe = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(probe):
+        return None, "the compiler has no ThreadSanitizer runtime (libtsan)"
+    tsan = ["-O1", "-g", "-fsanitize=thread"]
+    objects = _compile_objects(cxx, includes, out_dir, tsan)
+    exe = os.path.join(out_dir, "race_driver")
+    subprocess.run([cxx, "-std=c++20", *tsan, os.path.join(EMULATION, "race_driver.cpp"), *objects, "-o", exe,
+                    "-lpthread"], check=True, capture_output=True)
+    return exe, None
+
+
+def build(out_dir):
+    """The emulated kernels as a ctypes library, or None (with the reason) without a compiler or headers."""
+    cxx, includes, why = _compiler()
+    if cxx is None:
+        return None, why
+    objects = _compile_objects(cxx, includes, out_dir, ["-O2"])
     lib = os.path.join(out_dir, "cuda_emulated.so")
-    subprocess.run([cxx, "-shared", *[j[-1] for j in jobs], "-o", lib, "-lpthread"], check=True, capture_output=True)
+    subprocess.run([cxx, "-shared", *objects, "-o", lib, "-lpthread"], check=True, capture_output=True)
     dll = ctypes.CDLL(lib)
     for name, (restype, argtypes) in SIGNATURES.items():
         fn = getattr(dll, name)

@@ -48,29 +48,38 @@ struct Block {
 
 inline Block* block = nullptr;  // the block running now
 
-// kernel() once per thread of every block of `grid`; a block's threads run concurrently.
+// kernel() once per thread of every block of `grid`. A launch makes `threads` std::threads once;
+// each walks the blocks in order (x fastest), and a barrier between blocks, whose completion step
+// installs the next block's state, keeps one block running at a time.
 inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
   gridDim = grid;
   blockDim = dim3(threads);
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block b(threads);
-        block = &b;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            threadIdx = uint3{t, 0, 0};
-            blockIdx = uint3{x, y, z};
-            kernel();
-            b.sync.arrive_and_drop();
-            b.warps[t / 32]->arrive_and_drop();
-          });
-        }
-        for (auto& th : pool) th.join();
-        block = nullptr;
+  const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
+  if (nblocks == 0) return;
+  auto state = std::make_unique<Block>(threads);
+  block = state.get();
+  std::barrier next_block(static_cast<std::ptrdiff_t>(threads), [&]() noexcept {
+    state = std::make_unique<Block>(threads);
+    block = state.get();
+  });
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx = uint3{t, 0, 0};
+      for (uint64_t b = 0; b < nblocks; ++b) {
+        blockIdx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                         static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+        Block& mine = *block;
+        kernel();
+        mine.sync.arrive_and_drop();
+        mine.warps[t / 32]->arrive_and_drop();
+        next_block.arrive_and_wait();
       }
+    });
+  }
+  for (auto& th : pool) th.join();
+  block = nullptr;
 }
 
 }  // namespace cuda_emulation
