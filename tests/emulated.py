@@ -1,6 +1,7 @@
 """Builds the CUDA sources (csrc/*/*_cuda.cu) with the host compiler under tests/emulation/
-cuda_emulation.h, plus the C entry points of tests/emulation/launchers_emulated.cpp, into one shared
-library for ctypes. The tests then run the real kernels and launchers on the CPU."""
+cuda_emulation.h, plus the C entry points of tests/emulation/launchers_emulated.cpp. There are two
+builds: a shared library for ctypes, with which the tests run the real kernels and launchers on the
+CPU; and, with ThreadSanitizer, tests/emulation/race_driver.cpp as an executable."""
 import ctypes
 import glob
 import os

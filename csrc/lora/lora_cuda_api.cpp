@@ -58,7 +58,8 @@ void run(LowRankGemmParams p, const at::Tensor& like) {
     workspace = at::empty({p.splits, p.M, p.N}, like.options().dtype(at::kFloat));
     p.workspace = workspace.data_ptr<float>();
   }
-  TORCH_INTERNAL_ASSERT(launch_lowrank_gemm(p, at::cuda::getCurrentCUDAStream()), "lora: no kernel for this dtype pair");
+  TORCH_INTERNAL_ASSERT(launch_lowrank_gemm(p, at::cuda::getCurrentCUDAStream()),
+                        "lora: no kernel for this dtype pair");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -80,10 +81,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   at::Tensor T = at::empty({d.M, d.r}, x.options().dtype(at::kFloat));
   at::Tensor y = at::empty({d.M, d.N}, base_out.options());
   const Shapes s{d.M, d.K, d.N, d.r, to_dtype(x.scalar_type()), to_dtype(base_out.scalar_type())};
-  const ForwardPlan plan = forward_plan(s, x2.const_data_ptr(), A32.const_data_ptr<float>(), B32.const_data_ptr<float>(),
-                                        base2.const_data_ptr(), T.data_ptr<float>(), y.data_ptr(),
-                                        static_cast<float>(scale), dropout_spec(dropout_p, static_cast<uint64_t>(seed)),
-                                        dropout_p > 0.0, target_blocks());
+  const ForwardPlan plan =
+      forward_plan(s, x2.const_data_ptr(), A32.const_data_ptr<float>(), B32.const_data_ptr<float>(),
+                   base2.const_data_ptr(), T.data_ptr<float>(), y.data_ptr(), static_cast<float>(scale),
+                   dropout_spec(dropout_p, static_cast<uint64_t>(seed)), dropout_p > 0.0, target_blocks());
   run(plan.down, x);
   run(plan.up, x);
   return {y.view(base_out.sizes()), T.to(A.scalar_type())};
@@ -108,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   const Shapes s{d.M, d.K, d.N, d.r, to_dtype(x.scalar_type()), to_dtype(grad_y.scalar_type())};
   const BackwardPlan plan =
       backward_plan(s, dy.const_data_ptr(), x2.const_data_ptr(), A32.const_data_ptr<float>(),
-                    B32.const_data_ptr<float>(), T32.const_data_ptr<float>(), dT.data_ptr<float>(), dB.data_ptr<float>(),
-                    dAt.data_ptr<float>(), dx.data_ptr(), static_cast<float>(scale),
+                    B32.const_data_ptr<float>(), T32.const_data_ptr<float>(), dT.data_ptr<float>(),
+                    dB.data_ptr<float>(), dAt.data_ptr<float>(), dx.data_ptr(), static_cast<float>(scale),
                     dropout_spec(dropout_p, static_cast<uint64_t>(seed)), dropout_p > 0.0, target_blocks());
   run(plan.dT, x);  // first: dA and dx read dT
   run(plan.dB, x);

@@ -40,8 +40,9 @@ template <typename TC>
 __device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int64_t e, bool drawn, uint32_t draw) {
   float v = mul_rn(p.alpha, acc);
   if (p.dropout_out) {
-    const bool keep = drawn ? draw < p.dropout.keep_threshold
-                                      : dropout_keep(static_cast<uint64_t>(e), p.dropout.seed, p.dropout.keep_threshold);
+    const DropoutSpec& d = p.dropout;
+    const bool keep = drawn ? draw < d.keep_threshold
+                            : dropout_keep(static_cast<uint64_t>(e), d.seed, d.keep_threshold);
     v = keep ? mul_rn(v, p.dropout.inv_keep) : 0.0f;
   }
   if (p.addend != nullptr) v = add_rn(v, to_float(static_cast<const TC*>(p.addend)[e]));

@@ -39,7 +39,9 @@ namespace cuda_emulation {
 
 struct Block {
   explicit Block(unsigned threads) : sync(threads), lanes(threads) {
-    for (unsigned w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+    for (unsigned w = 0; w * 32 < threads; ++w) {
+      warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+    }
   }
   std::barrier<> sync;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
