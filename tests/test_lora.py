@@ -202,6 +202,20 @@ def _copy_adapters(ours, peft_layer):
         ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
 
 
+def _same_as_peft(ours, model, peft_layer, shapes, dtype, tol_y, tol_grad):
+    """Output, dx, dA and dB of our layer and of PEFT's model, input by input."""
+    for shape in shapes:
+        x = torch.randn(*shape, dtype=dtype)
+        y, (gx,) = _grads(ours, [x])
+        y_p, (gx_p,) = _grads(model, [x])
+        _close(y, y_p, tol_y)
+        _close(gx, gx_p, tol_grad)
+        _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, tol_grad)
+        _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, tol_grad)
+        for m in (ours, model):
+            m.zero_grad()
+
+
 @pytest.mark.parametrize("r,use_rslora,bias", [(1, False, True), (8, True, False), (12, False, False),
                                                (16, False, True), (64, True, True), (256, True, False)])
 def test_matches_peft_dense(r, use_rslora, bias):
@@ -211,16 +225,7 @@ def test_matches_peft_dense(r, use_rslora, bias):
     model, peft_layer = _peft_layer(base, r, 2 * r, use_rslora)
     _copy_adapters(ours, peft_layer)
     assert ours.scaling == pytest.approx(peft_layer.scaling["default"])
-    for shape in [(1, 300), (7, 300), (2, 5, 300), (4096, 300)]:
-        x = torch.randn(*shape)
-        y, (gx,) = _grads(ours, [x])
-        y_p, (gx_p,) = _grads(model, [x])
-        _close(y, y_p, 1e-5)
-        _close(gx, gx_p, 1e-5)
-        _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 1e-5)
-        _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 1e-5)
-        for m in (ours, model):
-            m.zero_grad()
+    _same_as_peft(ours, model, peft_layer, [(1, 300), (7, 300), (2, 5, 300), (4096, 300)], torch.float32, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("r", [1, 16, 64])
@@ -237,16 +242,7 @@ def test_matches_peft_on_bitsandbytes_4bit_base(r):
     ours = lora_ext.LoraLinear(nf4, r=r, lora_alpha=2 * r)
     model, peft_layer = _peft_layer(l4, r, 2 * r, False)
     _copy_adapters(ours, peft_layer)
-    for shape in [(1, 128), (9, 128), (2, 5, 128)]:
-        x = torch.randn(*shape, dtype=torch.bfloat16)
-        y, (gx,) = _grads(ours, [x])
-        y_p, (gx_p,) = _grads(model, [x])
-        _close(y, y_p, 2e-2)
-        _close(gx, gx_p, 3e-2)
-        _close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, 3e-2)
-        _close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, 3e-2)
-        for m in (ours, model):
-            m.zero_grad()
+    _same_as_peft(ours, model, peft_layer, [(1, 128), (9, 128), (2, 5, 128)], torch.bfloat16, 2e-2, 3e-2)
 
 
 def test_qlora_against_fp64_reference(device):
