@@ -8,6 +8,12 @@ import lora_ext
 from lora_ext.ops import dequantize_nf4_out
 
 
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """a (any device, dtype) equals b within tol relative to b's largest magnitude."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
 def main() -> int:
     assert torch.cuda.is_available(), "gpu_smoke needs a CUDA device"
     torch.manual_seed(0)
@@ -36,9 +42,8 @@ def main() -> int:
             for max_m in (-1, 1 << 20, 0):
                 y = lora_ext.ops.nf4_linear(x.cuda(), qw.packed.cuda(), qw.absmax.cuda(), N, 64, bias.cuda(),
                                             qw.nested_absmax.cuda(), qw.nested_code.cuda(), qw.offset.cuda(), 256,
-                                            max_m).double().cpu()
-                tol = 1e-4 if dtype == torch.float32 else 3e-2
-                if not torch.allclose(y, ref, rtol=tol, atol=tol * ref.abs().max().item()):
+                                            max_m)
+                if not _close(y, ref, 1e-4 if dtype == torch.float32 else 3e-2):
                     failures.append(("nf4_linear", dtype, M, K, N, max_m))
     # LoRA: Philox dropout (same bits as the CPU), forward and backward.
     from lora_ext import reference as R
@@ -50,12 +55,12 @@ def main() -> int:
     A, B = torch.randn(12, 64) / 8, torch.randn(48, 12) / 4
     y, T = torch.ops.lora_ext.lora_forward(x.cuda(), base.cuda(), A.cuda(), B.cuda(), 2.0, 0.2, 5)
     y_ref, T_ref = R.lora_forward(x, base, A, B, 2.0, 0.2, 5)
-    if not torch.allclose(y.float().cpu(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item()):
+    if not _close(y, y_ref, 2e-2):
         failures.append("lora_forward")
     g = torch.ops.lora_ext.lora_backward(torch.ones_like(y), x.cuda(), T, A.cuda(), B.cuda(), 2.0, 0.2, 5)
     g_ref = R.lora_backward(torch.ones_like(y_ref), x, T_ref, A, B, 2.0, 0.2, 5)
     for a, b in zip(g, g_ref):
-        if not torch.allclose(a.float().cpu(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item()):
+        if not _close(a, b, 2e-2):
             failures.append("lora_backward")
     # The low-rank kernels against the CPU operator: split-K over >= 1024 tokens, r > 64 (two column
     # tiles), K % 4 != 0 (dropout drawn per element), an unaligned x (no vector loads), r = 1.
@@ -71,8 +76,7 @@ def main() -> int:
         y_g, T_g = torch.ops.lora_ext.lora_forward(xg, base.cuda(), A.cuda(), B.cuda(), 0.5, p, 3)
         grads_g = torch.ops.lora_ext.lora_backward(dy.cuda(), xg, T_g, A.cuda(), B.cuda(), 0.5, p, 3)
         for name, a, b in [("y", y_g, y), ("T", T_g, T)] + list(zip(("dx", "dA", "dB"), grads_g, grads)):
-            tol = 1e-5 if a.dtype == torch.float32 else 1e-2
-            if not torch.allclose(a.float().cpu(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item()):
+            if not _close(a, b, 1e-5 if a.dtype == torch.float32 else 1e-2):
                 failures.append(("lora kernels", name, M, K, N, r, p))
     # Merge: fp64 delta, one rounding; the CUDA bits equal the CPU's.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):

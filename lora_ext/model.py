@@ -21,7 +21,7 @@ from torch import nn
 
 from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
 from .nf4 import NF4Linear
-from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes
+from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes, under
 
 BIAS_MODES = ("none", "all", "lora_only")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -152,7 +152,7 @@ def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
         raise ValueError("bias='all' together with modules_to_save is not supported: a bias inside a module trained "
                          "in full would be two things at once; use bias='lora_only' or train that module's bias "
                          "through modules_to_save")
-    clash = [p for p in paths if any(t == p or t.startswith(p + ".") for t in targets)]
+    clash = [p for p in paths if any(under(t, (p,), inclusive=True) for t in targets)]
     if clash:
         raise ValueError(f"modules_to_save {clash} are (or contain) LoRA targets; a module is either adapted "
                          f"or trained in full, not both")
@@ -168,7 +168,7 @@ def _bias_params(model: nn.Module, mode: str, targets, skip=()) -> dict:
     targets, out = set(targets), {}
     for name, p in model.named_parameters():
         path, _, leaf = name.rpartition(".")
-        if leaf != "bias" or "lora_" in name or any(name.startswith(s + ".") for s in skip):
+        if leaf != "bias" or "lora_" in name or under(name, skip):
             continue
         if path in targets:
             path = f"{path}.base_layer"
@@ -206,7 +206,7 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
         heads = _head_names(model)
         for name in _linear_names(model):
             module = model.get_submodule(name)
-            trained_in_full = name in saved or any(name.startswith(s + ".") for s in saved)
+            trained_in_full = under(name, saved, inclusive=True)
             linear = isinstance(module, nn.Linear) or is_conv1d(module)
             if linear and name not in heads and not trained_in_full:
                 _set_module(model, name, NF4Linear.from_linear(module, quant_storage=config.quant_storage))
@@ -322,10 +322,10 @@ class LoraModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
                 raise KeyError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
-            sd = {f"base_model.model.{k}": _full_tensor(v).detach().cpu().contiguous()
-                  for k, v in self._adapter_state(name).items()}
+            full = {k: _full_tensor(v) for k, v in self._adapter_state(name).items()}  # a collective: every rank
             if not is_main_process:
                 continue
+            sd = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in full.items()}
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
             save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})

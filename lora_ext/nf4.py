@@ -46,7 +46,7 @@ def check_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize must be a power of two in [32, 4096] (bitsandbytes' range), got {blocksize!r}")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
@@ -124,7 +124,7 @@ class NF4Weight:
 
     # -- bitsandbytes QuantState, packed for a state dict (keys without the "weight." prefix) --
     def quant_state_dict(self) -> dict:
-        meta = {"quant_type": QUANT_TYPE, "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+        meta = {"quant_type": QUANT_TYPE, "blocksize": self.blocksize, "dtype": dtype_name(self.dtype),
                 "shape": list(self.shape)}
         out = {"absmax": self.absmax, "quant_map": _nf4_code(self.device).clone()}
         if self.double_quant:

@@ -42,8 +42,9 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module, name)
 
 
-def _under(name: str, prefixes) -> bool:
-    return any(name.startswith(p + ".") for p in prefixes)
+def under(name: str, prefixes, inclusive: bool = False) -> bool:
+    """Whether module `name` lies below one of `prefixes` (or is one of them, when inclusive)."""
+    return any((inclusive and name == p) or name.startswith(p + ".") for p in prefixes)
 
 
 def find_saved_modules(model: nn.Module, patterns) -> list:
@@ -54,7 +55,7 @@ def find_saved_modules(model: nn.Module, patterns) -> list:
     found = []
     wrappers = []
     for name, module in model.named_modules():
-        if not name or _under(name, found) or _under(name, wrappers):
+        if not name or under(name, found) or under(name, wrappers):
             continue
         if isinstance(module, ModulesToSaveWrapper):
             wrappers.append(name)

@@ -10,6 +10,8 @@ import subprocess
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 EMULATION = os.path.join(HERE, "emulation")
@@ -31,7 +33,7 @@ SIGNATURES = {
     "emu_lowrank_gemm": (c_int, [c_ptr, c_i64, c_i64, c_int, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_ptr]
                          + [c_i64] * 3 + [c_int, ctypes.c_float, c_int, c_int, c_f64, ctypes.c_uint64]),
 }
-DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}  # the launch headers' DType
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # the launch headers' DType
 
 
 def cuda_include_dirs():
@@ -110,7 +112,7 @@ def ptr(t):
 
 
 def code(dtype):
-    return DTYPE_CODE[str(dtype).replace("torch.", "")]
+    return DTYPE_CODE[dtype]
 
 
 GUARD = 64  # elements of margin on each side: keeps a 16-byte-aligned start for every dtype
@@ -121,9 +123,8 @@ class Guarded:
     kernel that reads past the tensor's ends picks up NaN, and one that writes past them changes a
     margin, which check() reports. This is a CPU stand-in for compute-sanitizer's memcheck."""
 
-    def __init__(self, like: "torch.Tensor", offset: int = 0):
+    def __init__(self, like: torch.Tensor, offset: int = 0):
         """A guarded copy of `like`, starting `offset` elements (< GUARD) past an aligned address."""
-        import torch
         flat = like.reshape(-1)
         fill = float("nan") if flat.is_floating_point() else 0xA5
         self.buf = torch.full((flat.numel() + 2 * GUARD,), fill, dtype=flat.dtype)
@@ -132,12 +133,10 @@ class Guarded:
         self.margins = self._margins().clone()
 
     def _margins(self):
-        import torch
         as_bytes = self.buf.view(torch.uint8)
         edge = GUARD * self.buf.element_size()
         return torch.cat([as_bytes[:edge], as_bytes[-edge:]])
 
     def check(self):
-        import torch
         assert torch.equal(self._margins(), self.margins), "a kernel wrote outside its output"
         return self.t

@@ -37,14 +37,18 @@ LORA_HD Philox4 philox4x32_10(uint64_t counter, uint64_t seed) {
   return {{c0, c1, c2, c3}};
 }
 
-// Dropout keep decision for element e: one Philox call covers elements 4c..4c+3.
-// keep_threshold = round((1 - p) * 2^32), as a 64-bit value so p = 0 keeps everything.
-LORA_HD bool dropout_keep(uint64_t e, uint64_t seed, uint64_t keep_threshold) {
+// Element e's dropout draw: word e % 4 of the Philox call for elements 4c..4c+3.
+LORA_HD uint32_t dropout_draw(uint64_t e, uint64_t seed) {
   const Philox4 r = philox4x32_10(e >> 2, seed);
   // A select rather than r.v[e & 3]: a dynamic index would put r in local memory on the GPU.
   const uint32_t j = static_cast<uint32_t>(e & 3);
-  const uint32_t draw = j == 0 ? r.v[0] : j == 1 ? r.v[1] : j == 2 ? r.v[2] : r.v[3];
-  return static_cast<uint64_t>(draw) < keep_threshold;
+  return j == 0 ? r.v[0] : j == 1 ? r.v[1] : j == 2 ? r.v[2] : r.v[3];
+}
+
+// Dropout keep decision for element e. keep_threshold = round((1 - p) * 2^32), as a 64-bit value so
+// p = 0 keeps everything.
+LORA_HD bool dropout_keep(uint64_t e, uint64_t seed, uint64_t keep_threshold) {
+  return static_cast<uint64_t>(dropout_draw(e, seed)) < keep_threshold;
 }
 
 }  // namespace lora_ext

@@ -21,9 +21,15 @@ inline DropoutSpec dropout_spec(double p, uint64_t seed) {
   return {seed, static_cast<uint64_t>(std::llround(keep * 4294967296.0)), static_cast<float>(1.0 / keep)};
 }
 
+// The dropped value of v given its Philox word: v / (1 - p) (one fp32 rounding) if kept, else 0. Kernels
+// that draw once for four elements pass each its word; the others use dropout_apply.
+LORA_HD float dropout_with_draw(float v, uint32_t draw, const DropoutSpec& d) {
+  return static_cast<uint64_t>(draw) < d.keep_threshold ? mul_rn(v, d.inv_keep) : 0.0f;
+}
+
 // dropout(x)[e] = x[e] / (1 - p) if kept else 0; its gradient applies the same factor to dy[e].
 LORA_HD float dropout_apply(float v, uint64_t e, const DropoutSpec& d) {
-  return dropout_keep(e, d.seed, d.keep_threshold) ? mul_rn(v, d.inv_keep) : 0.0f;
+  return dropout_with_draw(v, dropout_draw(e, d.seed), d);
 }
 
 }  // namespace lora

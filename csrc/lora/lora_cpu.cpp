@@ -28,8 +28,7 @@ at::Tensor dropout_cpu_impl(const at::Tensor& x, const DropoutSpec& spec) {
           if constexpr (std::is_same_v<scalar_t, double>) {
             o[e] = r.v[j] < spec.keep_threshold ? in[e] * static_cast<double>(spec.inv_keep) : 0.0;
           } else {
-            o[e] = static_cast<scalar_t>(r.v[j] < spec.keep_threshold ? mul_rn(static_cast<float>(in[e]), spec.inv_keep)
-                                                                        : 0.0f);
+            o[e] = static_cast<scalar_t>(dropout_with_draw(static_cast<float>(in[e]), r.v[j], spec));
           }
         }
       }

@@ -14,12 +14,12 @@ constexpr int kThreads = 256;
 // The kept value: 16- and 32-bit inputs scale in fp32 and round once (as on the CPU); float64 stays
 // in float64 (gradcheck).
 template <typename T>
-__device__ __forceinline__ T dropped(T v, bool keep, float inv_keep) {
-  return from_float<T>(keep ? mul_rn(to_float(v), inv_keep) : 0.0f);
+__device__ __forceinline__ T dropped(T v, uint32_t draw, const DropoutSpec& d) {
+  return from_float<T>(dropout_with_draw(to_float(v), draw, d));
 }
 template <>
-__device__ __forceinline__ double dropped<double>(double v, bool keep, float inv_keep) {
-  return keep ? v * static_cast<double>(inv_keep) : 0.0;
+__device__ __forceinline__ double dropped<double>(double v, uint32_t draw, const DropoutSpec& d) {
+  return draw < d.keep_threshold ? v * static_cast<double>(d.inv_keep) : 0.0;
 }
 
 template <typename T>
@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutParams p) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t e = 4 * c + j;
-      if (e < p.n) out[e] = dropped<T>(x[e], r.v[j] < p.spec.keep_threshold, p.spec.inv_keep);
+      if (e < p.n) out[e] = dropped<T>(x[e], r.v[j], p.spec);
     }
   }
 }

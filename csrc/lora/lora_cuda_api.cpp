@@ -65,14 +65,12 @@ void run(LowRankGemmParams p, const at::Tensor& like) {
 
 int64_t target_blocks() { return 2LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
 std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& base_out,
                                                      const at::Tensor& A, const at::Tensor& B, double scale,
                                                      double dropout_p, int64_t seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto d = check_forward_args(x, base_out, A, B, dropout_p);
-  if (!kernel_dtype(x.scalar_type()) || !kernel_dtype(base_out.scalar_type()) || !kernel_dtype(A.scalar_type())) {
+  if (!is_float_type(x.scalar_type()) || !is_float_type(base_out.scalar_type()) || !is_float_type(A.scalar_type())) {
     return forward_impl(x, base_out, A, B, scale, dropout_p, seed, dropout_cuda_impl);
   }
   check_features(d);
@@ -96,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
                                                                   int64_t seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);
-  if (!kernel_dtype(grad_y.scalar_type()) || !kernel_dtype(x.scalar_type()) || !kernel_dtype(A.scalar_type())) {
+  if (!is_float_type(grad_y.scalar_type()) || !is_float_type(x.scalar_type()) || !is_float_type(A.scalar_type())) {
     return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, dropout_cuda_impl);
   }
   check_features(d);
@@ -116,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   run(plan.dB, x);
   run(plan.dAt, x);
   run(plan.dx, x);
-  return {dx.view(x.sizes()), dAt.t().contiguous().to(A.scalar_type()), dB.to(B.scalar_type())};
+  return {dx.view(x.sizes()), dAt.t().to(A.scalar_type(), false, false, at::MemoryFormat::Contiguous),
+          dB.to(B.scalar_type())};
 }
 
 }  // namespace

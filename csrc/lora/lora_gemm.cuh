@@ -40,10 +40,7 @@ template <typename TC>
 __device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int64_t e, bool drawn, uint32_t draw) {
   float v = mul_rn(p.alpha, acc);
   if (p.dropout_out) {
-    const DropoutSpec& d = p.dropout;
-    const bool keep = drawn ? draw < d.keep_threshold
-                            : dropout_keep(static_cast<uint64_t>(e), d.seed, d.keep_threshold);
-    v = keep ? mul_rn(v, p.dropout.inv_keep) : 0.0f;
+    v = dropout_with_draw(v, drawn ? draw : dropout_draw(static_cast<uint64_t>(e), p.dropout.seed), p.dropout);
   }
   if (p.addend != nullptr) v = add_rn(v, to_float(static_cast<const TC*>(p.addend)[e]));
   return from_float<TC>(v);
@@ -80,7 +77,7 @@ __device__ __forceinline__ void load_a_group(const LowRankGemmParams& p, const T
     if (step == 1 && off % 4 == 0) {
       const Philox4 r = philox4x32_10(static_cast<uint64_t>(off) >> 2, p.dropout.seed);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = r.v[c] < p.dropout.keep_threshold ? mul_rn(v[c], p.dropout.inv_keep) : 0.0f;
+      for (int c = 0; c < 4; ++c) v[c] = dropout_with_draw(v[c], r.v[c], p.dropout);
     } else {
 #pragma unroll
       for (int c = 0; c < 4; ++c) v[c] = dropout_apply(v[c], static_cast<uint64_t>(off + c * step), p.dropout);

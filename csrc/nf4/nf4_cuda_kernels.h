@@ -15,17 +15,10 @@ DType to_dtype(at::ScalarType t);
 inline ScaleSource scale_source(const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
                                 int64_t nested_blocksize) {
-  ScaleSource s;
-  if (nested_absmax.has_value()) {
-    s.qabsmax = absmax.const_data_ptr<uint8_t>();
-    s.nested_absmax = nested_absmax->const_data_ptr<float>();
-    s.nested_code = nested_code->const_data_ptr<float>();
-    s.offset = offset->const_data_ptr<float>();
-    s.nested_blocksize_log2 = log2_exact(nested_blocksize);
-  } else {
-    s.absmax = absmax.const_data_ptr<float>();
-  }
-  return s;
+  if (!nested_absmax.has_value()) return ScaleSource::plain(absmax.const_data_ptr<float>());
+  return ScaleSource::nested(absmax.const_data_ptr<uint8_t>(), nested_absmax->const_data_ptr<float>(),
+                             nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>(),
+                             log2_exact(nested_blocksize));
 }
 
 // Dequantize a checked NF4 weight into `out` on the current stream (caller holds the device guard).

@@ -20,6 +20,22 @@ struct ScaleSource {
   const float* nested_code = nullptr;
   const float* offset = nullptr;
   int nested_blocksize_log2 = 8;
+
+  static ScaleSource plain(const float* absmax) {
+    ScaleSource s;
+    s.absmax = absmax;
+    return s;
+  }
+  static ScaleSource nested(const uint8_t* qabsmax, const float* nested_absmax, const float* nested_code,
+                            const float* offset, int nested_blocksize_log2) {
+    ScaleSource s;
+    s.qabsmax = qabsmax;
+    s.nested_absmax = nested_absmax;
+    s.nested_code = nested_code;
+    s.offset = offset;
+    s.nested_blocksize_log2 = nested_blocksize_log2;
+    return s;
+  }
 };
 
 struct QuantizeParams {

@@ -16,10 +16,6 @@ from .memory import held_MiB
 from .timing import measure, measure_interleaved
 
 FOUR_BIT = {"lora_ext QLoRA", "PEFT QLoRA (bitsandbytes)"}
-# speedup_vs_peft compares each peer with PEFT doing the same job: dense LoRA, or LoRA over 4-bit.
-PEFT_COUNTERPART = {"frozen base": "PEFT LoRA", "lora_ext LoRA": "PEFT LoRA", "PEFT LoRA": "PEFT LoRA",
-                    "lora_ext QLoRA": "PEFT QLoRA (bitsandbytes)",
-                    "PEFT QLoRA (bitsandbytes)": "PEFT QLoRA (bitsandbytes)"}
 
 
 def builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base: bool = True) -> dict:
@@ -41,7 +37,8 @@ def builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base: 
 
 
 def speedup_vs_peft(times: dict, name: str):
-    ref = times.get(PEFT_COUNTERPART[name])
+    """PEFT doing the same job (dense LoRA, or LoRA over 4-bit) over this peer's time."""
+    ref = times.get("PEFT QLoRA (bitsandbytes)" if name in FOUR_BIT else "PEFT LoRA")
     return ref / times[name] if ref else None
 
 
@@ -66,22 +63,20 @@ def run_peers(build: dict, make_step: Callable, arg_sets: list, device: torch.de
             peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
             return {"s": t.median_s, "peak_MiB": peak, "held_MiB": held_MiB(*held)}
 
-        out[name] = peers.attempt(name, timed, notes) if name.startswith("PEFT") else timed()
+        out[name] = peers.attempt(name, timed, notes)
     return {k: v for k, v in out.items() if v is not None}
 
 
 def _run_peers_interleaved(build: dict, make_step: Callable, arg_sets: list, effort: dict, notes: list) -> dict:
     steps, held = {}, {}
     for name, fn in build.items():
-        try:
+        def built(fn=fn):
             step, to_count = make_step(fn())
             step(*arg_sets[0])  # a PEFT peer that fails only when run is caught here, before the timing
-        except Exception as e:  # noqa: BLE001
-            if not name.startswith("PEFT"):
-                raise
-            notes.append(f"{name} failed, skipped: {type(e).__name__}: {e}")
-            continue
-        steps[name], held[name] = step, to_count
+            return step, to_count
+
+        if (peer := peers.attempt(name, built, notes)) is not None:
+            steps[name], held[name] = peer
     timings = measure_interleaved(steps, arg_sets, **effort)
     # Counted after the steps ran: an optimizer's state exists only from its first step.
     return {name: {"s": t.median_s, "peak_MiB": None, "held_MiB": held_MiB(*held[name])}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..nf4 import dtype_name
 from .timing import measure as measure_time
 
 # (copy buffer bytes, square matmul size): large enough to leave the caches and to saturate the BLAS.
@@ -56,4 +57,4 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
 def measure(device: torch.device, scale: str) -> Ceilings:
     nbytes, n = SIZES["tiny" if scale == "tiny" else device.type]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return Ceilings(copy_bandwidth(device, nbytes), matmul_rate(device, dtype, n), str(dtype).split(".")[-1], n)
+    return Ceilings(copy_bandwidth(device, nbytes), matmul_rate(device, dtype, n), dtype_name(dtype), n)

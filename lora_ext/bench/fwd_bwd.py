@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nf4 import dtype_name
 from . import adapters, work
 from .timing import rotation
 
@@ -15,7 +16,7 @@ def inputs(M: int, in_f: int, out_dims: list, device: torch.device, dtype: torch
         x = torch.randn(M, in_f, device=device, dtype=dtype, requires_grad=True)
         return (x, *(torch.randn(M, n, device=device, dtype=dtype) for n in out_dims))
 
-    nbytes = M * (in_f + sum(out_dims)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = M * (in_f + sum(out_dims)) * dtype.itemsize
     return rotation(make, nbytes, device)
 
 
@@ -37,7 +38,7 @@ def layer_rows(res: dict, case: dict, ceilings, shapes: list) -> list:
         r = None if name == "frozen base" else case["r"]
         per_layer = [work.lora_fwd_bwd(case["M"], k, n, r, case["dtype"], name in adapters.FOUR_BIT) for k, n in shapes]
         nbytes, flops = (sum(w[i] for w in per_layer) for i in (0, 1))
-        rows.append({**case, "dtype": str(case["dtype"]).split(".")[-1], "peer": name, "ms": v["s"] * 1e3,
+        rows.append({**case, "dtype": dtype_name(case["dtype"]), "peer": name, "ms": v["s"] * 1e3,
                      **ceilings.of(v["s"], nbytes, flops), "x_frozen_base": v["s"] / times["frozen base"],
                      "speedup_vs_peft": adapters.speedup_vs_peft(times, name),
                      "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"]})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference as R
-from ..nf4 import dequantize_nf4, quantize_nf4
+from ..nf4 import dequantize_nf4, dtype_name, quantize_nf4
 from ..ops import dequantize_nf4_out
 from . import peers
 from .timing import EFFORT, rotation
-from .work import dequant_bytes, elt, nf4_bytes
+from .work import dequant_bytes, nf4_bytes
 
 SHAPES = {"full": [(4096, 4096), (14336, 4096), (28672, 8192)], "quick": [(4096, 4096), (14336, 4096)],
           "tiny": [(128, 128)]}  # torchao needs blocks of 64 x 256
@@ -71,12 +71,12 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
     q_effort = effort if scale == "tiny" else QUANT_EFFORT
     times = {peer: s for peer, fn in q_cases.items() if (s := peers.median_s(peer, fn, [()], device, q_effort, notes))}
     n = shape[0] * shape[1]
-    rows += _rows("nf4_quantize", shape, dtype, times, n * elt(dtype) + nf4_bytes(n), ceilings)
+    rows += _rows("nf4_quantize", shape, dtype, times, n * dtype.itemsize + nf4_bytes(n), ceilings)
     return {"rows": rows, "notes": notes}
 
 
 def _rows(kernel, shape, dtype, times, nbytes, ceilings) -> list:
     base = times.get("bitsandbytes")
-    return [{"kernel": kernel, "shape": list(shape), "dtype": str(dtype).split(".")[-1], "double_quant": True,
+    return [{"kernel": kernel, "shape": list(shape), "dtype": dtype_name(dtype), "double_quant": True,
              "blocksize": 64, "peer": peer, "ms": s * 1e3, "GB/s": nbytes / s / 1e9, **ceilings.of(s, nbytes),
              "speedup_vs_bitsandbytes": base / s if base else None} for peer, s in times.items()]

@@ -11,7 +11,7 @@ from ..nf4 import dequantize_nf4, quantize_nf4
 from ..ops import nf4_linear as nf4_linear_op
 from . import peers
 from .timing import EFFORT, rotation
-from .work import elt, nf4_bytes
+from .work import nf4_bytes
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (out_features N, in_features K)
 MS = [1, 2, 4, 8, 16, 32, 64, 256, 4096]
@@ -66,10 +66,10 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
                 cases["torchao NF4Tensor"] = (lambda t: F.linear(x, t), peer_sets["torchao NF4Tensor"])
             times = {peer: s for peer, (fn, args) in cases.items()
                      if (s := peers.median_s(peer, fn, args, device, EFFORT[scale], notes))}
-            act = (M * K + M * N) * elt(dtype)
+            act = (M * K + M * N) * dtype.itemsize
             base = times.get("bitsandbytes matmul_4bit")
             for peer, s in times.items():
-                wbytes = N * K * elt(dtype) if peer == dense_name else nf4_bytes(N * K)
+                wbytes = N * K * dtype.itemsize if peer == dense_name else nf4_bytes(N * K)
                 rows.append({"kernel": "nf4_linear", "N": N, "K": K, "M": M, "peer": peer, "ms": s * 1e3,
                              "TFLOP/s": 2 * M * N * K / s / 1e12, **ceilings.of(s, wbytes + act, 2 * M * N * K),
                              "speedup_vs_bitsandbytes": (base / s) if base else None})

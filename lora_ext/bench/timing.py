@@ -30,51 +30,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable, arg_sets: Sequence[tuple], device, warmup: int = 3, min_reps: int = 10,
-            min_time_s: float = 0.3, max_reps: int = 200) -> Timing:
-    """Median time of fn(*arg_sets[i % len(arg_sets)]) over at least min_reps runs and min_time_s."""
-    device = torch.device(device)
-    for i in range(warmup):
-        fn(*arg_sets[i % len(arg_sets)])
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    i = 0
-    while i < max_reps and (i < min_reps or time.perf_counter() - start < min_time_s):
-        args = arg_sets[i % len(arg_sets)]
-        if device.type == "cuda":
-            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ev0.record()
-            fn(*args)
-            ev1.record()
-            ev1.synchronize()
-            times.append(ev0.elapsed_time(ev1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t0)
-        i += 1
-    return Timing(statistics.median(times), min(times), len(times))
+def _cpu_time(fn: Callable, args: tuple) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
-def measure_interleaved(fns: dict, arg_sets: Sequence[tuple], warmup: int = 3, min_reps: int = 10,
-                        min_time_s: float = 0.3, max_reps: int = 200) -> dict:
-    """CPU timing of several functions in turns (A B C A B C ...), so a slow spell of a shared machine
-    falls on all of them alike rather than on whichever was being timed: name -> Timing."""
+def _cuda_time(fn: Callable, args: tuple) -> float:
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    fn(*args)
+    ev1.record()
+    ev1.synchronize()
+    return ev0.elapsed_time(ev1) / 1e3
+
+
+def _in_turns(fns: dict, arg_sets: Sequence[tuple], device: torch.device, warmup: int, min_reps: int,
+              min_time_s: float, max_reps: int) -> dict:
+    """Each function warmed up, then all timed in turns (A B C A B C ...) for at least min_reps rounds and
+    min_time_s each: name -> Timing."""
+    time_one = _cuda_time if device.type == "cuda" else _cpu_time
     for fn in fns.values():
         for i in range(warmup):
             fn(*arg_sets[i % len(arg_sets)])
+    _sync(device)
     times = {name: [] for name in fns}
     start = time.perf_counter()
     i = 0
     while i < max_reps and (i < min_reps or time.perf_counter() - start < min_time_s * len(fns)):
         args = arg_sets[i % len(arg_sets)]
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(*args)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(time_one(fn, args))
         i += 1
     return {name: Timing(statistics.median(t), min(t), len(t)) for name, t in times.items()}
+
+
+def measure(fn: Callable, arg_sets: Sequence[tuple], device, warmup: int = 3, min_reps: int = 10,
+            min_time_s: float = 0.3, max_reps: int = 200) -> Timing:
+    """Median time of fn(*arg_sets[i % len(arg_sets)]) over at least min_reps runs and min_time_s."""
+    return _in_turns({"fn": fn}, arg_sets, torch.device(device), warmup, min_reps, min_time_s, max_reps)["fn"]
+
+
+def measure_interleaved(fns: dict, arg_sets: Sequence[tuple], warmup: int = 3, min_reps: int = 10,
+                        min_time_s: float = 0.3, max_reps: int = 200) -> dict:
+    """CPU timing of several functions in turns (A B C A B C ...), so a slow spell of a shared machine
+    falls on all of them alike rather than on whichever was being timed: name -> Timing."""
+    return _in_turns(fns, arg_sets, torch.device("cpu"), warmup, min_reps, min_time_s, max_reps)
 
 
 def rotation(make: Callable[[], tuple], working_set_bytes: int, device, cache_bytes: int | None = None) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nf4 import dtype_name
 from . import adapters, peers, work
 from .timing import EFFORT
 
@@ -55,15 +56,14 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
         return {"rows": [], "notes": notes}
     gen = torch.Generator().manual_seed(1)
     sets = [(torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device),) for _ in range(4)]
-    flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, cfg["num_hidden_layers"], cfg["hidden_size"],
-                                                     seq)
+    flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, seq)
     res = adapters.run_peers(adapters.builders(dense, TARGETS, R, notes, frozen_base=False), _make_step, sets,
                              device, EFFORT[scale], notes)
     times = {k: v["s"] for k, v in res.items()}
     model = (f"llama L{cfg['num_hidden_layers']} d{cfg['hidden_size']} ff{cfg['intermediate_size']} "
              f"V{cfg['vocab_size']}")
     for name, v in res.items():
-        rows.append({"model": model, "dtype": str(dtype).split(".")[-1], "r": R, "tokens": f"{batch}x{seq}",
+        rows.append({"model": model, "dtype": dtype_name(dtype), "r": R, "tokens": f"{batch}x{seq}",
                      "peer": name, "ms": v["s"] * 1e3, "tokens/s": batch * seq / v["s"],
                      **ceilings.of(v["s"], 0, flops),
                      "speedup_vs_peft": adapters.speedup_vs_peft(times, name), "peak_MiB": v["peak_MiB"],

@@ -15,12 +15,13 @@ def peak_memory_mib(device: torch.device) -> tuple:
 
 
 def plot_losses(losses: list, eval_losses: dict, path: str, title: str) -> None:
-    import matplotlib
+    # A Figure on the Agg canvas, as bench/plot.py: no pyplot state, no process-wide backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     steps = range(1, len(losses) + 1)
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss (per step)")
     smooth, avg = [], None
@@ -37,7 +38,6 @@ def plot_losses(losses: list, eval_losses: dict, path: str, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_summary(summary: dict, path: str) -> None:

@@ -69,10 +69,10 @@ def _schedule(steps: int):
 
 
 @torch.no_grad()
-def _eval_loss(model, batches: list, device: torch.device) -> float:
+def _eval_loss(model, batches: list) -> float:
     was_training = model.training
     model.eval()
-    total = sum(model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches) / len(batches)
+    total = sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
     model.train(was_training)
     return total
 
@@ -157,10 +157,10 @@ def run(args) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         windows.generator.set_state(state["generator"])
         start, losses, eval_losses = state["step"], state["losses"], state["eval_losses"]
-    eval_batches = windows.eval_batches(args.batch_size)
+    eval_batches = [b.to(device) for b in windows.eval_batches(args.batch_size)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    eval_losses.setdefault(start, _eval_loss(lora, eval_batches, device))
+    eval_losses.setdefault(start, _eval_loss(lora, eval_batches))
 
     from tqdm.auto import tqdm
 
@@ -189,14 +189,14 @@ def run(args) -> dict:
                                 mem=f"{mem:,.0f}MiB")
                 bar.update(1)
                 if step % eval_every == 0:
-                    eval_losses[step] = _eval_loss(lora, eval_batches, device)
+                    eval_losses[step] = _eval_loss(lora, eval_batches)
         finally:
             bar.close()
     interrupted = ctrl_c.pressed
     if interrupted:
         print(f"interrupted at step {step}: saving what was trained so far", file=sys.stderr)
     if step not in eval_losses:
-        eval_losses[step] = _eval_loss(lora, eval_batches, device)
+        eval_losses[step] = _eval_loss(lora, eval_batches)
 
     adapter_dir = os.path.join(args.out, "adapter")
     lora.save_pretrained(adapter_dir)
@@ -227,7 +227,7 @@ def run(args) -> dict:
         plot_losses(losses, eval_losses, os.path.join(args.out, "loss.png"),
                     f"{'QLoRA' if qlora else 'LoRA'} fine-tuning, {step} steps")
     if args.merge:
-        summary["merge"] = _merge(lora, eval_batches[0].to(device), os.path.join(args.out, "merged"), tokenizer)
+        summary["merge"] = _merge(lora, eval_batches[0], os.path.join(args.out, "merged"), tokenizer)
     write_summary(summary, os.path.join(args.out, "summary.json"))
     return summary
 

@@ -1,8 +1,7 @@
-// C entry points over the real CUDA launchers (csrc/*/*_cuda.cu, built with cuda_emulation.h), for
-// tests/test_cuda_kernels_emulated.py through ctypes. Each one fills the parameter struct as the
+// C entry points over the real CUDA launchers (csrc/*/*_cuda.cu, built with cuda_emulation.h), for the
+// tests/test_*_kernels_emulated.py tests (through ctypes) and tests/emulation/race_driver.cpp. Each one fills the parameter struct as the
 // torch glue (csrc/*/*_cuda_api.cpp) does, from plain pointers and sizes.
 #include <cstdint>
-
 #include <vector>
 
 #include "lora/lora_launch.h"
@@ -22,19 +21,11 @@ bool run(lora::LowRankGemmParams p) {
   return lora::launch_lowrank_gemm(p, nullptr);
 }
 
+// Plain absmax, or the double-quantized form when qabsmax is given (as the glue chooses by nested_absmax).
 nf4::ScaleSource scale_source(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
                               const float* nested_code, const float* offset, int nested_log2) {
-  nf4::ScaleSource s{};
-  if (qabsmax != nullptr) {
-    s.qabsmax = qabsmax;
-    s.nested_absmax = nested_absmax;
-    s.nested_code = nested_code;
-    s.offset = offset;
-    s.nested_blocksize_log2 = nested_log2;
-  } else {
-    s.absmax = absmax;
-  }
-  return s;
+  return qabsmax != nullptr ? nf4::ScaleSource::nested(qabsmax, nested_absmax, nested_code, offset, nested_log2)
+                            : nf4::ScaleSource::plain(absmax);
 }
 
 }  // namespace
@@ -109,30 +100,18 @@ void emu_dropout(const void* x, void* out, int64_t n, double p, uint64_t seed, i
   lora::launch_dropout({x, out, n, lora::dropout_spec(p, seed), static_cast<lora::DType>(dtype)}, nullptr);
 }
 
+// One product with the operands, epilogue and K split a test chooses (lora_plan.h's gemm_params,
+// then `splits` in place of the plan's choice).
 int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int a_dtype, const float* b,
                      int64_t b_stride_k, int64_t b_stride_n, const void* addend, void* out, int out_dtype,
                      float* workspace, int64_t M, int64_t N, int64_t K, int splits, float alpha, int dropout_a,
                      int dropout_out, double dropout_p, uint64_t seed) {
-  lora::LowRankGemmParams p{};
-  p.a = a;
-  p.a_stride_m = a_stride_m;
-  p.a_stride_k = a_stride_k;
-  p.a_dtype = static_cast<lora::DType>(a_dtype);
-  p.b = b;
-  p.b_stride_k = b_stride_k;
-  p.b_stride_n = b_stride_n;
-  p.addend = addend;
-  p.out = out;
-  p.out_dtype = static_cast<lora::DType>(out_dtype);
-  p.workspace = workspace;
-  p.M = M;
-  p.N = N;
-  p.K = K;
+  const lora::Operand a_op{a, static_cast<lora::DType>(a_dtype), M, K, a_stride_m, a_stride_k};
+  const lora::Operand b_op{b, lora::DType::kFloat32, K, N, b_stride_k, b_stride_n};
+  const lora::Epilogue ep{alpha, addend, dropout_a != 0, dropout_out != 0, lora::dropout_spec(dropout_p, seed)};
+  lora::LowRankGemmParams p = lora::gemm_params(a_op, b_op, out, static_cast<lora::DType>(out_dtype), ep, 1);
   p.splits = splits;
-  p.alpha = alpha;
-  p.dropout_a = dropout_a != 0;
-  p.dropout_out = dropout_out != 0;
-  p.dropout = lora::dropout_spec(dropout_p, seed);
+  p.workspace = workspace;
   return lora::launch_lowrank_gemm(p, nullptr) ? 1 : 0;
 }
 
