@@ -98,7 +98,9 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 def extension():
     csrc = os.path.join(ROOT, "csrc")
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
+    # *_composite.cpp: operators built from other operators, registered for every device
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")) +
+                 glob.glob(os.path.join("csrc", "*", "*_composite.cpp")))
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
     # Bit-exactness with bitsandbytes needs separately rounded multiply and add.
     cxx += ["-ffp-contract=off", "-fvisibility=hidden"]

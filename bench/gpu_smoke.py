@@ -70,14 +70,34 @@ def main() -> int:
         x = torch.randn(M * K + offset, dtype=dtype)[offset:].view(M, K)
         base, dy = torch.randn(M, N, dtype=dtype), torch.randn(M, N, dtype=dtype)
         A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5
+        base_dx = torch.randn(M, K, dtype=dtype) if offset == 0 else None  # the layer op's dx addend
         y, T = torch.ops.lora_ext.lora_forward(x, base, A, B, 0.5, p, 3)
-        grads = torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.5, p, 3)
+        grads = torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.5, p, 3, base_dx)
         xg = torch.empty(M * K + offset, dtype=dtype, device="cuda")[offset:].view(M, K).copy_(x)
         y_g, T_g = torch.ops.lora_ext.lora_forward(xg, base.cuda(), A.cuda(), B.cuda(), 0.5, p, 3)
-        grads_g = torch.ops.lora_ext.lora_backward(dy.cuda(), xg, T_g, A.cuda(), B.cuda(), 0.5, p, 3)
+        grads_g = torch.ops.lora_ext.lora_backward(dy.cuda(), xg, T_g, A.cuda(), B.cuda(), 0.5, p, 3,
+                                                   None if base_dx is None else base_dx.cuda())
         for name, a, b in [("y", y_g, y), ("T", T_g, T)] + list(zip(("dx", "dA", "dB"), grads_g, grads)):
-            if not _close(a, b, 1e-5 if a.dtype == torch.float32 else 1e-2):
+            if not _close(a, b, 1e-5 if a.dtype == torch.float32 else 1e-2) or a.stride() != b.stride():
                 failures.append(("lora kernels", name, M, K, N, r, p))
+    # The layer as one operator over a dense and an NF4 base, forward and backward, against the CPU.
+    for kind in ("dense", "nf4"):
+        lin = torch.nn.Linear(200, 72).to(torch.bfloat16)
+        base = lora_ext.NF4Linear.from_linear(lin) if kind == "nf4" else lin
+        layer = lora_ext.LoraLinear(base, r=16, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False)
+        x = torch.randn(3, 50, 200, dtype=torch.bfloat16)
+        outs = []
+        for dev in ("cpu", "cuda"):
+            layer.to(dev)
+            xd = x.to(dev).requires_grad_(True)
+            torch.manual_seed(9)
+            y = layer(xd)
+            y.backward(torch.ones_like(y))
+            outs.append((y, xd.grad, layer.lora_A.grad, layer.lora_B.grad))
+            layer.zero_grad()
+        for name, a, b in zip(("y", "dx", "dA", "dB"), outs[1], outs[0]):
+            if not _close(a, b, 1e-4 if a.dtype == torch.float32 else 3e-2):
+                failures.append(("layer op", kind, name))
     # Merge: fp64 delta, one rounding; the CUDA bits equal the CPU's.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         W = torch.randn(37, 301).to(dtype)

@@ -47,9 +47,18 @@ TORCH_LIBRARY(lora_ext, m) {
   // backward in place of any dropout mask or dropout(x) copy).
   m.def("lora_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, float scale, float dropout_p, int seed) -> "
         "(Tensor y, Tensor T)");
-  // Gradients of lora_forward's LoRA branch: (dx, dA, dB).
+  // Gradients of lora_forward's LoRA branch: (dx, dA, dB). With grad_x_base (the base layer's own
+  // input gradient, dy W), dx = grad_x_base + dropout'(dT A), rounded once: the whole layer's dx.
   m.def("lora_backward(Tensor grad_y, Tensor x, Tensor T, Tensor A, Tensor B, float scale, float dropout_p, "
-        "int seed) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+        "int seed, Tensor? grad_x_base=None) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+  // The whole layer over a frozen base, as one autograd node: y = x W^T (+ bias) + the LoRA branch,
+  // -> (y, T). Its backward hands the base's dx (dy W) to lora_backward as grad_x_base, so dx is
+  // written once instead of summed from two gradients. W, the NF4 state and bias get no gradient.
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scale, float dropout_p, "
+        "int seed) -> (Tensor y, Tensor T)");
+  m.def("lora_nf4_linear(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, Tensor? bias, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor A, Tensor B, "
+        "float scale, float dropout_p, int seed) -> (Tensor y, Tensor T)");
 
   // Merge: W += scale * B A in place (unmerge: -=), delta accumulated in fp64, W rounded once;
   // W (d x k) is read and written once, B A never materialized.

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import ops
 from .merge import merge_nf4
-from .nf4 import NF4Linear, NF4Weight, is_conv1d, nf4_linear
+from .nf4 import NF4Linear, NF4Weight, check_nf4_linear_args, is_conv1d, nf4_linear
 
 _SEED_RANGE = 2**62
 # LoRA layers by the base weight they wrap: a weight wrapped twice (tied) must not be merged twice.
@@ -51,16 +51,45 @@ def _dropout_seed(p: float, training: bool) -> tuple[float, int]:
     return p, int(torch.randint(0, _SEED_RANGE, (1,)).item())
 
 
+def _layer_op(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], bias: Optional[torch.Tensor],
+              lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int) -> torch.Tensor:
+    """Base and LoRA branch as one operator over a frozen weight: its backward writes dx once."""
+    if isinstance(weight, NF4Weight):
+        check_nf4_linear_args(x, weight)
+        return ops.lora_nf4_linear(x, weight.packed, weight.absmax, weight.shape[0], weight.blocksize, bias,
+                                   weight.nested_absmax, weight.nested_code, weight.offset, weight.nested_blocksize,
+                                   lora_A, lora_B, scaling, p, seed)
+    return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+
 def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scaling: float, bias: Optional[torch.Tensor] = None, dropout: float = 0.0,
                 training: bool = True) -> torch.Tensor:
-    """Functional LoRA linear: base x W^T (+ bias) with W dense or NF4, plus the low-rank update."""
-    if isinstance(weight, NF4Weight):
-        base = nf4_linear(x, weight, bias)
-    else:
-        base = torch.nn.functional.linear(x, weight, bias)
+    """Functional LoRA linear: base x W^T (+ bias) with W dense or NF4, plus the low-rank update. A dense
+    W or a bias that requires grad gets its gradient (the base then runs as its own autograd node)."""
     p, seed = _dropout_seed(dropout, training)
-    return ops.lora_forward(x, base, lora_A, lora_B, scaling, p, seed)
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (weight, bias)):
+        if isinstance(weight, NF4Weight):
+            base = nf4_linear(x, weight, bias)
+        else:
+            base = torch.nn.functional.linear(x, weight, bias)
+        return ops.lora_forward(x, base, lora_A, lora_B, scaling, p, seed)
+    return _layer_op(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{h}" for h in _HOOKS)
+
+
+def runs_as_one_op(base: nn.Module) -> bool:
+    """Whether LoraLinear may compute `base` itself, inside its one operator: only when base's forward
+    is exactly x W^T + b, that is a frozen nn.Linear or NF4Linear (not a subclass) whose forward nobody
+    hooks or patches (accelerate's offload hooks patch the instance's forward)."""
+    if type(base) not in (nn.Linear, NF4Linear) or "forward" in base.__dict__:
+        return False
+    if any(getattr(base, h) for h in _HOOKS) or any(getattr(nn.modules.module, h, None) for h in _GLOBAL_HOOKS):
+        return False
+    return not any(t.requires_grad for t in base.parameters())
 
 
 class LoraLinear(nn.Module):
@@ -183,11 +212,18 @@ class LoraLinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
+        base = self.base_layer
         if self.merged or self.disabled:
-            return base
+            return base(x)
+        if runs_as_one_op(base):
+            p, seed = _dropout_seed(self.lora_dropout, self.training)
+            if isinstance(base, NF4Linear):
+                bias = None if base.bias is None else base.bias.to(x.dtype)  # as NF4Linear.forward
+                return _layer_op(x, base.qweight, bias, self.lora_A, self.lora_B, self.scaling, p, seed)
+            return _layer_op(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p, seed)
+        base_out = base(x)
         p, seed = _dropout_seed(self.lora_dropout, self.training)
-        return ops.lora_forward(x, base, self.lora_A, self.lora_B, self.scaling, p, seed)
+        return ops.lora_forward(x, base_out, self.lora_A, self.lora_B, self.scaling, p, seed)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "

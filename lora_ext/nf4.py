@@ -226,12 +226,7 @@ _FROZEN = ("nf4_linear: the NF4 base weight is frozen and has no gradient; set r
            "(train an adapter instead)")
 
 
-def nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ dequant(W).T + bias, differentiable with respect to x (and bias); W gets no gradient.
-
-    Few rows of x (decode) take a fused kernel that reads the packed weight directly; more rows
-    dequantize into a reused workspace and use BLAS. Backward keeps only the packed weight.
-    """
+def check_nf4_linear_args(x: torch.Tensor, qw: NF4Weight) -> None:
     if not isinstance(qw, NF4Weight):
         raise TypeError(f"nf4_linear expects an NF4Weight, got {type(qw).__name__}")
     if len(qw.shape) != 2:
@@ -241,6 +236,15 @@ def nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: Optional[torch.Tensor] = No
     if x.shape[-1:] != qw.shape[1:]:
         raise ValueError(f"nf4_linear: input's last dimension must be in_features={qw.shape[1]}, "
                          f"got input of shape {tuple(x.shape)}")
+
+
+def nf4_linear(x: torch.Tensor, qw: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ dequant(W).T + bias, differentiable with respect to x (and bias); W gets no gradient.
+
+    Few rows of x (decode) take a fused kernel that reads the packed weight directly; more rows
+    dequantize into a reused workspace and use BLAS. Backward keeps only the packed weight.
+    """
+    check_nf4_linear_args(x, qw)
     return ops.nf4_linear(x, qw.packed, qw.absmax, qw.shape[0], qw.blocksize, bias, qw.nested_absmax,
                           qw.nested_code, qw.offset, qw.nested_blocksize)
 

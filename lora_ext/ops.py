@@ -67,6 +67,26 @@ def lora_forward(x: torch.Tensor, base_out: torch.Tensor, A: torch.Tensor, B: to
     return torch.ops.lora_ext.lora_forward(x, base_out, A, B, float(scale), float(dropout_p), int(seed))[0]
 
 
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                B: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """x W^T (+ bias) + scale * dropout(x) A^T B^T over a frozen W, as one autograd node whose backward
+    writes dx once (the base's dy W is the LoRA kernel's addend). Differentiable in x, A and B."""
+    require_compiled("lora_linear")
+    return torch.ops.lora_ext.lora_linear(x, weight, bias, A, B, float(scale), float(dropout_p), int(seed))[0]
+
+
+def lora_nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_features: int, blocksize: int,
+                    bias: Optional[torch.Tensor], nested_absmax: Optional[torch.Tensor],
+                    nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], nested_blocksize: int,
+                    A: torch.Tensor, B: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                    seed: int = 0) -> torch.Tensor:
+    """lora_linear over an NF4 base (nf4_linear's arguments, then the adapter's)."""
+    require_compiled("lora_nf4_linear")
+    return torch.ops.lora_ext.lora_nf4_linear(x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                              nested_code, offset, nested_blocksize, A, B, float(scale),
+                                              float(dropout_p), int(seed))[0]
+
+
 def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     require_compiled("lora_dropout")
     return torch.ops.lora_ext.lora_dropout(x, float(p), int(seed))
@@ -179,8 +199,23 @@ if HAS_C:
         return torch.empty_like(base_out), A.new_empty((m, A.shape[0]))
 
     @torch.library.register_fake("lora_ext::lora_backward")
-    def _lora_backward_fake(grad_y, x, T, A, B, scale, dropout_p, seed):
+    def _lora_backward_fake(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base=None):
+        torch._check(grad_x_base is None or grad_x_base.numel() == x.numel(),
+                     lambda: f"lora_backward: grad_x_base must have the input's {x.numel()} elements")
         return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B)
+
+    @torch.library.register_fake("lora_ext::lora_linear")
+    def _lora_linear_fake(x, weight, bias, A, B, scale, dropout_p, seed):
+        torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
+                     lambda: f"lora_linear: weight must be (out_features, {x.shape[-1]}), got {tuple(weight.shape)}")
+        # linear on fake tensors: the real kernel's output dtype, under autocast too
+        return _lora_forward_fake(x, torch.nn.functional.linear(x, weight, bias), A, B, scale, dropout_p, seed)
+
+    @torch.library.register_fake("lora_ext::lora_nf4_linear")
+    def _lora_nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
+                              nested_blocksize, A, B, scale, dropout_p, seed):
+        base = _nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias)
+        return _lora_forward_fake(x, base, A, B, scale, dropout_p, seed)
 
     def _lora_forward_setup(ctx, inputs, output):
         x, base_out, A, B, scale, dropout_p, seed = inputs
@@ -198,6 +233,63 @@ if HAS_C:
                 grad_B if needs[3] else None, None, None, None)
 
     torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
+
+    # lora_linear / lora_nf4_linear: inputs x, <the frozen base>, A, B, scale, dropout_p, seed.
+    # Saved: x, T, A, B and references to the base's weight (what the base layer keeps anyway).
+    def _layer_setup(ctx, x, frozen, A, B, scale, dropout_p, seed, T, base_saved):
+        if any(t is not None and t.requires_grad for t in frozen):
+            raise RuntimeError("lora_linear: the base weight and bias are frozen here (they get no gradient); set "
+                               "requires_grad=False on them, or add lora_forward to the base layer's own output")
+        ctx.save_for_backward(x, T, A, B, *base_saved)
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+
+    def _layer_grads(ctx, saved, grad_y, grad_x_base, n_inputs):
+        """The gradients of a layer op's n_inputs inputs: x first, A and B fifth and fourth from last.
+        saved: ctx.saved_tensors, unpacked once (checkpointing allows one unpack)."""
+        x, T, A, B = saved[:4]
+        grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(grad_y, x, T, A, B, ctx.scale, ctx.dropout_p,
+                                                                  ctx.seed, grad_x_base)
+        needs = ctx.needs_input_grad
+        grads = [None] * n_inputs
+        grads[0] = grad_x if needs[0] else None
+        grads[-5] = grad_A if needs[-5] else None
+        grads[-4] = grad_B if needs[-4] else None
+        return tuple(grads)
+
+    def _lora_linear_setup(ctx, inputs, output):
+        x, weight, bias, A, B, scale, dropout_p, seed = inputs
+        _layer_setup(ctx, x, (weight, bias), A, B, scale, dropout_p, seed, output[1], (weight,))
+        ctx.mark_non_differentiable(output[1])
+
+    def _lora_linear_backward(ctx, grad_y, grad_T):
+        saved = ctx.saved_tensors
+        weight = saved[4]
+        # In grad_y's dtype: under autocast the forward's base product ran in it too.
+        grad_x_base = torch.matmul(grad_y, weight.to(grad_y.dtype)) if ctx.needs_input_grad[0] else None
+        return _layer_grads(ctx, saved, grad_y, grad_x_base, 8)
+
+    torch.library.register_autograd("lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
+
+    def _lora_nf4_linear_setup(ctx, inputs, output):
+        x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset, nbs = inputs[:10]
+        A, B, scale, dropout_p, seed = inputs[10:]
+        state = (packed, absmax, nested_absmax, nested_code, offset)
+        _layer_setup(ctx, x, (*state, bias), A, B, scale, dropout_p, seed, output[1], state)
+        ctx.blocksize, ctx.nested_blocksize = blocksize, nbs
+        ctx.mark_non_differentiable(output[1])
+
+    def _lora_nf4_linear_backward(ctx, grad_y, grad_T):
+        saved = ctx.saved_tensors
+        x, (packed, absmax, nested_absmax, nested_code, offset) = saved[0], saved[4:9]
+        grad_x_base = None
+        if ctx.needs_input_grad[0]:
+            grad_x_base = torch.ops.lora_ext.nf4_linear_grad_input(grad_y, packed, absmax, x.shape[-1], ctx.blocksize,
+                                                                   nested_absmax, nested_code, offset,
+                                                                   ctx.nested_blocksize)
+        return _layer_grads(ctx, saved, grad_y, grad_x_base, 15)
+
+    torch.library.register_autograd("lora_ext::lora_nf4_linear", _lora_nf4_linear_backward,
+                                    setup_context=_lora_nf4_linear_setup)
 
     def _merge_fake(W, A, B, scale):
         torch._check(W.dim() == 2 and A.dim() == 2 and B.dim() == 2, lambda: "merge: W, A and B must be 2-D")

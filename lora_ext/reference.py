@@ -200,8 +200,8 @@ def lora_forward(x, base_out, A, B, scale: float, dropout_p: float = 0.0, seed: 
     return y, T
 
 
-def lora_backward(grad_y, x, T, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):
-    """(dx, dA, dB) of lora_forward's LoRA branch."""
+def lora_backward(grad_y, x, T, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0, grad_x_base=None):
+    """(dx, dA, dB) of lora_forward's LoRA branch; dx includes grad_x_base (the base's dx) when given."""
     dy = grad_y.reshape(-1, grad_y.shape[-1]).to(A.dtype)
     dT = (dy @ B) * scale
     dB = (dy.t() @ T.to(A.dtype)) * scale
@@ -210,7 +210,22 @@ def lora_backward(grad_y, x, T, A, B, scale: float, dropout_p: float = 0.0, seed
     dx = dT @ A
     if dropout_p > 0:
         dx = lora_dropout(dx, dropout_p, seed)
+    if grad_x_base is not None:
+        dx = dx + grad_x_base.reshape(dx.shape).to(dx.dtype)
     return dx.to(x.dtype).reshape(x.shape), dA, dB
+
+
+def lora_linear(x, weight, bias, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    """(y, T) of the whole layer over a dense base: x W^T (+ bias), then lora_forward."""
+    return lora_forward(x, torch.nn.functional.linear(x, weight, bias), A, B, scale, dropout_p, seed)
+
+
+def lora_nf4_linear(x, packed, absmax, out_features: int, blocksize: int, bias, nested_absmax, nested_code, offset,
+                    nested_blocksize: int, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    """(y, T) of the whole layer over an NF4 base: nf4_linear, then lora_forward."""
+    base = nf4_linear(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
+                      nested_blocksize)
+    return lora_forward(x, base, A, B, scale, dropout_p, seed)
 
 
 # ---------------------------------------------------------------- merge

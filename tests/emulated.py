@@ -28,7 +28,7 @@ SIGNATURES = {
     "emu_dropout": (None, [c_ptr, c_ptr, c_i64, c_f64, ctypes.c_uint64, c_int]),
     "emu_lora_forward": (c_int, [c_ptr, c_int, c_ptr, c_ptr, c_ptr, c_int, c_ptr, c_ptr] + [c_i64] * 4
                          + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
-    "emu_lora_backward": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 7 + [c_i64] * 4
+    "emu_lora_backward": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 8 + [c_i64] * 4
                           + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
     "emu_lowrank_gemm": (c_int, [c_ptr, c_i64, c_i64, c_int, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_ptr]
                          + [c_i64] * 3 + [c_int, ctypes.c_float, c_int, c_int, c_f64, ctypes.c_uint64]),

@@ -161,8 +161,16 @@ def test_cuda_kernels_match_the_cpu_operator(M, K, N, r, p):
     _close(y.cpu(), y_cpu, 1e-5)
     for a, b in zip(g, g_cpu):
         _close(a.cpu(), b, 1e-5)
+        assert a.stride() == b.stride()
     if p > 0:
         assert torch.equal(g[0].cpu() == 0, g_cpu[0] == 0), "the same elements of x dropped on both devices"
+    # The layer op's backward: the base's dx as the dx epilogue's addend, in x's dtype or wider.
+    dy, T = torch.randn(M, N), torch.randn(M, r)
+    for base_dx in (torch.randn(M, K), torch.randn(M, K).bfloat16()):
+        cpu = torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.75, p, 17, base_dx)
+        gpu = torch.ops.lora_ext.lora_backward(*(t.cuda() for t in (dy, x, T, A, B)), 0.75, p, 17, base_dx.cuda())
+        for a, b in zip(gpu, cpu):
+            _close(a.cpu(), b, 1e-5)
 
 
 def test_opcheck(device):
@@ -174,6 +182,210 @@ def test_opcheck(device):
     y, T = torch.ops.lora_ext.lora_forward(x.detach(), base_out, A.detach(), B, 0.5, 0.25, 5)
     torch.library.opcheck(torch.ops.lora_ext.lora_backward.default,
                           (torch.randn_like(y), x.detach(), T, A.detach(), B, 0.5, 0.25, 5))
+
+
+# ---------------------------------------------------------------- the layer as one operator
+
+
+def _base(kind, K, N, bias, device, dtype):
+    dense = nn.Linear(K, N, bias=bias).to(device=device, dtype=dtype).requires_grad_(False)
+    return lora_ext.NF4Linear.from_linear(dense) if kind == "nf4" else dense
+
+
+def _two_op_path(layer):
+    """The same layer computed as base_layer's node plus lora_forward's (a hook on the base keeps
+    LoraLinear from computing the base itself; this one changes nothing)."""
+    layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+    assert not lora_ext.lora.runs_as_one_op(layer.base_layer)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_layer_is_one_node_and_equals_the_two_op_path(device, kind, dtype, bias):
+    """LoraLinear over a plain base is one autograd node (lora_linear / lora_nf4_linear) whose backward
+    writes dx once. Against the same layer run as two nodes: y, dA and dB bit for bit; dx to the
+    dtype's tolerance (the two-node path rounds the LoRA part before autograd adds the base's dx).
+    3-D non-contiguous x, dropout on."""
+    K, N, r = 160, 72, 12
+    fused = lora_ext.LoraLinear(_base(kind, K, N, bias, device, dtype), r=r, lora_alpha=24, lora_dropout=0.2,
+                                init_lora_weights=False)
+    two = _two_op_path(lora_ext.LoraLinear(_base(kind, K, N, bias, device, dtype), r=r, lora_alpha=24,
+                                           lora_dropout=0.2))
+    two.load_state_dict(fused.state_dict())
+    x = torch.randn(9, 2, K, device=device).to(dtype).transpose(0, 1)
+    outs = []
+    for layer in (fused, two):
+        torch.manual_seed(7)  # the same dropout seed
+        y, (gx,) = _grads(layer, [x])
+        outs.append((y, gx, layer.lora_A.grad, layer.lora_B.grad, layer(x.detach().requires_grad_()).grad_fn))
+    (y, gx, gA, gB, node), (y2, gx2, gA2, gB2, node2) = outs
+    assert f"lora_ext_lora_{'nf4_' if kind == 'nf4' else ''}linear" in node.name()
+    assert {type(f).__name__ for f, _ in node.next_functions if f is not None} == {"AccumulateGrad"}
+    assert "lora_forward" in node2.name()
+    assert torch.equal(y, y2) and torch.equal(gA, gA2) and torch.equal(gB, gB2)
+    assert gx.dtype == x.dtype
+    _close(gx, gx2, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_layer_dx_rounded_once(device):
+    """bf16: the layer's dx is the base's dx plus the fp32 LoRA part, rounded once; against fp64 of the
+    same sum nearly every element is equal (adding a rounded LoRA part misses far more often)."""
+    K, N, r = 256, 192, 16
+    layer = lora_ext.LoraLinear(_base("dense", K, N, True, device, torch.bfloat16), r=r, lora_alpha=32,
+                                init_lora_weights=False)
+    x = torch.randn(300, K, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(300, N, device=device, dtype=torch.bfloat16)
+    layer(x).backward(dy)
+    W, A, B = (t.detach() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+    base_dx = dy @ W  # the base's own dx, rounded by its matmul as in the layer
+    lora_dx = layer.scaling * (dy.double() @ B.double()) @ A.double()
+    exact_once = (base_dx.double() + lora_dx).to(torch.bfloat16)
+    twice = base_dx + lora_dx.to(torch.bfloat16)
+    miss_once = (x.grad != exact_once).double().mean().item()
+    miss_twice = (twice != exact_once).double().mean().item()
+    assert miss_once < 0.01 and miss_once < miss_twice / 5, (miss_once, miss_twice)
+
+
+def test_layer_ops_gradcheck_fp64_cpu():
+    x, _, A, B = (t.double() for t in _lora_inputs((2, 3), 64, 7, 3, "cpu"))
+    W, b = torch.randn(7, 64, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    qw = lora_ext.quantize_nf4(torch.randn(7, 64), blocksize=32)
+    nf4_args = (qw.packed, qw.absmax, 7, 32, b, qw.nested_absmax, qw.nested_code, qw.offset, qw.nested_blocksize)
+    inputs = [t.requires_grad_(True) for t in (x, A, B)]
+    for p in (0.0, 0.4):
+        assert torch.autograd.gradcheck(lambda x, A, B: lora_ext.ops.lora_linear(x, W, b, A, B, 1.5, p, 99), inputs)
+        assert torch.autograd.gradcheck(lambda x, A, B: lora_ext.ops.lora_nf4_linear(x, *nf4_args, A, B, 1.5, p, 99),
+                                        inputs)
+
+
+def test_layer_ops_against_reference(device):
+    """lora_linear and lora_nf4_linear, outputs and gradients, against the fp64 reference composed
+    from the base op and lora_forward / lora_backward(grad_x_base)."""
+    K, N, r, p, seed = 96, 40, 8, 0.3, 5
+    x, _, A, B = _lora_inputs((3, 5), K, N, r, device)
+    W, b = torch.randn(N, K, device=device) / math.sqrt(K), torch.randn(N, device=device)
+    qw = lora_ext.quantize_nf4(W, blocksize=64)
+    W4 = qw.dequantize(torch.float32)
+    nf4_args = (qw.packed, qw.absmax, N, qw.blocksize, b, qw.nested_absmax, qw.nested_code, qw.offset,
+                qw.nested_blocksize)
+    cases = [(lambda x, A, B: lora_ext.ops.lora_linear(x, W, b, A, B, 0.5, p, seed), W),
+             (lambda x, A, B: lora_ext.ops.lora_nf4_linear(x, *nf4_args, A, B, 0.5, p, seed), W4)]
+    for op, w in cases:
+        y, g = _grads(op, [x, A, B])
+        y_ref, g_ref = _grads(lambda x, A, B: R.lora_linear(x, w.double(), b.double(), A, B, 0.5, p, seed)[0],
+                              [t.double() for t in (x, A, B)])
+        _close(y, y_ref, 1e-5)
+        for a, b_ in zip(g, g_ref):
+            _close(a, b_, 1e-5)
+    dy, T = torch.randn(15, N, device=device), torch.randn(15, r, device=device)
+    base_dx = torch.randn(15, K, device=device)
+    ours = torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.5, p, seed, base_dx)
+    ref = R.lora_backward(dy.double(), x.double(), T.double(), A.double(), B.double(), 0.5, p, seed, base_dx.double())
+    for a, b_ in zip(ours, ref):
+        _close(a, b_, 1e-5)
+
+
+def test_layer_ops_opcheck(device):
+    x, _, A, B = _lora_inputs((6,), 40, 24, 4, device)
+    W, b = torch.randn(24, 40, device=device), torch.randn(24, device=device)
+    qw = lora_ext.quantize_nf4(W)
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    torch.library.opcheck(torch.ops.lora_ext.lora_linear.default, (x, W, b, A, B, 0.5, 0.25, 5))
+    torch.library.opcheck(torch.ops.lora_ext.lora_nf4_linear.default,
+                          (x, qw.packed, qw.absmax, 24, qw.blocksize, b, qw.nested_absmax, qw.nested_code, qw.offset,
+                           qw.nested_blocksize, A, B, 0.5, 0.25, 5))
+    y, T = torch.ops.lora_ext.lora_forward(x.detach(), torch.randn(6, 24, device=device), A.detach(), B, 0.5, 0.25, 5)
+    torch.library.opcheck(torch.ops.lora_ext.lora_backward.default,
+                          (torch.randn_like(y), x.detach(), T, A.detach(), B, 0.5, 0.25, 5, torch.randn_like(x)))
+
+
+def test_base_runs_inside_the_layer_op_only_when_its_forward_is_x_wT_plus_b():
+    """Anything else a base's forward may do (a subclass, a hook, a patched forward, a trainable
+    weight) keeps it a node of its own, and what it does shows in y and dx."""
+    one_op = lora_ext.lora.runs_as_one_op
+    assert one_op(nn.Linear(8, 6).requires_grad_(False))
+    assert one_op(lora_ext.NF4Linear.from_linear(nn.Linear(64, 6)).requires_grad_(False))
+    assert not one_op(lora_ext.NF4Linear.from_linear(nn.Linear(64, 6)))  # trainable bias
+
+    class MyLinear(nn.Linear):
+        pass
+    assert not one_op(MyLinear(8, 6).requires_grad_(False))
+    assert not one_op(nn.Linear(8, 6))  # trainable weight
+    patched = nn.Linear(8, 6).requires_grad_(False)
+    patched.forward = lambda x: nn.Linear.forward(patched, x)
+    assert not one_op(patched)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: None)
+    try:
+        assert not one_op(nn.Linear(8, 6).requires_grad_(False))
+    finally:
+        handle.remove()
+
+    layer = lora_ext.LoraLinear(nn.Linear(32, 16), r=4, lora_alpha=4, init_lora_weights=False)
+    layer.base_layer.register_forward_hook(lambda m, args, out: 2 * out)
+    x = torch.randn(5, 32)
+    W, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    y, (gx,) = _grads(layer, [x])
+    y_ref, (gx_ref,) = _grads(lambda x: R.lora_linear(x, 2 * W.double(), 2 * bias.double(), layer.lora_A.double(),
+                                                      layer.lora_B.double(), layer.scaling)[0], [x.double()])
+    _close(y, y_ref, 1e-5)
+    _close(gx, gx_ref, 1e-5)
+
+
+def test_layer_under_autocast_equals_the_two_op_path():
+    """An fp32 model under bf16 autocast: the base product runs in bf16 inside the layer op as it would
+    in nn.Linear, and the LoRA products stay fp32 (autocast must not recast the ATen math inside our
+    kernels), so y, dA and dB equal the two-node path's bit for bit, and dx to fp32's rounding (BLAS
+    adds the base's dx inside its product here)."""
+    fused = lora_ext.LoraLinear(nn.Linear(64, 48), r=8, lora_alpha=16, init_lora_weights=False)
+    two = _two_op_path(lora_ext.LoraLinear(nn.Linear(64, 48), r=8, lora_alpha=16))
+    two.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 5, 64)
+    results = []
+    for layer in (fused, two):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, (gx,) = _grads(layer, [x])
+        results.append([y, gx, layer.lora_A.grad, layer.lora_B.grad])
+    assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    for name, a, b in zip(("y", "dx", "dA", "dB"), *results):
+        if name == "dx":
+            _close(a, b, 1e-6)
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_ops_keep_fp32_math_under_autocast(device):
+    """Autocast passes our operators through; the BLAS calls inside the CPU operator must not be recast
+    to bf16 either: the same bits with and without it."""
+    x, base_out, A, B = _lora_inputs((37,), 64, 48, 8, device)
+    dy, base_dx = torch.randn_like(base_out), torch.randn_like(x)
+
+    def run():
+        y, T = torch.ops.lora_ext.lora_forward(x, base_out, A, B, 1.5, 0.1, 3)
+        return (y, T, *torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 1.5, 0.1, 3, base_dx))
+    plain = run()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        under = run()
+    for a, b in zip(plain, under):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_layer_ops_reject_bad_input(device):
+    x, _, A, B = _lora_inputs((4,), 32, 16, 4, device)
+    W = torch.randn(16, 32, device=device)
+    with pytest.raises(RuntimeError, match=r"weight must be \(out_features, 32\), got \[16, 31\]"):
+        lora_ext.ops.lora_linear(x, W[:, :31], None, A, B, 1.0)
+    with pytest.raises(RuntimeError, match="the base weight and bias are frozen here"):
+        lora_ext.ops.lora_linear(x, W.clone().requires_grad_(True), None, A.clone().requires_grad_(True), B, 1.0)
+    T = torch.randn(4, 4, device=device)
+    with pytest.raises(RuntimeError, match="grad_x_base must have the input's 128 elements"):
+        torch.ops.lora_ext.lora_backward(torch.randn(4, 16, device=device), x, T, A, B, 1.0, 0.0, 0,
+                                         torch.randn(4, 31, device=device))
+    # a trainable W through the functional form: the base is its own node and W gets its gradient
+    Wt = W.clone().requires_grad_(True)
+    lora_ext.lora.lora_linear(x, Wt, A, B, 1.0).sum().backward()
+    assert Wt.grad is not None
 
 
 # ---------------------------------------------------------------- LoraLinear

@@ -57,14 +57,16 @@ def forward(emulated, x, base_out, A, B, scale, p, seed, x_offset=0, target_bloc
     return y.check().view(base_out.shape), T.check().to(A.dtype)
 
 
-def backward(emulated, grad_y, x, T, A, B, scale, p, seed, x_offset=0, target_blocks=H200_BLOCKS):
+def backward(emulated, grad_y, x, T, A, B, scale, p, seed, x_offset=0, target_blocks=H200_BLOCKS, grad_x_base=None):
     M, K, r, N = x.numel() // x.shape[-1], x.shape[-1], A.shape[0], B.shape[0]
     gdy, gx = Guarded(grad_y.reshape(M, N)), Guarded(x.reshape(M, K), x_offset)
     gA, gB, gT = Guarded(A.float()), Guarded(B.float()), Guarded(T.float())
     dT, dB, dAt = Guarded(torch.empty(M, r)), Guarded(torch.empty(N, r)), Guarded(torch.empty(K, r))
     dx = Guarded(torch.empty(M, K, dtype=x.dtype))
+    dx_base = None if grad_x_base is None else Guarded(grad_x_base.reshape(M, K).to(x.dtype))
     ok = emulated.emu_lora_backward(ptr(gdy.t), code(grad_y.dtype), ptr(gx.t), code(x.dtype), ptr(gA.t), ptr(gB.t),
-                                    ptr(gT.t), ptr(dT.t), ptr(dB.t), ptr(dAt.t), ptr(dx.t), M, K, N, r, scale, p, seed,
+                                    ptr(gT.t), ptr(dT.t), ptr(dB.t), ptr(dAt.t), ptr(dx.t),
+                                    None if dx_base is None else ptr(dx_base.t), M, K, N, r, scale, p, seed,
                                     target_blocks)
     assert ok == 1
     dT.check()
@@ -98,16 +100,17 @@ def test_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, dtyp
         _close(out16, exact, 1e-2)
 
 
-@pytest.mark.parametrize("M, K, N, r, p, act, offset", [
-    (7, 40, 24, 4, 0.25, torch.float32, 0),        # K % 4 == 0: dropout drawn in groups of four
-    (67, 33, 70, 12, 0.3, torch.bfloat16, 0),      # K odd: dropout drawn element by element
-    (130, 36, 20, 80, 0.1, torch.float16, 1),      # r > 64: two column tiles; x unaligned (no vector loads)
-    (1100, 24, 20, 16, 0.2, torch.bfloat16, 0),    # 1100 tokens: dB and dA split K in two slices
-    (5, 7, 3, 1, 0.0, torch.bfloat16, 0),          # r = 1, no dropout
+@pytest.mark.parametrize("M, K, N, r, p, act, offset, with_base_grad", [
+    (7, 40, 24, 4, 0.25, torch.float32, 0, True),        # K % 4 == 0: dropout drawn in groups of four
+    (67, 33, 70, 12, 0.3, torch.bfloat16, 0, False),     # K odd: dropout drawn element by element
+    (130, 36, 20, 80, 0.1, torch.float16, 1, False),     # r > 64: two column tiles; x unaligned (no vector loads)
+    (1100, 24, 20, 16, 0.2, torch.bfloat16, 0, False),   # 1100 tokens: dB and dA split K in two slices
+    (5, 7, 3, 1, 0.0, torch.bfloat16, 0, True),          # r = 1, no dropout
 ])
-def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset):
+def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset, with_base_grad):
     """Forward and backward as the CUDA operator runs them (lora_plan.h, the launchers, the kernels),
-    against the CPU operator: the same values, and the same elements of x dropped."""
+    against the CPU operator: the same values, and the same elements of x dropped. with_base_grad: the
+    base layer's dx is the dx epilogue's addend (the fused layer's backward)."""
     x = torch.randn(M, K).to(act)
     base_out, grad_y = torch.randn(M, N).to(act), torch.randn(M, N).to(act)
     A, B = torch.randn(r, K) / math.sqrt(K), torch.randn(N, r) / math.sqrt(r)
@@ -117,11 +120,12 @@ def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offs
     tol = 1e-5 if act == torch.float32 else 1e-2
     _close(y, y_cpu, tol)
     _close(T, T_cpu, 1e-5)
-    grads = backward(emulated, grad_y, x, T_cpu, A, B, scale, p, seed, x_offset=offset)
-    grads_cpu = torch.ops.lora_ext.lora_backward(grad_y, x, T_cpu, A, B, scale, p, seed)
+    dx_base = torch.randn(M, K).to(act) if with_base_grad else None
+    grads = backward(emulated, grad_y, x, T_cpu, A, B, scale, p, seed, x_offset=offset, grad_x_base=dx_base)
+    grads_cpu = torch.ops.lora_ext.lora_backward(grad_y, x, T_cpu, A, B, scale, p, seed, dx_base)
     for name, ours, ref in zip(("dx", "dA", "dB"), grads, grads_cpu):
         _close(ours, ref, tol if name == "dx" else 1e-5)
-    if p > 0:
+    if p > 0 and not with_base_grad:  # (with it, a dropped element's dx is the base's, not 0)
         assert torch.equal(grads[0] == 0, grads_cpu[0] == 0), "the same elements of x are dropped"
         assert (grads[0] == 0).any()
 

@@ -124,6 +124,20 @@ def test_checkpoint_and_compile(device):
     torch.testing.assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("M", [3, 100])  # the fused path and the workspace + BLAS path
+def test_autocast_does_not_lower_the_precision(device, M):
+    """Autocast leaves our operators alone, and must not recast the BLAS call inside the kernel either:
+    fp32 activations give the same fp32 result under bf16 autocast, forward and backward."""
+    qw = _weight(96, 128, 64, True, device, torch.float32)
+    x = torch.randn(M, 128, device=device, requires_grad=True)
+    y = lora_ext.nf4_linear(x, qw)
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y_ac = lora_ext.nf4_linear(x, qw)
+        (g_ac,) = torch.autograd.grad(y_ac, x, torch.ones_like(y_ac))
+    assert y_ac.dtype == torch.float32 and torch.equal(y_ac, y) and torch.equal(g_ac, g)
+
+
 def test_opcheck(device):
     qw = _weight(12, 96, 32, True, device)
     x = torch.randn(3, 96, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -60,6 +60,17 @@ inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
   return d;
 }
 
+// The base layer's own input gradient, which lora_backward adds into dx.
+inline void check_grad_x_base(const c10::optional<at::Tensor>& grad_x_base, const at::Tensor& x, const LoraDims& d) {
+  if (!grad_x_base.has_value()) return;
+  const at::Tensor& g = *grad_x_base;
+  LORA_CHECK(g.numel() == d.M * d.K, "lora_backward: grad_x_base must have the input's ", d.M * d.K,
+             " elements, got ", g.sizes());
+  LORA_CHECK(is_float_or_double(g.scalar_type()), "lora_backward: grad_x_base must be floating point, got ",
+             g.scalar_type());
+  check_same_device(g, x, "lora_backward: grad_x_base");
+}
+
 // The dtype the low-rank products are computed in: fp32 (whatever the activations and adapters are
 // stored in), or fp64 when any operand is fp64 (gradcheck).
 inline at::ScalarType compute_dtype(std::initializer_list<at::ScalarType> types) {

@@ -5,7 +5,7 @@
 // dtype: y and dx to the activations', T, dA and dB to the adapters'.
 //
 // forward:  T = dropout(x) A^T (M x r), y = base_out + s T B^T
-// backward: dT = s dy B, dB = s dy^T T, dA = dT^T dropout(x), dx = dropout'(dT A)
+// backward: dT = s dy B, dB = s dy^T T, dA = dT^T dropout(x), dx = dropout'(dT A) [+ grad_x_base]
 // dropout(x) is regenerated from (seed, element index), never stored.
 #pragma once
 
@@ -13,6 +13,7 @@
 
 #include <tuple>
 
+#include "common/no_autocast.h"
 #include "lora/lora_checks.h"
 #include "lora/lora_common.h"
 
@@ -24,6 +25,7 @@ template <typename DropoutFn>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A,
                                                 const at::Tensor& B, double scale, double dropout_p, int64_t seed,
                                                 DropoutFn dropout) {
+  const NoAutocast no_autocast;
   const auto d = check_forward_args(x, base_out, A, B, dropout_p);
   const at::ScalarType cdt = compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
   at::Tensor xd = x.reshape({d.M, d.K}).to(cdt);
@@ -37,8 +39,11 @@ template <typename DropoutFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor& x,
                                                              const at::Tensor& T, const at::Tensor& A,
                                                              const at::Tensor& B, double scale, double dropout_p,
-                                                             int64_t seed, DropoutFn dropout) {
+                                                             int64_t seed, const c10::optional<at::Tensor>& grad_x_base,
+                                                             DropoutFn dropout) {
+  const NoAutocast no_autocast;
   const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);
+  check_grad_x_base(grad_x_base, x, d);
   const at::ScalarType cdt = compute_dtype({grad_y.scalar_type(), x.scalar_type(), A.scalar_type()});
   const at::Tensor dy = grad_y.reshape({d.M, d.N}).to(cdt);
   const at::Tensor dT = at::mm(dy, B.to(cdt)).mul_(scale);
@@ -47,8 +52,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   at::Tensor xd = x.reshape({d.M, d.K}).to(cdt);
   if (dropout_p > 0.0) xd = dropout(xd.contiguous(), spec);
   const at::Tensor dA = at::mm(dT.t(), xd);
-  at::Tensor dx = at::mm(dT, A.to(cdt));
-  if (dropout_p > 0.0) dx = dropout(dx, spec);
+  const at::Tensor dx_base = grad_x_base.has_value() ? grad_x_base->reshape({d.M, d.K}).to(cdt) : at::Tensor();
+  at::Tensor dx;
+  if (dx_base.defined() && dropout_p == 0.0) {
+    dx = at::addmm(dx_base, dT, A.to(cdt));  // one pass over dx
+  } else {
+    dx = at::mm(dT, A.to(cdt));
+    if (dropout_p > 0.0) dx = dropout(dx, spec);
+    if (dx_base.defined()) dx.add_(dx_base);
+  }
   return {dx.to(x.scalar_type()).view(x.sizes()), dA.to(A.scalar_type()), dB.to(B.scalar_type())};
 }
 

@@ -52,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                                                  const at::Tensor& T, const at::Tensor& A,
                                                                  const at::Tensor& B, double scale, double dropout_p,
-                                                                 int64_t seed) {
-  return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, dropout_cpu_impl);
+                                                                 int64_t seed,
+                                                                 const c10::optional<at::Tensor>& grad_x_base) {
+  return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base, dropout_cpu_impl);
 }
 
 }  // namespace

@@ -46,8 +46,15 @@ at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
 constexpr int64_t kMaxFeatures = 65535LL * 64;
 
 void check_features(const LoraDims& d) {
-  LORA_CHECK(d.K <= kMaxFeatures && d.N <= kMaxFeatures, "lora: CUDA kernels take at most ", kMaxFeatures,
-             " in and out features, got ", d.K, " and ", d.N);
+  LORA_CHECK(d.K <= kMaxFeatures && d.N <= kMaxFeatures && d.r <= kMaxFeatures, "lora: CUDA kernels take at most ",
+             kMaxFeatures, " in and out features and rank, got ", d.K, ", ", d.N, " and r = ", d.r);
+}
+
+// The dx epilogue reads grad_x_base in x's dtype, so it may take it only when that cast is exact (the
+// same dtype, or 16-bit into fp32); otherwise the composite adds it before dx's one rounding.
+bool addend_cast_exact(const c10::optional<at::Tensor>& grad_x_base, at::ScalarType x_dtype) {
+  if (!grad_x_base.has_value() || grad_x_base->scalar_type() == x_dtype) return true;
+  return x_dtype == at::kFloat && is_float_type(grad_x_base->scalar_type());
 }
 
 // Launches one product of a plan on the current stream, with the workspace its K split needs.
@@ -91,11 +98,14 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                                   const at::Tensor& T, const at::Tensor& A,
                                                                   const at::Tensor& B, double scale, double dropout_p,
-                                                                  int64_t seed) {
+                                                                  int64_t seed,
+                                                                  const c10::optional<at::Tensor>& grad_x_base) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);
-  if (!is_float_type(grad_y.scalar_type()) || !is_float_type(x.scalar_type()) || !is_float_type(A.scalar_type())) {
-    return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, dropout_cuda_impl);
+  check_grad_x_base(grad_x_base, x, d);
+  if (!is_float_type(grad_y.scalar_type()) || !is_float_type(x.scalar_type()) || !is_float_type(A.scalar_type()) ||
+      !addend_cast_exact(grad_x_base, x.scalar_type())) {
+    return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base, dropout_cuda_impl);
   }
   check_features(d);
   const at::Tensor dy = grad_y.reshape({d.M, d.N}).contiguous(), x2 = x.reshape({d.M, d.K}).contiguous();
@@ -104,17 +114,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dT = at::empty({d.M, d.r}, f32), dB = at::empty({d.N, d.r}, f32), dAt = at::empty({d.K, d.r}, f32);
   at::Tensor dx = at::empty({d.M, d.K}, x.options());
+  // The dx epilogue's addend: x's dtype (an exact cast, above), contiguous M x K.
+  const at::Tensor dx_base = grad_x_base.has_value()
+                                 ? grad_x_base->reshape({d.M, d.K}).to(x.scalar_type()).contiguous()
+                                 : at::Tensor();
   const Shapes s{d.M, d.K, d.N, d.r, to_dtype(x.scalar_type()), to_dtype(grad_y.scalar_type())};
   const BackwardPlan plan =
       backward_plan(s, dy.const_data_ptr(), x2.const_data_ptr(), A32.const_data_ptr<float>(),
                     B32.const_data_ptr<float>(), T32.const_data_ptr<float>(), dT.data_ptr<float>(),
-                    dB.data_ptr<float>(), dAt.data_ptr<float>(), dx.data_ptr(), static_cast<float>(scale),
+                    dB.data_ptr<float>(), dAt.data_ptr<float>(), dx.data_ptr(),
+                    dx_base.defined() ? dx_base.const_data_ptr() : nullptr, static_cast<float>(scale),
                     dropout_spec(dropout_p, static_cast<uint64_t>(seed)), dropout_p > 0.0, target_blocks());
   run(plan.dT, x);  // first: dA and dx read dT
   run(plan.dB, x);
   run(plan.dAt, x);
   run(plan.dx, x);
-  return {dx.view(x.sizes()), dAt.t().to(A.scalar_type(), false, false, at::MemoryFormat::Contiguous),
+  // .contiguous() first: to() with an unchanged dtype would return the transposed view itself
+  return {dx.view(x.sizes()), dAt.t().contiguous().to(A.scalar_type()),
           dB.to(B.scalar_type())};
 }
 

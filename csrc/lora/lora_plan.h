@@ -34,9 +34,11 @@ struct Epilogue {
 };
 
 inline Epilogue scaled(float alpha, const void* addend = nullptr) { return {alpha, addend, false, false, {}}; }
-// x's dropout on the a operand (x itself), or on the output (dx); `on` false: no dropout.
+// x's dropout on the a operand (x itself), or on the output (dx, then + addend); `on` false: no dropout.
 inline Epilogue dropout_on_a(const DropoutSpec& d, bool on) { return {1.0f, nullptr, on, false, d}; }
-inline Epilogue dropout_on_out(const DropoutSpec& d, bool on) { return {1.0f, nullptr, false, on, d}; }
+inline Epilogue dropout_on_out(const DropoutSpec& d, bool on, const void* addend = nullptr) {
+  return {1.0f, addend, false, on, d};
+}
 
 // out (contiguous, a.rows x b.cols) = alpha * a b [+ addend]. When the output has too few tiles to
 // fill `target_blocks` (the reductions over tokens), K is cut into slices of at least 512; the
@@ -62,8 +64,11 @@ inline LowRankGemmParams gemm_params(const Operand& a, const Operand& b, void* o
   p.dropout_out = ep.dropout_out;
   p.dropout = ep.dropout;
   const int64_t tiles = std::max<int64_t>(1, lowrank_gemm_tiles(p.M, p.N));
-  p.splits = static_cast<int>(
-      std::clamp<int64_t>((target_blocks + tiles - 1) / tiles, 1, std::max<int64_t>(1, p.K / 512)));
+  const int64_t splits = std::clamp<int64_t>((target_blocks + tiles - 1) / tiles, 1, std::max<int64_t>(1, p.K / 512));
+  // The kernel cuts K into slices of a whole number of 16-steps; drop the slices that this rounding
+  // leaves empty (from the smaller count the kernel computes the same slice length).
+  const int64_t slice = std::max<int64_t>(16, (p.K + splits - 1) / splits + 15) / 16 * 16;
+  p.splits = static_cast<int>(std::max<int64_t>(1, (p.K + slice - 1) / slice));
   return p;
 }
 
@@ -92,12 +97,12 @@ struct BackwardPlan {
   LowRankGemmParams dT;   // s dy B
   LowRankGemmParams dB;   // s dy^T T
   LowRankGemmParams dAt;  // dropout(x)^T dT: r is the output's columns, the kernel's narrow tile
-  LowRankGemmParams dx;   // dropout'(dT A)
+  LowRankGemmParams dx;   // dropout'(dT A) [+ the base layer's dx, same shape and dtype]
 };
 
 inline BackwardPlan backward_plan(const Shapes& s, const void* dy, const void* x, const float* A32, const float* B32,
-                                  const float* T32, float* dT, float* dB, float* dAt, void* dx, float scale,
-                                  const DropoutSpec& dropout, bool use_dropout, int64_t target_blocks) {
+                                  const float* T32, float* dT, float* dB, float* dAt, void* dx, const void* dx_base,
+                                  float scale, const DropoutSpec& dropout, bool use_dropout, int64_t target_blocks) {
   const Operand dy_op = as_is(dy, s.y_dtype, s.M, s.N);
   const Operand dT_op = as_is(dT, DType::kFloat32, s.M, s.r);
   return {gemm_params(dy_op, as_is(B32, DType::kFloat32, s.N, s.r), dT, DType::kFloat32, scaled(scale), target_blocks),
@@ -105,8 +110,8 @@ inline BackwardPlan backward_plan(const Shapes& s, const void* dy, const void* x
                       scaled(scale), target_blocks),
           gemm_params(transposed(x, s.x_dtype, s.M, s.K), dT_op, dAt, DType::kFloat32,
                       dropout_on_a(dropout, use_dropout), target_blocks),
-          gemm_params(dT_op, as_is(A32, DType::kFloat32, s.r, s.K), dx, s.x_dtype, dropout_on_out(dropout, use_dropout),
-                      target_blocks)};
+          gemm_params(dT_op, as_is(A32, DType::kFloat32, s.r, s.K), dx, s.x_dtype,
+                      dropout_on_out(dropout, use_dropout, dx_base), target_blocks)};
 }
 
 }  // namespace lora

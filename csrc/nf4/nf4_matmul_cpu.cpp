@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/no_autocast.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_cpu_kernels.h"
 #include "nf4/nf4_cpu_simd.h"
@@ -96,6 +97,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           int64_t out_features, int64_t blocksize, const c10::optional<at::Tensor>& bias,
                           const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                           const c10::optional<at::Tensor>& offset, int64_t nested_blocksize, int64_t gemv_max_m) {
+  const NoAutocast no_autocast;
   const auto a = check_linear_args("nf4_linear", x, packed, absmax, out_features, blocksize, bias, nested_absmax,
                                    nested_code, offset, nested_blocksize);
   auto out_shape = x.sizes().vec();
@@ -125,6 +127,7 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const c10::optional<at::Tensor>& offset, int64_t nested_blocksize) {
   const auto a = check_grad_input_args(grad_out, packed, absmax, in_features, blocksize, nested_absmax, nested_code,
                                        offset, nested_blocksize);
+  const NoAutocast no_autocast;
   auto out_shape = grad_out.sizes().vec();
   out_shape.back() = a.K;
   if (a.M == 0 || a.N == 0 || a.K == 0) return at::zeros(out_shape, grad_out.options());

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/no_autocast.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_cuda_kernels.h"
 #include "nf4/nf4_matmul_launch.h"
@@ -35,6 +36,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const auto a = check_linear_args("nf4_linear", x, packed, absmax, out_features, blocksize, bias, nested_absmax,
                                    nested_code, offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocast no_autocast;
   auto out_shape = x.sizes().vec();
   out_shape.back() = a.N;
   at::Tensor x2d = x.reshape({a.M, a.K});
@@ -81,6 +83,7 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tens
   const auto a = check_grad_input_args(grad_out, packed, absmax, in_features, blocksize, nested_absmax, nested_code,
                                        offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(grad_out.device());
+  const NoAutocast no_autocast;
   auto out_shape = grad_out.sizes().vec();
   out_shape.back() = a.K;
   if (a.M == 0 || a.N == 0 || a.K == 0) return at::zeros(out_shape, grad_out.options());

@@ -126,10 +126,11 @@ int emu_lora_forward(const void* x, int x_dtype, const float* A32, const float* 
 }
 
 int emu_lora_backward(const void* dy, int y_dtype, const void* x, int x_dtype, const float* A32, const float* B32,
-                      const float* T32, float* dT, float* dB, float* dAt, void* dx, int64_t M, int64_t K, int64_t N,
-                      int64_t r, float scale, double dropout_p, uint64_t seed, int64_t target_blocks) {
+                      const float* T32, float* dT, float* dB, float* dAt, void* dx, const void* dx_base, int64_t M,
+                      int64_t K, int64_t N, int64_t r, float scale, double dropout_p, uint64_t seed,
+                      int64_t target_blocks) {
   const lora::Shapes s{M, K, N, r, static_cast<lora::DType>(x_dtype), static_cast<lora::DType>(y_dtype)};
-  const auto plan = lora::backward_plan(s, dy, x, A32, B32, T32, dT, dB, dAt, dx, scale,
+  const auto plan = lora::backward_plan(s, dy, x, A32, B32, T32, dT, dB, dAt, dx, dx_base, scale,
                                         lora::dropout_spec(dropout_p, seed), dropout_p > 0.0, target_blocks);
   return run(plan.dT) && run(plan.dB) && run(plan.dAt) && run(plan.dx) ? 1 : 0;
 }

@@ -22,7 +22,8 @@ void emu_dropout(const void*, void*, int64_t, double, uint64_t, int);
 int emu_lora_forward(const void*, int, const float*, const float*, const void*, int, float*, void*, int64_t, int64_t,
                      int64_t, int64_t, float, double, uint64_t, int64_t);
 int emu_lora_backward(const void*, int, const void*, int, const float*, const float*, const float*, float*, float*,
-                      float*, void*, int64_t, int64_t, int64_t, int64_t, float, double, uint64_t, int64_t);
+                      float*, void*, const void*, int64_t, int64_t, int64_t, int64_t, float, double, uint64_t,
+                      int64_t);
 }
 
 namespace {
@@ -74,13 +75,13 @@ int main() {
   // (two wide column tiles).
   for (const auto [M, rank] : {std::pair<int64_t, int64_t>{1030, 12}, {70, 80}}) {
     const int64_t K = 36, N = 20;
-    const auto xl = values(M * K, 11), base = values(M * N, 5), dy = values(M * N, 3);
+    const auto xl = values(M * K, 11), base = values(M * N, 5), dy = values(M * N, 3), dx_base = values(M * K, 13);
     const auto A32 = values(rank * K, 7), B32 = values(N * rank, 9);
     std::vector<float> T(M * rank), yl(M * N), dT(M * rank), dB(N * rank), dAt(K * rank), dx(M * K);
     emu_lora_forward(xl.data(), kF32, A32.data(), B32.data(), base.data(), kF32, T.data(), yl.data(), M, K, N, rank,
                      1.5f, 0.2, 9, 264);
     emu_lora_backward(dy.data(), kF32, xl.data(), kF32, A32.data(), B32.data(), T.data(), dT.data(), dB.data(),
-                      dAt.data(), dx.data(), M, K, N, rank, 1.5f, 0.2, 9, 264);
+                      dAt.data(), dx.data(), dx_base.data(), M, K, N, rank, 1.5f, 0.2, 9, 264);
   }
   std::printf("race_driver: done\n");
   return 0;

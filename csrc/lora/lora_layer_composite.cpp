@@ -1,0 +1,58 @@
+// The whole LoRA layer over a frozen base (lora_linear: dense W; lora_nf4_linear: NF4 W), for every
+// device: the base product, then lora_forward on its output. What makes it one operator is the
+// backward (lora_ext/ops.py): a single autograd node that passes the base's dx to lora_backward as
+// grad_x_base, so the kernel's dx epilogue writes the layer's dx in one pass.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace lora_ext {
+namespace lora {
+namespace {
+
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+using OptTensor = c10::optional<at::Tensor>;
+
+Pair lora_forward(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A, const at::Tensor& B,
+                  double scale, double dropout_p, int64_t seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_ext::lora_forward", "")
+                             .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double, double, int64_t)>();
+  return op.call(x, base_out, A, B, scale, dropout_p, seed);
+}
+
+Pair lora_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& A,
+                 const at::Tensor& B, double scale, double dropout_p, int64_t seed) {
+  LORA_CHECK(weight.dim() == 2 && x.dim() >= 1 && weight.size(1) == x.size(-1),
+             "lora_linear: weight must be (out_features, ", x.dim() >= 1 ? x.size(-1) : 0, "), got ", weight.sizes());
+  return lora_forward(x, at::linear(x, weight, bias), A, B, scale, dropout_p, seed);
+}
+
+Pair lora_nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t out_features,
+                     int64_t blocksize, const OptTensor& bias, const OptTensor& nested_absmax,
+                     const OptTensor& nested_code, const OptTensor& offset, int64_t nested_blocksize,
+                     const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p, int64_t seed) {
+  static const auto nf4_linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lora_ext::nf4_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, int64_t)>();
+  const at::Tensor base = nf4_linear.call(x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                          nested_code, offset, nested_blocksize, -1);
+  return lora_forward(x, base, A, B, scale, dropout_p, seed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_nf4_linear", &lora_nf4_linear);
+}
+
+}  // namespace lora
+}  // namespace lora_ext
