@@ -59,6 +59,9 @@ else
 fi
 step finetune 120 python -m lora_ext finetune --device cuda --steps 100 --out "$OUT/finetune"
 step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json" --plot "$OUT/bench.png"
+# The LoRA layer again with the bf16 tensor-core kernel off (lora_gemm_tc.cuh against lora_gemm.cuh).
+LORA_EXT_TENSOR_CORES=0 step bench_cuda_cores 90 python -m lora_ext bench --device cuda --quick --only lora_layer \
+  --json "$OUT/results_cuda_cores.json"
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -67,6 +70,7 @@ step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/resul
   echo; echo "## tests"; echo '```'; tail -3 "$OUT/tests.log" 2>/dev/null; echo '```'
   echo; echo "## finetune (main job, 100 steps)"; echo '```'; tail -4 "$OUT/finetune.log" 2>/dev/null; echo '```'
   echo; echo "## bench (quick)"; echo '```'; cat "$OUT/bench.log" 2>/dev/null; echo '```'
+  echo; echo "## lora_layer, tensor cores off"; echo '```'; cat "$OUT/bench_cuda_cores.log" 2>/dev/null; echo '```'
   echo; echo "## ptxas"; echo '```'; cat "$OUT/ptxas.txt"; echo '```'
 } > "$OUT/summary.md"
 echo "total $(( $(date +%s) - t_start )) s; summary: $OUT/summary.md"

@@ -173,6 +173,28 @@ def test_cuda_kernels_match_the_cpu_operator(M, K, N, r, p):
             _close(a.cpu(), b, 1e-5)
 
 
+@requires_cuda
+@pytest.mark.parametrize("M, K, N, r, p", [(4096, 300, 260, 12, 0.2), (1000, 4097, 64, 64, 0.0),
+                                           (333, 128, 4100, 80, 0.5)])
+def test_cuda_tensor_core_kernel_matches_cuda_cores_and_the_cpu(monkeypatch, M, K, N, r, p):
+    """bf16 activations: T, dT, dB and dA on the tensor-core kernel (lora_gemm_tc.cuh), against the
+    same products on the CUDA-core kernel (LORA_EXT_TENSOR_CORES=0) and the CPU operator: fp32-grade."""
+    x, base_out, A, B = _lora_inputs((M,), K, N, r, "cpu", dtype=torch.bfloat16)
+    dy = torch.randn(M, N).bfloat16()
+    results = {}
+    for name, env in [("tc", "1"), ("cuda_cores", "0")]:
+        monkeypatch.setenv("LORA_EXT_TENSOR_CORES", env)
+        xg, bg, Ag, Bg, dyg = (t.cuda() for t in (x, base_out, A, B, dy))
+        y, T = torch.ops.lora_ext.lora_forward(xg, bg, Ag, Bg, 0.75, p, 17)
+        results[name] = (y, T, *torch.ops.lora_ext.lora_backward(dyg, xg, T, Ag, Bg, 0.75, p, 17))
+    y, T = torch.ops.lora_ext.lora_forward(x, base_out, A, B, 0.75, p, 17)
+    results["cpu"] = (y, T, *torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.75, p, 17))
+    for i, name in enumerate(("y", "T", "dx", "dA", "dB")):
+        tol = 1e-5 if results["cpu"][i].dtype == torch.float32 else 1e-2
+        _close(results["tc"][i].cpu(), results["cuda_cores"][i].cpu(), tol)
+        _close(results["tc"][i].cpu(), results["cpu"][i], tol)
+
+
 def test_opcheck(device):
     x, base_out, A, B = _lora_inputs((6,), 40, 24, 4, device)
     x.requires_grad_(True)

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from lora_ext import reference as R
+
 from conftest import requires_c
 from emulated import Guarded, code, ptr
 
@@ -39,6 +41,24 @@ def gemm(emulated, a, b, out, alpha=1.0, addend=None, dropout_a=False, dropout_o
     if gws is not None:
         gws.check()
     return out.copy_(gout.check())
+
+
+class tensor_cores:
+    """Within it, the emulated GPU has bf16 mma (lora_cuda_api.cpp's tensor_cores_enabled()), and on
+    leaving it the emulated wmma calls must have run (or not, with on=False)."""
+
+    def __init__(self, emulated, on=True):
+        self.emulated, self.on = emulated, on
+
+    def __enter__(self):
+        self.emulated.emu_set_tensor_cores(int(self.on))
+        self.calls = self.emulated.emu_mma_calls()
+
+    def __exit__(self, *exc):
+        self.emulated.emu_set_tensor_cores(0)
+        if exc[0] is None:
+            ran = self.emulated.emu_mma_calls() > self.calls
+            assert ran == self.on, "the tensor-core kernel ran" if ran else "the tensor-core kernel did not run"
 
 
 H200_BLOCKS = 2 * 132  # the plan's target block count on an H200: the K splits the GPU would use
@@ -100,17 +120,84 @@ def test_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, dtyp
         _close(out16, exact, 1e-2)
 
 
-@pytest.mark.parametrize("M, K, N, r, p, act, offset, with_base_grad", [
-    (7, 40, 24, 4, 0.25, torch.float32, 0, True),        # K % 4 == 0: dropout drawn in groups of four
-    (67, 33, 70, 12, 0.3, torch.bfloat16, 0, False),     # K odd: dropout drawn element by element
-    (130, 36, 20, 80, 0.1, torch.float16, 1, False),     # r > 64: two column tiles; x unaligned (no vector loads)
-    (1100, 24, 20, 16, 0.2, torch.bfloat16, 0, False),   # 1100 tokens: dB and dA split K in two slices
-    (5, 7, 3, 1, 0.0, torch.bfloat16, 0, True),          # r = 1, no dropout
+@pytest.mark.parametrize("M, K, N, orientation, splits, p", [
+    (1, 1, 1, "along_k", 1, 0.0), (70, 33, 12, "along_k", 1, 0.3), (64, 48, 16, "along_m", 1, 0.0),
+    (65, 17, 17, "along_k", 2, 0.2), (130, 1100, 70, "along_m", 3, 0.1), (9, 72, 33, "along_k", 7, 0.0),
+    (200, 64, 64, "along_m", 1, 0.25),
 ])
-def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset, with_base_grad):
+def test_tensor_core_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, p):
+    """The bf16 tensor-core kernel (lora_gemm_tc.cuh): fp32-grade results against fp64 (the fp32 operand
+    split in three bf16 parts), for both ways of reading a, tiles of 16, 32 and 64 columns and two
+    column tiles (N = 70), ragged edges, K slices (some empty), and x's dropout, whose mask must be the
+    CUDA-core kernel's."""
+    a_store = torch.randn(M, K).bfloat16() if orientation == "along_k" else torch.randn(K, M).bfloat16()
+    a = as_is(a_store) if orientation == "along_k" else transposed(a_store)
+    b = torch.randn(K, N) * torch.logspace(-3, 3, N)  # parts of very different sizes in one tile
+    kwargs = dict(alpha=0.5, dropout_a=p > 0, p=p, seed=77, splits=splits)
+    with tensor_cores(emulated):
+        out = gemm(emulated, a, as_is(b), torch.empty(M, N), **kwargs)
+    with tensor_cores(emulated, on=False):
+        cuda_cores = gemm(emulated, a, as_is(b), torch.empty(M, N), **kwargs)
+    dropped = a_store.double()
+    if p > 0:  # x's flat index picks the draw: here, a_store's
+        keep = R.dropout_keep_mask(a_store.numel(), p, 77).view(a_store.shape)
+        dropped = torch.where(keep, dropped * float(torch.tensor(1 / (1 - p), dtype=torch.float32)), 0.0)
+    a_mat = dropped if orientation == "along_k" else dropped.t()
+    ref = 0.5 * a_mat @ b.double()
+    _close(out, ref, 1e-5)
+
+    def error(t):
+        return ((t.double() - ref).abs() / (ref.abs() + ref.abs().mean())).max().item()
+    # As accurate as fp32 FMAs: two bf16 parts of b instead of three would be ~100 times worse.
+    assert error(out) <= 4 * error(cuda_cores) + 1e-7, (error(out), error(cuda_cores))
+
+
+def test_tensor_core_kernel_keeps_huge_infinite_and_tiny_b(emulated):
+    """The three-part split of b: a finite b near FLT_MAX must not overflow to Inf (its first part is
+    truncated, not rounded up), an infinite b gives +-Inf rather than NaN, NaN stays NaN, and a tiny b
+    keeps its precision: the same outputs as the CUDA-core kernel."""
+    M, K = 20, 24
+    a = torch.rand(M, K).mul(0.5).add(0.5).bfloat16()  # in [0.5, 1): no 0 * Inf, no overflowing sum
+    b = torch.randn(K, 6)
+    b[:, 0] = 3.4e38 / K
+    b[3, 1], b[5, 2], b[7, 3] = float("inf"), float("-inf"), float("nan")
+    b[:, 4] = torch.randn(K) * 2.0 ** -100  # tiny: its third part near the bottom of the normal range
+    b[:, 5] = 0.0
+    b[0, 5] = 3.4e38  # rounds up to Inf in bf16
+    outs = []
+    for on in (True, False):
+        with tensor_cores(emulated, on):
+            outs.append(gemm(emulated, as_is(a), as_is(b), torch.empty(M, 6), alpha=1.0 / K))
+    tc, cuda_cores = outs
+    assert torch.isfinite(tc[:, 0]).all() and torch.isfinite(tc[:, 5]).all()
+    assert (tc[:, 1] == float("inf")).all() and (tc[:, 2] == float("-inf")).all() and tc[:, 3].isnan().all()
+    torch.testing.assert_close(tc, cuda_cores, rtol=1e-5, atol=0.0, equal_nan=True)
+
+
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("M, K, N, r, p, act, offset, with_base_grad, tc", [
+    (7, 40, 24, 4, 0.25, torch.float32, 0, True, False),     # K % 4 == 0: dropout drawn in groups of four
+    (67, 33, 70, 12, 0.3, BF16, 0, False, False),            # K odd: dropout drawn element by element
+    (130, 36, 20, 80, 0.1, torch.float16, 1, False, False),  # r > 64: two column tiles; x unaligned (no vector loads)
+    (1100, 24, 20, 16, 0.2, BF16, 0, False, False),          # 1100 tokens: dB and dA split K in two slices
+    (5, 7, 3, 1, 0.0, BF16, 0, True, False),                 # r = 1, no dropout
+    (67, 33, 70, 12, 0.3, BF16, 0, False, True),             # and the bf16 cases again with tensor cores
+    (130, 36, 20, 80, 0.1, BF16, 1, True, True),
+    (1100, 24, 20, 16, 0.2, BF16, 0, False, True),
+    (5, 7, 3, 1, 0.0, BF16, 0, True, True),
+])
+def test_lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset, with_base_grad, tc):
     """Forward and backward as the CUDA operator runs them (lora_plan.h, the launchers, the kernels),
     against the CPU operator: the same values, and the same elements of x dropped. with_base_grad: the
-    base layer's dx is the dx epilogue's addend (the fused layer's backward)."""
+    base layer's dx is the dx epilogue's addend (the fused layer's backward). tc: on a GPU with bf16
+    mma, where T, dT, dB and dA take the tensor-core kernel."""
+    with tensor_cores(emulated, on=tc):
+        _lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset, with_base_grad)
+
+
+def _lora_branch_matches_the_cpu_operator(emulated, M, K, N, r, p, act, offset, with_base_grad):
     x = torch.randn(M, K).to(act)
     base_out, grad_y = torch.randn(M, N).to(act), torch.randn(M, N).to(act)
     A, B = torch.randn(r, K) / math.sqrt(K), torch.randn(N, r) / math.sqrt(r)

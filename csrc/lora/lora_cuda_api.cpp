@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "lora/lora_composite.h"
 #include "lora/lora_launch.h"
 #include "lora/lora_plan.h"
@@ -57,9 +60,18 @@ bool addend_cast_exact(const c10::optional<at::Tensor>& grad_x_base, at::ScalarT
   return x_dtype == at::kFloat && is_float_type(grad_x_base->scalar_type());
 }
 
+// bf16 mma needs sm_80 (and code built for it). LORA_EXT_TENSOR_CORES=0 keeps every product on the
+// CUDA-core kernel, to compare the two (read at each call, so a benchmark can switch it).
+bool tensor_cores_enabled() {
+  const char* env = std::getenv("LORA_EXT_TENSOR_CORES");
+  return !(env != nullptr && std::string(env) == "0") && at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+         tensor_core_kernels_built();
+}
+
 // Launches one product of a plan on the current stream, with the workspace its K split needs.
 void run(LowRankGemmParams p, const at::Tensor& like) {
   TORCH_INTERNAL_ASSERT(p.N <= kMaxFeatures);
+  p.tensor_cores = tensor_cores_enabled();
   at::Tensor workspace;
   if (p.splits > 1) {
     workspace = at::empty({p.splits, p.M, p.N}, like.options().dtype(at::kFloat));

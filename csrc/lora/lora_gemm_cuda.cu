@@ -2,6 +2,7 @@
 // branch, plus the in-order sum of the K slices when a product's K was split.
 #include "common/launch.cuh"
 #include "lora/lora_gemm.cuh"
+#include "lora/lora_gemm_tc.cuh"
 
 namespace lora_ext {
 namespace lora {
@@ -10,9 +11,35 @@ int64_t lowrank_gemm_tiles(int64_t M, int64_t N) {
   return lowrank::ceil_div(M, lowrank::kBM) * lowrank::ceil_div(N, 16 * lowrank::tile_n(N));
 }
 
+bool tensor_core_kernels_built() {
+#if defined(LORA_EXT_CUDA_EMULATION)
+  return true;
+#else
+  static const bool built = [] {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, lowrank_tc::lowrank_tc_kernel<16>) != cudaSuccess) {
+      (void)cudaGetLastError();  // not left for the next launch check to find
+      return false;
+    }
+    return attr.ptxVersion >= 80;
+  }();
+  return built;
+#endif
+}
+
 bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
   using namespace lowrank;
   if (p.M == 0 || p.N == 0) return true;
+  if (lowrank_tc::eligible(p)) {
+    const dim3 grid = lowrank_tc::grid(p);
+    switch (lowrank_tc::tile_n(p.N)) {
+      case 16: launch_kernel(lowrank_tc::lowrank_tc_kernel<16>, grid, lowrank_tc::kThreads, stream, p); break;
+      case 32: launch_kernel(lowrank_tc::lowrank_tc_kernel<32>, grid, lowrank_tc::kThreads, stream, p); break;
+      default: launch_kernel(lowrank_tc::lowrank_tc_kernel<64>, grid, lowrank_tc::kThreads, stream, p); break;
+    }
+    if (p.splits > 1) launch_kernel(split_sum_kernel<float>, split_sum_grid(p), kThreads, stream, p);
+    return true;
+  }
   return dispatch_pair(p, [&]<typename TA, typename TC>() {
     if (tile_n(p.N) == 1) {
       launch_kernel(lowrank_gemm_kernel<TA, TC, 1>, gemm_grid(p), kThreads, stream, p);

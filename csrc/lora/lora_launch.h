@@ -42,8 +42,12 @@ struct LowRankGemmParams {
   bool dropout_a;    // a's elements dropped by their offset in a (a is x: the element index of x)
   bool dropout_out;  // alpha * acc dropped by its index i * N + j in out (out is dx)
   DropoutSpec dropout;
+  bool tensor_cores;  // the GPU has bf16 mma (sm_80+) and they are not turned off: see lora_gemm_tc.cuh
 };
 
+// Whether this build's tensor-core kernel has real code for the current GPU: not so when the GPU's
+// code is JIT-compiled from pre-sm_80 PTX (the kernel is then a trapping stub).
+bool tensor_core_kernels_built();
 // Blocks of output a launch makes before any K split, to choose `splits`.
 int64_t lowrank_gemm_tiles(int64_t M, int64_t N);
 // false (nothing launched) for a dtype pair the LoRA branch does not use.

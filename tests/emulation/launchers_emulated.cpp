@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda_emulation.h"  // the wmma call counter
 #include "lora/lora_launch.h"
 #include "lora/lora_plan.h"
 #include "merge/merge_launch.h"
@@ -14,10 +15,14 @@ using namespace lora_ext;
 
 namespace {
 
+// What lora_cuda_api.cpp's tensor_cores_enabled() answers on the emulated GPU (emu_set_tensor_cores).
+bool tensor_cores = false;
+
 // One product of a LoRA plan, with the workspace its K split needs, as lora_cuda_api.cpp's run().
 bool run(lora::LowRankGemmParams p) {
   std::vector<float> workspace(p.splits > 1 ? static_cast<size_t>(p.splits * p.M * p.N) : 0);
   p.workspace = workspace.data();
+  p.tensor_cores = tensor_cores;
   return lora::launch_lowrank_gemm(p, nullptr);
 }
 
@@ -112,8 +117,12 @@ int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int 
   lora::LowRankGemmParams p = lora::gemm_params(a_op, b_op, out, static_cast<lora::DType>(out_dtype), ep, 1);
   p.splits = splits;
   p.workspace = workspace;
+  p.tensor_cores = tensor_cores;
   return lora::launch_lowrank_gemm(p, nullptr) ? 1 : 0;
 }
+
+void emu_set_tensor_cores(int on) { tensor_cores = on != 0; }
+uint64_t emu_mma_calls() { return nvcuda::wmma::mma_calls.load(); }
 
 // The LoRA branch's plan (lora_plan.h), launched product by product as lora_cuda_api.cpp does.
 int emu_lora_forward(const void* x, int x_dtype, const float* A32, const float* B32, const void* base, int y_dtype,

@@ -5,6 +5,7 @@
 // tests do that). The exit status is ThreadSanitizer's: 66 when it found a race.
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -24,16 +25,29 @@ int emu_lora_forward(const void*, int, const float*, const float*, const void*, 
 int emu_lora_backward(const void*, int, const void*, int, const float*, const float*, const float*, float*, float*,
                       float*, void*, const void*, int64_t, int64_t, int64_t, int64_t, float, double, uint64_t,
                       int64_t);
+void emu_set_tensor_cores(int);
 }
 
 namespace {
 
-constexpr int kF32 = 0;
+constexpr int kF32 = 0, kBF16 = 2;
 
 std::vector<float> values(size_t n, int mod) {
   std::vector<float> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<float>(static_cast<int>(i % mod) - mod / 2) / mod;
   return v;
+}
+
+// The bf16 bits of values(n, mod), truncated.
+std::vector<uint16_t> bf16_values(size_t n, int mod) {
+  const auto v = values(n, mod);
+  std::vector<uint16_t> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &v[i], sizeof(bits));
+    out[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return out;
 }
 
 }  // namespace
@@ -82,6 +96,15 @@ int main() {
                      1.5f, 0.2, 9, 264);
     emu_lora_backward(dy.data(), kF32, xl.data(), kF32, A32.data(), B32.data(), T.data(), dT.data(), dB.data(),
                       dAt.data(), dx.data(), dx_base.data(), M, K, N, rank, 1.5f, 0.2, 9, 264);
+    // bf16 activations on a GPU with bf16 mma: T, dT, dB and dA^T on the tensor-core kernel
+    const auto xb = bf16_values(M * K, 11), baseb = bf16_values(M * N, 5), dyb = bf16_values(M * N, 3);
+    std::vector<uint16_t> yb(M * N), dxb(M * K);
+    emu_set_tensor_cores(1);
+    emu_lora_forward(xb.data(), kBF16, A32.data(), B32.data(), baseb.data(), kBF16, T.data(), yb.data(), M, K, N,
+                     rank, 1.5f, 0.2, 9, 264);
+    emu_lora_backward(dyb.data(), kBF16, xb.data(), kBF16, A32.data(), B32.data(), T.data(), dT.data(), dB.data(),
+                      dAt.data(), dxb.data(), nullptr, M, K, N, rank, 1.5f, 0.2, 9, 264);
+    emu_set_tensor_cores(0);
   }
   std::printf("race_driver: done\n");
   return 0;
