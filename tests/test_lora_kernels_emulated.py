@@ -125,12 +125,13 @@ def test_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, dtyp
     (65, 17, 17, "along_k", 2, 0.2), (130, 1100, 70, "along_m", 3, 0.1), (9, 72, 33, "along_k", 7, 0.0),
     (200, 64, 64, "along_m", 1, 0.25),
 ])
-def test_tensor_core_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, p):
-    """The bf16 tensor-core kernel (lora_gemm_tc.cuh): fp32-grade results against fp64 (the fp32 operand
-    split in three bf16 parts), for both ways of reading a, tiles of 16, 32 and 64 columns and two
-    column tiles (N = 70), ragged edges, K slices (some empty), and x's dropout, whose mask must be the
-    CUDA-core kernel's."""
-    a_store = torch.randn(M, K).bfloat16() if orientation == "along_k" else torch.randn(K, M).bfloat16()
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32])
+def test_tensor_core_kernel_against_fp64_matmul(emulated, M, K, N, orientation, splits, p, a_dtype):
+    """The tensor-core kernel (lora_gemm_tc.cuh): fp32-grade results against fp64 (fp32 operands split
+    in three bf16 parts), for a bf16 or an fp32 big operand, both ways of reading it, tiles of 16, 32
+    and 64 columns and two column tiles (N = 70), ragged edges, K slices (some empty), and x's dropout,
+    whose mask must be the CUDA-core kernel's."""
+    a_store = (torch.randn(M, K) if orientation == "along_k" else torch.randn(K, M)).to(a_dtype)
     a = as_is(a_store) if orientation == "along_k" else transposed(a_store)
     b = torch.randn(K, N) * torch.logspace(-3, 3, N)  # parts of very different sizes in one tile
     kwargs = dict(alpha=0.5, dropout_a=p > 0, p=p, seed=77, splits=splits)
@@ -148,8 +149,32 @@ def test_tensor_core_kernel_against_fp64_matmul(emulated, M, K, N, orientation, 
 
     def error(t):
         return ((t.double() - ref).abs() / (ref.abs() + ref.abs().mean())).max().item()
-    # As accurate as fp32 FMAs: two bf16 parts of b instead of three would be ~100 times worse.
+    # As accurate as fp32 FMAs: two bf16 parts instead of three would be ~100 times worse.
     assert error(out) <= 4 * error(cuda_cores) + 1e-7, (error(out), error(cuda_cores))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_kernel_16_bit_outputs_as_the_cuda_core_kernel(emulated, out_dtype):
+    """y and dx as the tensor-core kernel writes them (fp32 a and b, an addend, dx's dropout on the
+    output): within one rounding of the CUDA-core kernel's and nearly all equal, the same elements
+    dropped (a dropped element is its addend exactly), and within one ulp of fp64 rounded once."""
+    M, K, N = 70, 48, 100  # K = r: the reduction is over the rank
+    a, b = torch.randn(M, K), torch.randn(K, N) / 7
+    addend = torch.randn(M, N).to(out_dtype)
+    kwargs = dict(alpha=1.5, addend=addend, dropout_out=True, p=0.3, seed=5)
+    outs = []
+    for on in (True, False):
+        with tensor_cores(emulated, on):
+            outs.append(gemm(emulated, as_is(a), as_is(b), torch.empty(M, N, dtype=out_dtype), **kwargs))
+    tc, cuda_cores = outs
+    assert torch.equal(tc == addend, cuda_cores == addend)
+    assert (tc != cuda_cores).double().mean().item() < 0.01
+    keep = R.dropout_keep_mask(M * N, 0.3, 5).view(M, N)
+    inv_keep = float(torch.tensor(1 / 0.7, dtype=torch.float32))
+    exact = torch.where(keep, 1.5 * (a.double() @ b.double()) * inv_keep, 0.0) + addend.double()
+    fi = torch.finfo(out_dtype)
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(fi.smallest_normal)))) * fi.eps
+    assert ((tc.double() - exact).abs() <= ulp).all()
 
 
 def test_tensor_core_kernel_keeps_huge_infinite_and_tiny_b(emulated):

@@ -17,7 +17,7 @@ bool tensor_core_kernels_built() {
 #else
   static const bool built = [] {
     cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, lowrank_tc::lowrank_tc_kernel<16>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, lowrank_tc::lowrank_tc_kernel<float, float, 16>) != cudaSuccess) {
       (void)cudaGetLastError();  // not left for the next launch check to find
       return false;
     }
@@ -31,13 +31,16 @@ bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
   using namespace lowrank;
   if (p.M == 0 || p.N == 0) return true;
   if (lowrank_tc::eligible(p)) {
-    const dim3 grid = lowrank_tc::grid(p);
-    switch (lowrank_tc::tile_n(p.N)) {
-      case 16: launch_kernel(lowrank_tc::lowrank_tc_kernel<16>, grid, lowrank_tc::kThreads, stream, p); break;
-      case 32: launch_kernel(lowrank_tc::lowrank_tc_kernel<32>, grid, lowrank_tc::kThreads, stream, p); break;
-      default: launch_kernel(lowrank_tc::lowrank_tc_kernel<64>, grid, lowrank_tc::kThreads, stream, p); break;
-    }
-    if (p.splits > 1) launch_kernel(split_sum_kernel<float>, split_sum_grid(p), kThreads, stream, p);
+    lowrank_tc::dispatch_pair(p, [&]<typename TA, typename TC>() {
+      using lowrank_tc::lowrank_tc_kernel;
+      const dim3 grid = lowrank_tc::grid(p);
+      switch (lowrank_tc::tile_n(p.N)) {
+        case 16: launch_kernel(lowrank_tc_kernel<TA, TC, 16>, grid, lowrank_tc::kThreads, stream, p); break;
+        case 32: launch_kernel(lowrank_tc_kernel<TA, TC, 32>, grid, lowrank_tc::kThreads, stream, p); break;
+        default: launch_kernel(lowrank_tc_kernel<TA, TC, 64>, grid, lowrank_tc::kThreads, stream, p); break;
+      }
+      if (p.splits > 1) launch_kernel(split_sum_kernel<TC>, split_sum_grid(p), kThreads, stream, p);
+    });
     return true;
   }
   return dispatch_pair(p, [&]<typename TA, typename TC>() {

@@ -1,19 +1,23 @@
-// The LoRA products whose big operand is bf16 (x or dy) and whose output is fp32 and r columns wide
-// (T, dT, dB, dA^T), on tensor cores. By count the CUDA-core kernel (lora_gemm.cuh) is bound by its
-// FMAs from r ~ 16 up; bf16 mma with fp32 accumulation has an order of magnitude more throughput.
+// The LoRA branch's low-rank products on tensor cores (bf16 mma, fp32 accumulation), from sm_80. By
+// count the CUDA-core kernel (lora_gemm.cuh) is bound by its FMAs from r ~ 16 up, and the tensor
+// cores have an order of magnitude more throughput. Two kinds of product take it: a bf16 big operand
+// (x or dy) into fp32 (T, dT, dB, dA^T), and fp32 operands into the activations' dtype (y and dx, and
+// every product when the activations are fp32).
 //
-// Precision: the same as the CUDA-core kernel's fp32 FMAs. The big operand is bf16, so exact in the
-// mma. The small fp32 operand (adapter, T or dT) is split into three bf16 parts, b = hi + mid + lo
-// (split3_bf16), and each part takes its own mma: every product is exact in fp32. The tensor cores'
-// fp32 accumulation truncates (measured on A100 and H100 in the literature), so each K step of 32
-// sums its six mmas, smallest parts first, into a fresh fragment, and the CUDA cores add that to the
-// running sum with round-to-nearest: the truncation acts on one step's sum, never on the total.
-// Dropout zeroes the dropped elements of x while staging (x stays exact) and its 1 / (1 - p)
-// multiplies the accumulated sum.
+// Precision: the same as the CUDA-core kernel's fp32 FMAs. A bf16 operand is exact in the mma. An fp32
+// operand is split into three bf16 parts (split3_bf16), and each pair of parts takes its own mma (3
+// when a is bf16, 6 when both are fp32, leaving out products below 2^-25 of the largest): every
+// product is exact in fp32. The tensor cores' fp32 accumulation truncates (measured on A100 and H100
+// in the literature), so each K step of 32 sums its mmas, smallest first, into a fresh fragment, and
+// the CUDA cores add that to the running sum with round-to-nearest: truncation acts on one step's
+// sum, never on the total. Dropout zeroes the dropped elements of x while staging (x stays exact) and
+// its 1 / (1 - p) multiplies the accumulated sum; the epilogue (alpha, dx's dropout, the addend, one
+// rounding) is the CUDA-core kernel's finish().
 //
-// Tiling: 4 warps own a 64 x kBN output tile (kBN = 16, 32 or 64: the rank rounded up), a warp a 16-row
-// strip of it, and K is walked in steps of 32 through shared memory. The epilogue goes through shared
-// memory, so K splits, bounds and the output index are the CUDA-core kernel's.
+// Tiling: 4 warps own a 64 x kBN output tile (kBN = 16, 32 or 64: the output's width rounded up to 16,
+// at most 64), a warp a 16-row strip of it, and K is walked in steps of 32 through shared memory. The
+// epilogue goes through shared memory, so K splits, bounds and the output index are the CUDA-core
+// kernel's.
 //
 // tests/emulation builds this file too, with a host implementation of the wmma calls used here that
 // checks their pointer alignment and leading dimensions.
@@ -40,7 +44,7 @@ constexpr int kBM = 64;
 constexpr int kBK = 32;  // two mma steps of 16
 constexpr int kPadA = 8, kPadB = 8, kPadC = 4;  // keep leading dims multiples of 16 bytes, shift banks
 
-// The output columns a block covers: the rank rounded up to 16, at most 64.
+// The output columns a block covers: the output's width rounded up to 16, at most 64.
 inline int tile_n(int64_t N) { return N <= 16 ? 16 : N <= 32 ? 32 : 64; }
 
 // b = hi + mid + lo, each part bf16, exactly for normal |b| >= 2^-110 (below, to within 2^-134). hi is
@@ -52,12 +56,25 @@ __host__ __device__ __forceinline__ void split3_bf16(float b, __nv_bfloat16 part
   parts[2] = __float2bfloat16_rn(r1 - __bfloat162float(parts[1]));
 }
 
-// Stages the 64 x 32 tile of a (rows i0.., k k0..ke) as bf16, dropped elements zeroed. Threads take
-// groups of 4 elements consecutive along a's contiguous dimension; one Philox call drops a group
-// that is an aligned group of x.
-__device__ __forceinline__ void stage_a(const LowRankGemmParams& p, const __nv_bfloat16* a, bool along_k, int64_t i0,
-                                        int64_t k0, int64_t ke, __nv_bfloat16 (*a_s)[kBK + kPadA]) {
-  const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
+// bf16 parts of a: a bf16 a is exact in one, an fp32 a takes three (split3_bf16); b always three.
+template <typename TA>
+constexpr int kAParts = std::is_same_v<TA, float> ? 3 : 1;
+
+// The q-th (a part, b part) product of a step, smallest first: with one a part (0,2) (0,1) (0,0); with
+// three (2,0) (1,1) (0,2) (1,0) (0,1) (0,0). Those left out are below 2^-25 of the largest.
+__host__ __device__ constexpr int a_part(int q, int a_parts) {
+  return a_parts == 1 ? 0 : (q == 0 ? 2 : q == 1 || q == 3 ? 1 : 0);
+}
+__host__ __device__ constexpr int b_part(int q, int a_parts) {
+  return a_parts == 1 ? 2 - q : (q == 1 || q == 4 ? 1 : q == 2 ? 2 : 0);
+}
+
+// Stages the 64 x 32 tile of a (rows i0.., k k0..ke) as bf16 parts, dropped elements zeroed. Threads
+// take groups of 4 elements consecutive along a's contiguous dimension, read with one 8- or 16-byte
+// load when aligned; one Philox call drops a group that is an aligned group of x.
+template <typename TA>
+__device__ __forceinline__ void stage_a(const LowRankGemmParams& p, const TA* a, bool along_k, int64_t i0,
+                                        int64_t k0, int64_t ke, __nv_bfloat16 (*a_s)[kBM][kBK + kPadA]) {
 #pragma unroll
   for (int q = 0; q < kBM * kBK / (4 * kThreads); ++q) {
     const int g = static_cast<int>(threadIdx.x) + q * kThreads;
@@ -69,40 +86,49 @@ __device__ __forceinline__ void stage_a(const LowRankGemmParams& p, const __nv_b
     bool in[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) in[c] = along_k ? (i < p.M && k + c < ke) : (i + c < p.M && k < ke);
-    __nv_bfloat16 v[4];
-    if (step == 1 && in[3] && reinterpret_cast<uintptr_t>(a + off) % (4 * sizeof(__nv_bfloat16)) == 0) {
-      const uint2 raw = *reinterpret_cast<const uint2*>(a + off);
-      memcpy(v, &raw, sizeof(raw));
+    float v[4];
+    if (step == 1 && in[3] && reinterpret_cast<uintptr_t>(a + off) % (4 * sizeof(TA)) == 0) {
+      using Vec = std::conditional_t<sizeof(TA) == 2, uint2, uint4>;
+      const Vec raw = *reinterpret_cast<const Vec*>(a + off);
+      TA vals[4];
+      memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c] = to_float(vals[c]);
     } else {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = in[c] ? a[off + c * step] : zero;
+      for (int c = 0; c < 4; ++c) v[c] = in[c] ? to_float(a[off + c * step]) : 0.0f;
     }
     if (p.dropout_a) {
       if (step == 1 && off % 4 == 0) {
         const Philox4 r = philox4x32_10(static_cast<uint64_t>(off) >> 2, p.dropout.seed);
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          if (static_cast<uint64_t>(r.v[c]) >= p.dropout.keep_threshold) v[c] = zero;
+          if (static_cast<uint64_t>(r.v[c]) >= p.dropout.keep_threshold) v[c] = 0.0f;
       } else {
 #pragma unroll
         for (int c = 0; c < 4; ++c)
           if (!dropout_keep(static_cast<uint64_t>(off + c * step), p.dropout.seed, p.dropout.keep_threshold))
-            v[c] = zero;
+            v[c] = 0.0f;
       }
     }
 #pragma unroll
-    for (int c = 0; c < 4; ++c) a_s[along_k ? ii : ii + c][along_k ? kk + c : kk] = v[c];
+    for (int c = 0; c < 4; ++c) {
+      __nv_bfloat16 parts[3];
+      split3_bf16(v[c], parts);  // a bf16 value: parts[0] is the value itself
+#pragma unroll
+      for (int s = 0; s < kAParts<TA>; ++s) a_s[s][along_k ? ii : ii + c][along_k ? kk + c : kk] = parts[s];
+    }
   }
 }
 
-template <int kBN>
+template <typename TA, typename TC, int kBN>
 __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // no bf16 mma before sm_80; the glue sets tensor_cores only from sm_80 up
 #else
   namespace wmma = nvcuda::wmma;
-  constexpr int kFrags = kBN / 16;
-  __shared__ __align__(32) __nv_bfloat16 a_s[kBM][kBK + kPadA];
+  constexpr int kFrags = kBN / 16, kA = kAParts<TA>, kProducts = kA == 1 ? 3 : 6;
+  __shared__ __align__(32) __nv_bfloat16 a_s[kA][kBM][kBK + kPadA];
   // b column-major ([n][k]): the mma's b fragment is k-contiguous, so its loads need no transposing moves
   __shared__ __align__(32) __nv_bfloat16 b_s[3][kBN][kBK + kPadB];
   __shared__ __align__(32) float c_s[kBM][kBN + kPadC];
@@ -112,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
   const int64_t slice = lowrank::ceil_div(lowrank::ceil_div(p.K, p.splits), lowrank::kBK) * lowrank::kBK;
   const int64_t kb = static_cast<int64_t>(blockIdx.z) * slice;
   const int64_t ke = kb + slice < p.K ? kb + slice : p.K;
-  const __nv_bfloat16* a = static_cast<const __nv_bfloat16*>(p.a);
+  const TA* a = static_cast<const TA*>(p.a);
   const bool a_along_k = p.a_stride_k == 1;
   const bool b_along_n = p.b_stride_n == 1;
 
@@ -132,20 +158,23 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
       for (int s = 0; s < 3; ++s) b_s[s][jj][kk] = parts[s];
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_frag[kBK / 16];
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_frag[kA][kBK / 16];
 #pragma unroll
-    for (int h = 0; h < kBK / 16; ++h) wmma::load_matrix_sync(a_frag[h], &a_s[warp * 16][h * 16], kBK + kPadA);
+    for (int s = 0; s < kA; ++s)
+#pragma unroll
+      for (int h = 0; h < kBK / 16; ++h)
+        wmma::load_matrix_sync(a_frag[s][h], &a_s[s][warp * 16][h * 16], kBK + kPadA);
 #pragma unroll
     for (int f = 0; f < kFrags; ++f) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> step;
       wmma::fill_fragment(step, 0.0f);
 #pragma unroll
-      for (int s = 2; s >= 0; --s) {  // lo, mid, hi: the small parts are not truncated away
+      for (int q = 0; q < kProducts; ++q) {  // smallest first: the small parts are not truncated away
 #pragma unroll
         for (int h = 0; h < kBK / 16; ++h) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b_frag;
-          wmma::load_matrix_sync(b_frag, &b_s[s][f * 16][h * 16], kBK + kPadB);
-          wmma::mma_sync(step, a_frag[h], b_frag, step);
+          wmma::load_matrix_sync(b_frag, &b_s[b_part(q, kA)][f * 16][h * 16], kBK + kPadB);
+          wmma::mma_sync(step, a_frag[a_part(q, kA)][h], b_frag, step);
         }
       }
 #pragma unroll
@@ -158,34 +187,59 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
   for (int f = 0; f < kFrags; ++f)
     wmma::store_matrix_sync(&c_s[warp * 16][f * 16], acc[f], kBN + kPadC, wmma::mem_row_major);
   __syncthreads();
+  // The CUDA-core kernel's epilogue: four consecutive outputs a thread, so that dx's dropout draws one
+  // Philox call for an aligned group of four.
   const float scale = p.dropout_a ? p.dropout.inv_keep : 1.0f;
   const int64_t mn = p.M * p.N;
-  float* out = static_cast<float*>(p.out);
-  for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
-    const int ii = idx / kBN, jj = idx % kBN;
-    const int64_t i = i0 + ii, j = j0 + jj;
-    if (i >= p.M || j >= p.N) continue;
-    const int64_t e = i * p.N + j;
-    const float v = mul_rn(c_s[ii][jj], scale);
-    if (p.splits > 1) {
-      p.workspace[static_cast<int64_t>(blockIdx.z) * mn + e] = v;
-    } else {
-      out[e] = lowrank::finish<float>(p, v, e, false, 0u);
+  TC* out = static_cast<TC*>(p.out);
+  for (int g = tid; g < kBM * kBN / 4; g += kThreads) {
+    const int ii = g / (kBN / 4), jj = (g % (kBN / 4)) * 4;
+    const int64_t i = i0 + ii;
+    if (i >= p.M) continue;
+    const int64_t e0 = i * p.N + j0 + jj;
+    const bool grouped = p.dropout_out && p.splits == 1 && e0 % 4 == 0;
+    Philox4 r{};
+    if (grouped) r = philox4x32_10(static_cast<uint64_t>(e0) >> 2, p.dropout.seed);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (j0 + jj + c >= p.N) break;
+      const float v = mul_rn(c_s[ii][jj + c], scale);
+      if (p.splits > 1) {
+        p.workspace[static_cast<int64_t>(blockIdx.z) * mn + e0 + c] = v;
+      } else {
+        out[e0 + c] = lowrank::finish<TC>(p, v, e0 + c, grouped, r.v[c]);
+      }
     }
   }
 #endif
 }
 
-// Whether a product can take this kernel: a bf16 big operand, an fp32 output with no dropout or addend
-// in the epilogue (T, dT, dB, dA^T), on a GPU with bf16 mma (the glue sets tensor_cores).
+// Whether a product takes this kernel (on a GPU with bf16 mma: the glue sets tensor_cores): a bf16
+// big operand into fp32 (T, dT, dB, dA^T over bf16 activations), or an fp32 one into any output (y and
+// dx; all products over fp32 activations). fp16 activations stay on the CUDA-core kernel.
 inline bool eligible(const LowRankGemmParams& p) {
-  return p.tensor_cores && p.a_dtype == DType::kBFloat16 && p.out_dtype == DType::kFloat32 && !p.dropout_out &&
-         p.addend == nullptr;
+  if (!p.tensor_cores) return false;
+  if (p.a_dtype == DType::kBFloat16) return p.out_dtype == DType::kFloat32;
+  return p.a_dtype == DType::kFloat32 && p.out_dtype != DType::kFloat64;
 }
 
 inline dim3 grid(const LowRankGemmParams& p) {
   return dim3(static_cast<unsigned>(lowrank::ceil_div(p.M, kBM)),
               static_cast<unsigned>(lowrank::ceil_div(p.N, tile_n(p.N))), static_cast<unsigned>(p.splits));
+}
+
+// Calls f.template operator()<TA, TC>() for an eligible product's (a, out) dtype pair.
+template <typename F>
+void dispatch_pair(const LowRankGemmParams& p, F&& f) {
+  if (p.a_dtype == DType::kBFloat16) {
+    f.template operator()<__nv_bfloat16, float>();
+  } else if (p.out_dtype == DType::kFloat32) {
+    f.template operator()<float, float>();
+  } else if (p.out_dtype == DType::kBFloat16) {
+    f.template operator()<float, __nv_bfloat16>();
+  } else {
+    f.template operator()<float, __half>();
+  }
 }
 
 }  // namespace lowrank_tc
