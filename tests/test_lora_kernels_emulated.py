@@ -180,7 +180,8 @@ def test_tensor_core_kernel_16_bit_outputs_as_the_cuda_core_kernel(emulated, out
 def test_tensor_core_kernel_keeps_huge_infinite_and_tiny_b(emulated):
     """The three-part split of b: a finite b near FLT_MAX must not overflow to Inf (its first part is
     truncated, not rounded up), an infinite b gives +-Inf rather than NaN, NaN stays NaN, and a tiny b
-    keeps its precision: the same outputs as the CUDA-core kernel."""
+    keeps its precision: the same outputs as the CUDA-core kernel. An Inf in a gives non-finite outputs
+    (Inf or NaN: Inf times b's zero parts)."""
     M, K = 20, 24
     a = torch.rand(M, K).mul(0.5).add(0.5).bfloat16()  # in [0.5, 1): no 0 * Inf, no overflowing sum
     b = torch.randn(K, 6)
@@ -197,6 +198,12 @@ def test_tensor_core_kernel_keeps_huge_infinite_and_tiny_b(emulated):
     assert torch.isfinite(tc[:, 0]).all() and torch.isfinite(tc[:, 5]).all()
     assert (tc[:, 1] == float("inf")).all() and (tc[:, 2] == float("-inf")).all() and tc[:, 3].isnan().all()
     torch.testing.assert_close(tc, cuda_cores, rtol=1e-5, atol=0.0, equal_nan=True)
+    a[4, 9] = float("inf")
+    with tensor_cores(emulated):
+        out = gemm(emulated, as_is(a), as_is(b), torch.empty(M, 6), alpha=1.0 / K)
+    assert not out[4].isfinite().any()
+    others = torch.arange(M) != 4
+    torch.testing.assert_close(out[others], tc[others], rtol=0.0, atol=0.0, equal_nan=True)
 
 
 BF16 = torch.bfloat16

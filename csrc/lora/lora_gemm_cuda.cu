@@ -1,5 +1,7 @@
 // Launchers of the LoRA low-rank kernels (lora_gemm.cuh): one launch per product of the LoRA
 // branch, plus the in-order sum of the K slices when a product's K was split.
+#include <atomic>
+
 #include "common/launch.cuh"
 #include "lora/lora_gemm.cuh"
 #include "lora/lora_gemm_tc.cuh"
@@ -15,14 +17,19 @@ bool tensor_core_kernels_built() {
 #if defined(LORA_EXT_CUDA_EMULATION)
   return true;
 #else
-  static const bool built = [] {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, lowrank_tc::lowrank_tc_kernel<float, float, 16>) != cudaSuccess) {
-      (void)cudaGetLastError();  // not left for the next launch check to find
-      return false;
-    }
-    return attr.ptxVersion >= 80;
-  }();
+  // Per device: a process may see GPUs of different architectures. 0 unknown, 1 no, 2 yes.
+  static std::atomic<int8_t> known[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (const int8_t k = known[device].load(std::memory_order_relaxed)) return k == 2;
+  cudaFuncAttributes attr{};
+  bool built = cudaFuncGetAttributes(&attr, lowrank_tc::lowrank_tc_kernel<float, float, 16>) == cudaSuccess;
+  if (!built) (void)cudaGetLastError();  // not left for the next launch check to find
+  built = built && attr.ptxVersion >= 80;  // code from pre-sm_80 PTX is the trapping stub
+  known[device].store(built ? 2 : 1, std::memory_order_relaxed);
   return built;
 #endif
 }

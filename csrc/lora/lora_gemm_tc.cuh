@@ -6,8 +6,10 @@
 //
 // Precision: the same as the CUDA-core kernel's fp32 FMAs. A bf16 operand is exact in the mma. An fp32
 // operand is split into three bf16 parts (split3_bf16), and each pair of parts takes its own mma (3
-// when a is bf16, 6 when both are fp32, leaving out products below 2^-25 of the largest): every
-// product is exact in fp32. The tensor cores' fp32 accumulation truncates (measured on A100 and H100
+// when a is bf16, 6 when both are fp32, leaving out three at fp32's rounding level): every product
+// is exact in fp32. Non-finite inputs give non-finite outputs, but an Inf can come out as NaN where
+// the CUDA-core kernel gives Inf (Inf times another value's zero part); both are what AMP's scaler
+// and isfinite checks catch. The tensor cores' fp32 accumulation truncates (measured on A100 and H100
 // in the literature), so each K step of 32 sums its mmas, smallest first, into a fresh fragment, and
 // the CUDA cores add that to the running sum with round-to-nearest: truncation acts on one step's
 // sum, never on the total. Dropout zeroes the dropped elements of x while staging (x stays exact) and
@@ -48,10 +50,13 @@ constexpr int kPadA = 8, kPadB = 8, kPadC = 4;  // keep leading dims multiples o
 inline int tile_n(int64_t N) { return N <= 16 ? 16 : N <= 32 ? 32 : 64; }
 
 // b = hi + mid + lo, each part bf16, exactly for normal |b| >= 2^-110 (below, to within 2^-134). hi is
-// b truncated, so it never rounds a finite b up to Inf; an infinite b is (Inf, 0, 0), NaN stays NaN.
+// b rounded to nearest (so |mid| <= 2^-8 |b|), or truncated where rounding would overflow a finite b
+// to Inf; an infinite b is (Inf, 0, 0), NaN stays NaN.
 __host__ __device__ __forceinline__ void split3_bf16(float b, __nv_bfloat16 parts[3]) {
-  parts[0] = __float2bfloat16_rz(b);
-  const float r1 = isfinite(b) ? b - __bfloat162float(parts[0]) : 0.0f;
+  const bool finite = isfinite(b);
+  parts[0] = __float2bfloat16_rn(b);
+  if (finite && !isfinite(__bfloat162float(parts[0]))) parts[0] = __float2bfloat16_rz(b);
+  const float r1 = finite ? b - __bfloat162float(parts[0]) : 0.0f;
   parts[1] = __float2bfloat16_rn(r1);
   parts[2] = __float2bfloat16_rn(r1 - __bfloat162float(parts[1]));
 }
@@ -61,7 +66,8 @@ template <typename TA>
 constexpr int kAParts = std::is_same_v<TA, float> ? 3 : 1;
 
 // The q-th (a part, b part) product of a step, smallest first: with one a part (0,2) (0,1) (0,0); with
-// three (2,0) (1,1) (0,2) (1,0) (0,1) (0,0). Those left out are below 2^-25 of the largest.
+// three (2,0) (1,1) (0,2) (1,0) (0,1) (0,0). Those left out, (1,2) (2,1) (2,2), are each at most 2^-24
+// of the largest: fp32's own rounding.
 __host__ __device__ constexpr int a_part(int q, int a_parts) {
   return a_parts == 1 ? 0 : (q == 0 ? 2 : q == 1 || q == 3 ? 1 : 0);
 }
