@@ -21,15 +21,11 @@ inline DropoutSpec dropout_spec(double p, uint64_t seed) {
   return {seed, static_cast<uint64_t>(std::llround(keep * 4294967296.0)), static_cast<float>(1.0 / keep)};
 }
 
-// The dropped value of v given its Philox word: v / (1 - p) (one fp32 rounding) if kept, else 0. Kernels
-// that draw once for four elements pass each its word; the others use dropout_apply.
+// The dropped value of v given its Philox word (element e's is dropout_draw(e, seed), drawn once for
+// an aligned group of four): v / (1 - p) (one fp32 rounding) if kept, else 0. dropout(x)[e] is this
+// of x[e]; its gradient applies the same to dy[e].
 LORA_HD float dropout_with_draw(float v, uint32_t draw, const DropoutSpec& d) {
   return static_cast<uint64_t>(draw) < d.keep_threshold ? mul_rn(v, d.inv_keep) : 0.0f;
-}
-
-// dropout(x)[e] = x[e] / (1 - p) if kept else 0; its gradient applies the same factor to dy[e].
-LORA_HD float dropout_apply(float v, uint64_t e, const DropoutSpec& d) {
-  return dropout_with_draw(v, dropout_draw(e, d.seed), d);
 }
 
 }  // namespace lora

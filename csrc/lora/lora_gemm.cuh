@@ -46,22 +46,19 @@ __device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int6
   return from_float<TC>(v);
 }
 
-// Each thread stages 4 elements of the 64 x 16 A tile that are consecutive along a's contiguous
-// dimension. One Philox call draws the dropout of all four when they form one aligned group of x
-// (x's flat index 4c..4c+3), and the four are read with one 8- or 16-byte load when aligned.
+// Four elements of a, at rows i.. and columns k.. (i + c along m, or k + c along k: a's contiguous
+// dimension), as floats: 0 outside the matrix or the K slice (ke), one 8- or 16-byte load when the
+// four are contiguous and aligned. When dropout is on, dropped elements are zeroed and, if `scale`,
+// kept ones multiplied by 1 / (1 - p): one Philox call draws all four when they form one aligned group
+// of x (x's flat index 4c..4c+3), as the CPU kernel draws them.
 template <typename TA>
-__device__ __forceinline__ void load_a_group(const LowRankGemmParams& p, const TA* a, bool along_k, int64_t i0,
-                                             int64_t k0, int64_t ke, float (*a_s)[kBM + 4]) {
-  const int t = threadIdx.x;
-  const int ii = along_k ? t >> 2 : (t & 15) * 4;
-  const int kk = along_k ? (t & 3) * 4 : t >> 4;
-  const int64_t i = i0 + ii, k = k0 + kk;
+__device__ __forceinline__ void load_four(const LowRankGemmParams& p, const TA* a, bool along_k, int64_t i, int64_t k,
+                                          int64_t ke, bool scale, float v[4]) {
   const int64_t step = along_k ? p.a_stride_k : p.a_stride_m;  // offset between the four
   const int64_t off = i * p.a_stride_m + k * p.a_stride_k;
   bool in[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) in[c] = along_k ? (i < p.M && k + c < ke) : (i + c < p.M && k < ke);
-  float v[4];
   if (step == 1 && in[3] && reinterpret_cast<uintptr_t>(a + off) % (4 * sizeof(TA)) == 0) {
     using Vec = std::conditional_t<sizeof(TA) == 2, uint2, uint4>;
     const Vec raw = *reinterpret_cast<const Vec*>(a + off);
@@ -73,16 +70,33 @@ __device__ __forceinline__ void load_a_group(const LowRankGemmParams& p, const T
 #pragma unroll
     for (int c = 0; c < 4; ++c) v[c] = in[c] ? to_float(a[off + c * step]) : 0.0f;
   }
-  if (p.dropout_a) {
-    if (step == 1 && off % 4 == 0) {
-      const Philox4 r = philox4x32_10(static_cast<uint64_t>(off) >> 2, p.dropout.seed);
+  if (!p.dropout_a) return;
+  uint32_t draw[4];
+  if (step == 1 && off % 4 == 0) {
+    const Philox4 r = philox4x32_10(static_cast<uint64_t>(off) >> 2, p.dropout.seed);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = dropout_with_draw(v[c], r.v[c], p.dropout);
-    } else {
+    for (int c = 0; c < 4; ++c) draw[c] = r.v[c];
+  } else {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = dropout_apply(v[c], static_cast<uint64_t>(off + c * step), p.dropout);
-    }
+    for (int c = 0; c < 4; ++c) draw[c] = dropout_draw(static_cast<uint64_t>(off + c * step), p.dropout.seed);
   }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    v[c] = scale ? dropout_with_draw(v[c], draw[c], p.dropout)
+                 : (static_cast<uint64_t>(draw[c]) < p.dropout.keep_threshold ? v[c] : 0.0f);
+  }
+}
+
+// Each thread stages 4 elements of the 64 x 16 A tile that are consecutive along a's contiguous
+// dimension (load_four), transposed into a_s[k][m].
+template <typename TA>
+__device__ __forceinline__ void load_a_group(const LowRankGemmParams& p, const TA* a, bool along_k, int64_t i0,
+                                             int64_t k0, int64_t ke, float (*a_s)[kBM + 4]) {
+  const int t = threadIdx.x;
+  const int ii = along_k ? t >> 2 : (t & 15) * 4;
+  const int kk = along_k ? (t & 3) * 4 : t >> 4;
+  float v[4];
+  load_four(p, a, along_k, i0 + ii, k0 + kk, ke, true, v);
 #pragma unroll
   for (int c = 0; c < 4; ++c) a_s[along_k ? kk + c : kk][along_k ? ii : ii + c] = v[c];
 }

@@ -76,8 +76,7 @@ __host__ __device__ constexpr int b_part(int q, int a_parts) {
 }
 
 // Stages the 64 x 32 tile of a (rows i0.., k k0..ke) as bf16 parts, dropped elements zeroed. Threads
-// take groups of 4 elements consecutive along a's contiguous dimension, read with one 8- or 16-byte
-// load when aligned; one Philox call drops a group that is an aligned group of x.
+// take groups of 4 elements consecutive along a's contiguous dimension (lowrank::load_four).
 template <typename TA>
 __device__ __forceinline__ void stage_a(const LowRankGemmParams& p, const TA* a, bool along_k, int64_t i0,
                                         int64_t k0, int64_t ke, __nv_bfloat16 (*a_s)[kBM][kBK + kPadA]) {
@@ -86,37 +85,8 @@ __device__ __forceinline__ void stage_a(const LowRankGemmParams& p, const TA* a,
     const int g = static_cast<int>(threadIdx.x) + q * kThreads;
     const int ii = along_k ? g / (kBK / 4) : (g % (kBM / 4)) * 4;
     const int kk = along_k ? (g % (kBK / 4)) * 4 : g / (kBM / 4);
-    const int64_t i = i0 + ii, k = k0 + kk;
-    const int64_t step = along_k ? p.a_stride_k : p.a_stride_m;
-    const int64_t off = i * p.a_stride_m + k * p.a_stride_k;
-    bool in[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) in[c] = along_k ? (i < p.M && k + c < ke) : (i + c < p.M && k < ke);
     float v[4];
-    if (step == 1 && in[3] && reinterpret_cast<uintptr_t>(a + off) % (4 * sizeof(TA)) == 0) {
-      using Vec = std::conditional_t<sizeof(TA) == 2, uint2, uint4>;
-      const Vec raw = *reinterpret_cast<const Vec*>(a + off);
-      TA vals[4];
-      memcpy(vals, &raw, sizeof(raw));
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = to_float(vals[c]);
-    } else {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = in[c] ? to_float(a[off + c * step]) : 0.0f;
-    }
-    if (p.dropout_a) {
-      if (step == 1 && off % 4 == 0) {
-        const Philox4 r = philox4x32_10(static_cast<uint64_t>(off) >> 2, p.dropout.seed);
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (static_cast<uint64_t>(r.v[c]) >= p.dropout.keep_threshold) v[c] = 0.0f;
-      } else {
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (!dropout_keep(static_cast<uint64_t>(off + c * step), p.dropout.seed, p.dropout.keep_threshold))
-            v[c] = 0.0f;
-      }
-    }
+    lowrank::load_four(p, a, along_k, i0 + ii, k0 + kk, ke, false, v);  // x stays exact: the sum is scaled
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       __nv_bfloat16 parts[3];
