@@ -63,10 +63,12 @@ def main() -> int:
         if not _close(a, b, 2e-2):
             failures.append("lora_backward")
     # The low-rank kernels against the CPU operator: split-K over >= 1024 tokens, r > 64 (two column
-    # tiles), K % 4 != 0 (dropout drawn per element), an unaligned x (no vector loads), r = 1.
+    # tiles), K % 4 != 0 (dropout drawn per element), an unaligned x (no vector loads), r = 1. On an
+    # sm_80+ GPU the tensor-core kernel takes bf16 and fp32 activations' products, and every y and dx.
     for M, K, N, r, p, dtype, offset in [(1100, 36, 20, 12, 0.3, torch.bfloat16, 0),
                                          (1030, 33, 70, 80, 0.2, torch.float16, 0),
-                                         (67, 40, 17, 16, 0.1, torch.bfloat16, 1), (5, 7, 3, 1, 0.0, torch.float32, 0)]:
+                                         (67, 40, 17, 16, 0.1, torch.bfloat16, 1), (5, 7, 3, 1, 0.0, torch.float32, 0),
+                                         (300, 40, 90, 48, 0.2, torch.float32, 0)]:
         x = torch.randn(M * K + offset, dtype=dtype)[offset:].view(M, K)
         base, dy = torch.randn(M, N, dtype=dtype), torch.randn(M, N, dtype=dtype)
         A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5

@@ -177,8 +177,8 @@ def test_cuda_kernels_match_the_cpu_operator(M, K, N, r, p):
 @pytest.mark.parametrize("M, K, N, r, p", [(4096, 300, 260, 12, 0.2), (1000, 4097, 64, 64, 0.0),
                                            (333, 128, 4100, 80, 0.5)])
 def test_cuda_tensor_core_kernel_matches_cuda_cores_and_the_cpu(monkeypatch, M, K, N, r, p):
-    """bf16 activations: T, dT, dB and dA on the tensor-core kernel (lora_gemm_tc.cuh), against the
-    same products on the CUDA-core kernel (LORA_EXT_TENSOR_CORES=0) and the CPU operator: fp32-grade."""
+    """bf16 activations: every product on the tensor-core kernel (lora_gemm_tc.cuh), against the same
+    products on the CUDA-core kernel (LORA_EXT_TENSOR_CORES=0) and the CPU operator: fp32-grade."""
     x, base_out, A, B = _lora_inputs((M,), K, N, r, "cpu", dtype=torch.bfloat16)
     dy = torch.randn(M, N).bfloat16()
     results = {}
