@@ -14,8 +14,34 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import _is_dtensor
 from .nf4 import NF4Linear
+
+
+def rank() -> int:
+    """This process's rank, 0 outside a process group."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter FSDP2 sharded (a collective: every rank must call it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+@torch.no_grad()
+def copy_full_into(dest: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, which may be an FSDP2 shard (every rank holds `full`)."""
+    if _is_dtensor(dest):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(device=dest.device, dtype=dest.dtype), dest.device_mesh, dest.placements,
+                                 src_data_rank=None)  # every rank has the same tensor: no broadcast
+    dest.copy_(full)
 
 
 def decoder_blocks(model: nn.Module) -> list:

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .distributed import copy_full_into, full_tensor, rank
 from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
 from .nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes, under
@@ -221,32 +222,6 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
     _add_saved_copies(model, saved, adapter_name, adapter_name)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter FSDP2 sharded (a collective: every rank must call it)."""
-    return t.full_tensor() if _is_dtensor(t) else t
-
-
-@torch.no_grad()
-def _copy_full_into(dest: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter, which may be an FSDP2 shard (every rank holds `full`)."""
-    if _is_dtensor(dest):
-        from torch.distributed.tensor import distribute_tensor
-
-        full = distribute_tensor(full.to(device=dest.device, dtype=dest.dtype), dest.device_mesh, dest.placements,
-                                 src_data_rank=None)  # every rank has the same tensor: no broadcast
-    dest.copy_(full)
-
-
 class LoraModel(nn.Module):
     """The wrapped model lives at base_model.model, so state-dict keys match PEFT's."""
 
@@ -318,11 +293,11 @@ class LoraModel(nn.Module):
         from safetensors.torch import save_file
 
         if is_main_process is None:
-            is_main_process = _rank() == 0
+            is_main_process = rank() == 0
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
                 raise KeyError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
-            full = {k: _full_tensor(v) for k, v in self._adapter_state(name).items()}  # a collective: every rank
+            full = {k: full_tensor(v) for k, v in self._adapter_state(name).items()}  # a collective: every rank
             if not is_main_process:
                 continue
             sd = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in full.items()}
@@ -514,14 +489,14 @@ class LoraModel(nn.Module):
         model = self.base_model.model
         if adapter_name == self.active_adapter:
             for name, layer in self.lora_layers().items():
-                _copy_full_into(layer.lora_A, weights[f"{name}.lora_A.weight"])
-                _copy_full_into(layer.lora_B, weights[f"{name}.lora_B.weight"])
+                copy_full_into(layer.lora_A, weights[f"{name}.lora_A.weight"])
+                copy_full_into(layer.lora_B, weights[f"{name}.lora_B.weight"])
         for key, p in _bias_params(model, config.bias, self.lora_layers(), self.saved_modules()).items():
-            _copy_full_into(p, weights[key])
+            copy_full_into(p, weights[key])
         for path, wrapper in self.saved_modules().items():
             if adapter_name in wrapper.modules_to_save:
                 for key, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                    _copy_full_into(t, weights[f"{path}.{key}"])
+                    copy_full_into(t, weights[f"{path}.{key}"])
 
     # ---------------------------------------------------------------- merge / unload / disable
     def merge_adapter(self) -> None:
