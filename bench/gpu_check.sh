@@ -2,6 +2,7 @@
 # The one command for the GPU machine (see DESIGN.md, Machines): build for sm_90, run the whole test
 # suite with the GPU tests, compute-sanitizer memcheck over a smoke script, 100 steps of the main job
 # (finetune), the quick benchmarks.
+# Also: the LoRA layer benchmark with tensor cores off, and racecheck over bench/gpu_racecheck.py.
 # Writes logs, results.json and summary.md under $OUT. Every step runs (a failed build stops it);
 # the exit status is non-zero when any step failed, and the last line names the failed steps.
 set -uo pipefail
@@ -23,6 +24,19 @@ step() {  # step NAME TIMEOUT_S CMD...
     echo "| $name | FAILED | $(( $(date +%s) - t0 )) s |" >> "$OUT/steps.md"
     failed+=("$name")
   fi
+}
+
+write_summary() {  # written after the main steps and again at the end: a run cut short still has one
+  {
+    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo; echo '```'; cat "$OUT/env.json"; echo '```'
+    echo; cat "$OUT/steps.md"
+    echo; echo "## tests"; echo '```'; tail -3 "$OUT/tests.log" 2>/dev/null; echo '```'
+    echo; echo "## finetune (main job, 100 steps)"; echo '```'; tail -4 "$OUT/finetune.log" 2>/dev/null; echo '```'
+    echo; echo "## bench (quick)"; echo '```'; cat "$OUT/bench.log" 2>/dev/null; echo '```'
+    echo; echo "## lora_layer, tensor cores off"; echo '```'; cat "$OUT/bench_cuda_cores.log" 2>/dev/null; echo '```'
+    echo; echo "## ptxas"; echo '```'; cat "$OUT/ptxas.txt"; echo '```'
+  } > "$OUT/summary.md"
 }
 
 echo "| step | result | time |" > "$OUT/steps.md"
@@ -59,20 +73,16 @@ else
 fi
 step finetune 120 python -m lora_ext finetune --device cuda --steps 100 --out "$OUT/finetune"
 step bench 240 python -m lora_ext bench --device cuda --quick --json "$OUT/results.json" --plot "$OUT/bench.png"
-# The LoRA layer again with the bf16 tensor-core kernel off (lora_gemm_tc.cuh against lora_gemm.cuh).
+write_summary
+# The LoRA layer again with the tensor-core kernel off (lora_gemm_tc.cuh against lora_gemm.cuh).
 LORA_EXT_TENSOR_CORES=0 step bench_cuda_cores 90 python -m lora_ext bench --device cuda --quick --only lora_layer \
   --json "$OUT/results_cuda_cores.json"
+# Shared-memory hazards in the LoRA kernels (the CPU race test's GPU counterpart); last, as the slowest.
+if command -v compute-sanitizer > /dev/null; then
+  step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python bench/gpu_racecheck.py
+fi
 
-{
-  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo; echo '```'; cat "$OUT/env.json"; echo '```'
-  echo; cat "$OUT/steps.md"
-  echo; echo "## tests"; echo '```'; tail -3 "$OUT/tests.log" 2>/dev/null; echo '```'
-  echo; echo "## finetune (main job, 100 steps)"; echo '```'; tail -4 "$OUT/finetune.log" 2>/dev/null; echo '```'
-  echo; echo "## bench (quick)"; echo '```'; cat "$OUT/bench.log" 2>/dev/null; echo '```'
-  echo; echo "## lora_layer, tensor cores off"; echo '```'; cat "$OUT/bench_cuda_cores.log" 2>/dev/null; echo '```'
-  echo; echo "## ptxas"; echo '```'; cat "$OUT/ptxas.txt"; echo '```'
-} > "$OUT/summary.md"
+write_summary
 echo "total $(( $(date +%s) - t_start )) s; summary: $OUT/summary.md"
 if (( ${#failed[@]} )); then
   echo "FAILED: ${failed[*]}"
