@@ -72,10 +72,14 @@ bool tensor_cores_enabled() {
 void run(LowRankGemmParams p, const at::Tensor& like) {
   TORCH_INTERNAL_ASSERT(p.N <= kMaxFeatures);
   p.tensor_cores = tensor_cores_enabled();
-  at::Tensor workspace;
+  at::Tensor workspace, b_parts;
   if (p.splits > 1) {
     workspace = at::empty({p.splits, p.M, p.N}, like.options().dtype(at::kFloat));
     p.workspace = workspace.data_ptr<float>();
+  }
+  if (const int64_t n = lowrank_b_parts_size(p)) {
+    b_parts = at::empty({n}, like.options().dtype(at::kBFloat16));
+    p.b_parts = b_parts.data_ptr();
   }
   TORCH_INTERNAL_ASSERT(launch_lowrank_gemm(p, at::cuda::getCurrentCUDAStream()),
                         "lora: no kernel for this dtype pair");

@@ -34,10 +34,14 @@ bool tensor_core_kernels_built() {
 #endif
 }
 
+int64_t lowrank_b_parts_size(const LowRankGemmParams& p) { return lowrank_tc::eligible(p) ? 3 * p.K * p.N : 0; }
+
 bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
   using namespace lowrank;
   if (p.M == 0 || p.N == 0) return true;
   if (lowrank_tc::eligible(p)) {
+    if (p.b_parts == nullptr) return false;  // the caller sizes it by lowrank_b_parts_size
+    launch_kernel(lowrank_tc::split_b_kernel, grid_for(p.K * p.N, kThreads), kThreads, stream, p);
     lowrank_tc::dispatch_pair(p, [&]<typename TA, typename TC>() {
       using lowrank_tc::lowrank_tc_kernel;
       const dim3 grid = lowrank_tc::grid(p);

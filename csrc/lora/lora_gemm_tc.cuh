@@ -75,6 +75,44 @@ __host__ __device__ constexpr int b_part(int q, int a_parts) {
   return a_parts == 1 ? 2 - q : (q == 1 || q == 4 ? 1 : q == 2 ? 2 : 0);
 }
 
+// b's three bf16 parts, once per product: p.b_parts holds part s of b[k][j] at s * N * K + j * K + k
+// (k contiguous: the layout of the kernel's column-major b tile).
+__global__ void __launch_bounds__(256) split_b_kernel(LowRankGemmParams p) {
+  __nv_bfloat16* parts_out = static_cast<__nv_bfloat16*>(p.b_parts);
+  const int64_t n = p.N * p.K, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const int64_t j = e / p.K, k = e % p.K;
+    __nv_bfloat16 parts[3];
+    split3_bf16(p.b[k * p.b_stride_k + j * p.b_stride_n], parts);
+#pragma unroll
+    for (int s = 0; s < 3; ++s) parts_out[s * n + e] = parts[s];
+  }
+}
+
+// Stages the kBN x 32 tile of b's parts (columns j0.., k k0..ke) into b_s[part][n][k]: eight
+// consecutive k a thread, one 16-byte load and store per part when K allows it.
+template <int kBN>
+__device__ __forceinline__ void stage_b(const LowRankGemmParams& p, int64_t j0, int64_t k0, int64_t ke,
+                                        __nv_bfloat16 (*b_s)[kBN][kBK + kPadB]) {
+  const __nv_bfloat16* parts = static_cast<const __nv_bfloat16*>(p.b_parts);
+  const int64_t plane = p.N * p.K;
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
+  for (int g = threadIdx.x; g < kBN * kBK / 8; g += kThreads) {
+    const int jj = g / (kBK / 8), kk = (g % (kBK / 8)) * 8;
+    const int64_t j = j0 + jj, k = k0 + kk;
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+      const __nv_bfloat16* src = parts + s * plane + j * p.K + k;
+      if (j < p.N && k + 8 <= ke && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+        *reinterpret_cast<uint4*>(&b_s[s][jj][kk]) = *reinterpret_cast<const uint4*>(src);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) b_s[s][jj][kk + c] = (j < p.N && k + c < ke) ? src[c] : zero;
+      }
+    }
+  }
+}
+
 // Stages the 64 x 32 tile of a (rows i0.., k k0..ke) as bf16 parts, dropped elements zeroed. Threads
 // take groups of 4 elements consecutive along a's contiguous dimension (lowrank::load_four).
 template <typename TA>
@@ -89,10 +127,15 @@ __device__ __forceinline__ void stage_a(const LowRankGemmParams& p, const TA* a,
     lowrank::load_four(p, a, along_k, i0 + ii, k0 + kk, ke, false, v);  // x stays exact: the sum is scaled
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      __nv_bfloat16 parts[3];
-      split3_bf16(v[c], parts);  // a bf16 value: parts[0] is the value itself
+      const int row = along_k ? ii : ii + c, col = along_k ? kk + c : kk;
+      if constexpr (kAParts<TA> == 1) {
+        a_s[0][row][col] = __float2bfloat16_rn(v[c]);  // a bf16 value, back to itself
+      } else {
+        __nv_bfloat16 parts[3];
+        split3_bf16(v[c], parts);
 #pragma unroll
-      for (int s = 0; s < kAParts<TA>; ++s) a_s[s][along_k ? ii : ii + c][along_k ? kk + c : kk] = parts[s];
+        for (int s = 0; s < 3; ++s) a_s[s][row][col] = parts[s];
+      }
     }
   }
 }
@@ -116,7 +159,6 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
   const int64_t ke = kb + slice < p.K ? kb + slice : p.K;
   const TA* a = static_cast<const TA*>(p.a);
   const bool a_along_k = p.a_stride_k == 1;
-  const bool b_along_n = p.b_stride_n == 1;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFrags];
 #pragma unroll
@@ -124,15 +166,7 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
 
   for (int64_t k0 = kb; k0 < ke; k0 += kBK) {
     stage_a(p, a, a_along_k, i0, k0, ke, a_s);
-    for (int idx = tid; idx < kBK * kBN; idx += kThreads) {
-      const int jj = b_along_n ? idx % kBN : idx / kBK;  // consecutive threads along b's contiguous dim
-      const int kk = b_along_n ? idx / kBN : idx % kBK;
-      const int64_t k = k0 + kk, j = j0 + jj;
-      __nv_bfloat16 parts[3];
-      split3_bf16((k < ke && j < p.N) ? p.b[k * p.b_stride_k + j * p.b_stride_n] : 0.0f, parts);
-#pragma unroll
-      for (int s = 0; s < 3; ++s) b_s[s][jj][kk] = parts[s];
-    }
+    stage_b<kBN>(p, j0, k0, ke, b_s);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_frag[kA][kBK / 16];
 #pragma unroll

@@ -43,11 +43,15 @@ struct LowRankGemmParams {
   bool dropout_out;  // alpha * acc dropped by its index i * N + j in out (out is dx)
   DropoutSpec dropout;
   bool tensor_cores;  // the GPU has bf16 mma (sm_80+) and they are not turned off: see lora_gemm_tc.cuh
+  void* b_parts;      // lowrank_b_parts_size(p) bf16 elements of workspace when that is not 0
 };
 
 // Whether this build's tensor-core kernel has real code for the current GPU: not so when the GPU's
 // code is JIT-compiled from pre-sm_80 PTX (the kernel is then a trapping stub).
 bool tensor_core_kernels_built();
+// bf16 elements of the b_parts workspace a product needs: 3 * K * N when it runs on the tensor-core
+// kernel (b split into three bf16 parts once, not by every block), else 0.
+int64_t lowrank_b_parts_size(const LowRankGemmParams& p);
 // Blocks of output a launch makes before any K split, to choose `splits`.
 int64_t lowrank_gemm_tiles(int64_t M, int64_t N);
 // false (nothing launched) for a dtype pair the LoRA branch does not use.

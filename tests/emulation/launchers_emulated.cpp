@@ -23,6 +23,8 @@ bool run(lora::LowRankGemmParams p) {
   std::vector<float> workspace(p.splits > 1 ? static_cast<size_t>(p.splits * p.M * p.N) : 0);
   p.workspace = workspace.data();
   p.tensor_cores = tensor_cores;
+  std::vector<uint16_t> b_parts(static_cast<size_t>(lora::lowrank_b_parts_size(p)));
+  p.b_parts = b_parts.empty() ? nullptr : b_parts.data();
   return lora::launch_lowrank_gemm(p, nullptr);
 }
 
@@ -118,6 +120,8 @@ int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int 
   p.splits = splits;
   p.workspace = workspace;
   p.tensor_cores = tensor_cores;
+  std::vector<uint16_t> b_parts(static_cast<size_t>(lora::lowrank_b_parts_size(p)));
+  p.b_parts = b_parts.empty() ? nullptr : b_parts.data();
   return lora::launch_lowrank_gemm(p, nullptr) ? 1 : 0;
 }
 
