@@ -218,8 +218,7 @@ class LoraLinear(nn.Module):
         if runs_as_one_op(base):
             p, seed = _dropout_seed(self.lora_dropout, self.training)
             if isinstance(base, NF4Linear):
-                bias = None if base.bias is None else base.bias.to(x.dtype)  # as NF4Linear.forward
-                return _layer_op(x, base.qweight, bias, self.lora_A, self.lora_B, self.scaling, p, seed)
+                return _layer_op(x, base.qweight, base.bias_for(x), self.lora_A, self.lora_B, self.scaling, p, seed)
             return _layer_op(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p, seed)
         base_out = base(x)
         p, seed = _dropout_seed(self.lora_dropout, self.training)

@@ -316,8 +316,11 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:
             raise RuntimeError(_FROZEN)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nf4_linear(x, self.qweight, bias)
+        return nf4_linear(x, self.qweight, self.bias_for(x))
+
+    def bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The bias in x's dtype (the layer computes in the activations' dtype), or None."""
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_nf4(self.qweight, dtype)

@@ -217,34 +217,16 @@ if HAS_C:
         base = _nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias)
         return _lora_forward_fake(x, base, A, B, scale, dropout_p, seed)
 
-    def _lora_forward_setup(ctx, inputs, output):
-        x, base_out, A, B, scale, dropout_p, seed = inputs
-        # Saved: x (the base layer keeps it anyway) and T; the dropout mask is regenerated from seed.
-        ctx.save_for_backward(x, output[1], A, B)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-        ctx.mark_non_differentiable(output[1])
-
-    def _lora_forward_backward(ctx, grad_y, grad_T):
-        x, T, A, B = ctx.saved_tensors
-        grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(grad_y, x, T, A, B, ctx.scale, ctx.dropout_p,
-                                                                  ctx.seed)
-        needs = ctx.needs_input_grad
-        return (grad_x if needs[0] else None, grad_y if needs[1] else None, grad_A if needs[2] else None,
-                grad_B if needs[3] else None, None, None, None)
-
-    torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
-
-    # lora_linear / lora_nf4_linear: inputs x, <the frozen base>, A, B, scale, dropout_p, seed.
-    # Saved: x, T, A, B and references to the base's weight (what the base layer keeps anyway).
-    def _layer_setup(ctx, x, frozen, A, B, scale, dropout_p, seed, T, base_saved):
-        if any(t is not None and t.requires_grad for t in frozen):
-            raise RuntimeError("lora_linear: the base weight and bias are frozen here (they get no gradient); set "
-                               "requires_grad=False on them, or add lora_forward to the base layer's own output")
+    # Every op with a LoRA branch has inputs x, ..., A, B, scale, dropout_p, seed and outputs (y, T).
+    # Saved: x (the base layer keeps it anyway), T, A, B, and references to what the op's base
+    # gradient reads; the dropout mask is regenerated from seed.
+    def _branch_setup(ctx, x, A, B, scale, dropout_p, seed, T, base_saved=()):
         ctx.save_for_backward(x, T, A, B, *base_saved)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        ctx.mark_non_differentiable(T)
 
-    def _layer_grads(ctx, saved, grad_y, grad_x_base, n_inputs):
-        """The gradients of a layer op's n_inputs inputs: x first, A and B fifth and fourth from last.
+    def _branch_grads(ctx, saved, grad_y, grad_x_base, n_inputs):
+        """The gradients of the op's n_inputs inputs: x first, A and B fifth and fourth from last.
         saved: ctx.saved_tensors, unpacked once (checkpointing allows one unpack)."""
         x, T, A, B = saved[:4]
         grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(grad_y, x, T, A, B, ctx.scale, ctx.dropout_p,
@@ -254,19 +236,36 @@ if HAS_C:
         grads[0] = grad_x if needs[0] else None
         grads[-5] = grad_A if needs[-5] else None
         grads[-4] = grad_B if needs[-4] else None
+        return grads
+
+    def _lora_forward_setup(ctx, inputs, output):
+        x, base_out, A, B, scale, dropout_p, seed = inputs
+        _branch_setup(ctx, x, A, B, scale, dropout_p, seed, output[1])
+
+    def _lora_forward_backward(ctx, grad_y, grad_T):
+        grads = _branch_grads(ctx, ctx.saved_tensors, grad_y, None, 7)
+        grads[1] = grad_y if ctx.needs_input_grad[1] else None  # y = base_out + ...
         return tuple(grads)
+
+    torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
+
+    # lora_linear / lora_nf4_linear: the base is computed inside the op, so it must be frozen.
+    def _refuse_trainable_base(frozen):
+        if any(t is not None and t.requires_grad for t in frozen):
+            raise RuntimeError("lora_linear: the base weight and bias are frozen here (they get no gradient); set "
+                               "requires_grad=False on them, or add lora_forward to the base layer's own output")
 
     def _lora_linear_setup(ctx, inputs, output):
         x, weight, bias, A, B, scale, dropout_p, seed = inputs
-        _layer_setup(ctx, x, (weight, bias), A, B, scale, dropout_p, seed, output[1], (weight,))
-        ctx.mark_non_differentiable(output[1])
+        _refuse_trainable_base((weight, bias))
+        _branch_setup(ctx, x, A, B, scale, dropout_p, seed, output[1], (weight,))
 
     def _lora_linear_backward(ctx, grad_y, grad_T):
         saved = ctx.saved_tensors
         weight = saved[4]
         # In grad_y's dtype: under autocast the forward's base product ran in it too.
         grad_x_base = torch.matmul(grad_y, weight.to(grad_y.dtype)) if ctx.needs_input_grad[0] else None
-        return _layer_grads(ctx, saved, grad_y, grad_x_base, 8)
+        return tuple(_branch_grads(ctx, saved, grad_y, grad_x_base, 8))
 
     torch.library.register_autograd("lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
 
@@ -274,9 +273,9 @@ if HAS_C:
         x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset, nbs = inputs[:10]
         A, B, scale, dropout_p, seed = inputs[10:]
         state = (packed, absmax, nested_absmax, nested_code, offset)
-        _layer_setup(ctx, x, (*state, bias), A, B, scale, dropout_p, seed, output[1], state)
+        _refuse_trainable_base((*state, bias))
+        _branch_setup(ctx, x, A, B, scale, dropout_p, seed, output[1], state)
         ctx.blocksize, ctx.nested_blocksize = blocksize, nbs
-        ctx.mark_non_differentiable(output[1])
 
     def _lora_nf4_linear_backward(ctx, grad_y, grad_T):
         saved = ctx.saved_tensors
@@ -286,7 +285,7 @@ if HAS_C:
             grad_x_base = torch.ops.lora_ext.nf4_linear_grad_input(grad_y, packed, absmax, x.shape[-1], ctx.blocksize,
                                                                    nested_absmax, nested_code, offset,
                                                                    ctx.nested_blocksize)
-        return _layer_grads(ctx, saved, grad_y, grad_x_base, 15)
+        return tuple(_branch_grads(ctx, saved, grad_y, grad_x_base, 15))
 
     torch.library.register_autograd("lora_ext::lora_nf4_linear", _lora_nf4_linear_backward,
                                     setup_context=_lora_nf4_linear_setup)

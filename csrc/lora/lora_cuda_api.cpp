@@ -60,12 +60,12 @@ bool addend_cast_exact(const c10::optional<at::Tensor>& grad_x_base, at::ScalarT
   return x_dtype == at::kFloat && is_float_type(grad_x_base->scalar_type());
 }
 
-// bf16 mma needs sm_80 (and code built for it). LORA_EXT_TENSOR_CORES=0 keeps every product on the
-// CUDA-core kernel, to compare the two (read at each call, so a benchmark can switch it).
+// bf16 mma needs sm_80 code, which tensor_core_kernels_built() checks for the current GPU (a pre-sm_80
+// GPU has none). LORA_EXT_TENSOR_CORES=0 keeps every product on the CUDA-core kernel, to compare the
+// two (read at each call, so a benchmark can switch it).
 bool tensor_cores_enabled() {
   const char* env = std::getenv("LORA_EXT_TENSOR_CORES");
-  return !(env != nullptr && std::string(env) == "0") && at::cuda::getCurrentDeviceProperties()->major >= 8 &&
-         tensor_core_kernels_built();
+  return !(env != nullptr && std::string(env) == "0") && tensor_core_kernels_built();
 }
 
 // Launches one product of a plan on the current stream, with the workspace its K split needs.
@@ -145,9 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   run(plan.dB, x);
   run(plan.dAt, x);
   run(plan.dx, x);
-  // .contiguous() first: to() with an unchanged dtype would return the transposed view itself
-  return {dx.view(x.sizes()), dAt.t().contiguous().to(A.scalar_type()),
-          dB.to(B.scalar_type())};
+  // dA in A's layout and dtype, in one copy (to() of the transposed view would keep it a view for fp32)
+  return {dx.view(x.sizes()), at::empty_like(A, at::MemoryFormat::Contiguous).copy_(dAt.t()), dB.to(B.scalar_type())};
 }
 
 }  // namespace

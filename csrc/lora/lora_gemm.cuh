@@ -46,6 +46,33 @@ __device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int6
   return from_float<TC>(v);
 }
 
+// This block's K slice [kb, ke) (blockIdx.z of p.splits); an empty one (kb >= K) writes zeros.
+__device__ __forceinline__ void k_slice(const LowRankGemmParams& p, int64_t& kb, int64_t& ke) {
+  const int64_t slice = k_slice_length(p.K, p.splits);
+  kb = static_cast<int64_t>(blockIdx.z) * slice;
+  ke = kb + slice < p.K ? kb + slice : p.K;
+}
+
+// Stores kN consecutive outputs of row i from column j (those inside the matrix): the K slice's
+// partial sums into the workspace, or finish()ed into out. dx's dropout draws one Philox call for
+// the four when they are one aligned group of the output.
+template <typename TC, int kN>
+__device__ __forceinline__ void store_outputs(const LowRankGemmParams& p, int64_t i, int64_t j, const float (&v)[kN]) {
+  const int64_t e0 = i * p.N + j;
+  const bool grouped = kN == 4 && p.dropout_out && p.splits == 1 && e0 % 4 == 0;
+  Philox4 r{};
+  if (grouped) r = philox4x32_10(static_cast<uint64_t>(e0) >> 2, p.dropout.seed);
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    if (j + n >= p.N) break;
+    if (p.splits > 1) {
+      p.workspace[static_cast<int64_t>(blockIdx.z) * p.M * p.N + e0 + n] = v[n];
+    } else {
+      static_cast<TC*>(p.out)[e0 + n] = finish<TC>(p, v[n], e0 + n, grouped, r.v[n]);
+    }
+  }
+}
+
 // Four elements of a, at rows i.. and columns k.. (i + c along m, or k + c along k: a's contiguous
 // dimension), as floats: 0 outside the matrix or the K slice (ke), one 8- or 16-byte load when the
 // four are contiguous and aligned. When dropout is on, dropped elements are zeroed and, if `scale`,
@@ -110,9 +137,8 @@ __global__ void __launch_bounds__(kThreads) lowrank_gemm_kernel(LowRankGemmParam
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int64_t slice = ceil_div(ceil_div(p.K, p.splits), kBK) * kBK;
-  const int64_t kb = static_cast<int64_t>(blockIdx.z) * slice;
-  const int64_t ke = kb + slice < p.K ? kb + slice : p.K;  // an empty slice (kb >= K) writes zeros
+  int64_t kb, ke;
+  k_slice(p, kb, ke);
   const TA* a = static_cast<const TA*>(p.a);
   // Threads load along whichever dimension is contiguous, so the loads coalesce.
   const bool a_along_k = p.a_stride_k == 1;
@@ -148,28 +174,11 @@ __global__ void __launch_bounds__(kThreads) lowrank_gemm_kernel(LowRankGemmParam
     __syncthreads();
   }
 
-  const int64_t mn = p.M * p.N;
-  TC* out = static_cast<TC*>(p.out);
 #pragma unroll
   for (int m = 0; m < kTM; ++m) {
     const int64_t i = i0 + ty * kTM + m;
     if (i >= p.M) break;
-    // dx's dropout: one Philox call for this thread's 4 outputs of the row when they are one group
-    const int64_t e0 = i * p.N + j0 + tx * kTN;
-    const bool grouped = kTN == 4 && p.dropout_out && p.splits == 1 && e0 % 4 == 0;
-    Philox4 r{};
-    if (grouped) r = philox4x32_10(static_cast<uint64_t>(e0) >> 2, p.dropout.seed);
-#pragma unroll
-    for (int n = 0; n < kTN; ++n) {
-      const int64_t j = j0 + tx * kTN + n;
-      if (j >= p.N) break;
-      const int64_t e = e0 + n;
-      if (p.splits > 1) {
-        p.workspace[static_cast<int64_t>(blockIdx.z) * mn + e] = acc[m][n];
-      } else {
-        out[e] = finish<TC>(p, acc[m][n], e, grouped, r.v[n]);
-      }
-    }
+    store_outputs<TC, kTN>(p, i, j0 + tx * kTN, acc[m]);
   }
 }
 

@@ -28,7 +28,8 @@ bool tensor_core_kernels_built() {
   cudaFuncAttributes attr{};
   bool built = cudaFuncGetAttributes(&attr, lowrank_tc::lowrank_tc_kernel<float, float, 16>) == cudaSuccess;
   if (!built) (void)cudaGetLastError();  // not left for the next launch check to find
-  built = built && attr.ptxVersion >= 80;  // code from pre-sm_80 PTX is the trapping stub
+  // No sm_80+ image for this GPU fails above; code JIT-compiled from pre-sm_80 PTX is the trapping stub.
+  built = built && attr.ptxVersion >= 80;
   known[device].store(built ? 2 : 1, std::memory_order_relaxed);
   return built;
 #endif

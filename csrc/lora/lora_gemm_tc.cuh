@@ -154,9 +154,8 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
   const int tid = threadIdx.x, warp = tid / 32;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int64_t slice = lowrank::ceil_div(lowrank::ceil_div(p.K, p.splits), lowrank::kBK) * lowrank::kBK;
-  const int64_t kb = static_cast<int64_t>(blockIdx.z) * slice;
-  const int64_t ke = kb + slice < p.K ? kb + slice : p.K;
+  int64_t kb, ke;
+  lowrank::k_slice(p, kb, ke);
   const TA* a = static_cast<const TA*>(p.a);
   const bool a_along_k = p.a_stride_k == 1;
 
@@ -197,29 +196,16 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
   for (int f = 0; f < kFrags; ++f)
     wmma::store_matrix_sync(&c_s[warp * 16][f * 16], acc[f], kBN + kPadC, wmma::mem_row_major);
   __syncthreads();
-  // The CUDA-core kernel's epilogue: four consecutive outputs a thread, so that dx's dropout draws one
-  // Philox call for an aligned group of four.
+  // The CUDA-core kernel's epilogue: four consecutive outputs a thread (one Philox call for dx's
+  // dropout), the sum scaled by x's 1 / (1 - p) first.
   const float scale = p.dropout_a ? p.dropout.inv_keep : 1.0f;
-  const int64_t mn = p.M * p.N;
-  TC* out = static_cast<TC*>(p.out);
   for (int g = tid; g < kBM * kBN / 4; g += kThreads) {
     const int ii = g / (kBN / 4), jj = (g % (kBN / 4)) * 4;
-    const int64_t i = i0 + ii;
-    if (i >= p.M) continue;
-    const int64_t e0 = i * p.N + j0 + jj;
-    const bool grouped = p.dropout_out && p.splits == 1 && e0 % 4 == 0;
-    Philox4 r{};
-    if (grouped) r = philox4x32_10(static_cast<uint64_t>(e0) >> 2, p.dropout.seed);
+    if (i0 + ii >= p.M) continue;
+    float v[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (j0 + jj + c >= p.N) break;
-      const float v = mul_rn(c_s[ii][jj + c], scale);
-      if (p.splits > 1) {
-        p.workspace[static_cast<int64_t>(blockIdx.z) * mn + e0 + c] = v;
-      } else {
-        out[e0 + c] = lowrank::finish<TC>(p, v, e0 + c, grouped, r.v[c]);
-      }
-    }
+    for (int c = 0; c < 4; ++c) v[c] = mul_rn(c_s[ii][jj + c], scale);
+    lowrank::store_outputs<TC, 4>(p, i0 + ii, j0 + jj, v);
   }
 #endif
 }

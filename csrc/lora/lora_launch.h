@@ -46,6 +46,10 @@ struct LowRankGemmParams {
   void* b_parts;      // lowrank_b_parts_size(p) bf16 elements of workspace when that is not 0
 };
 
+// The length of each of the `splits` slices K is cut into: a whole number of steps of 16, so both
+// kernels' K loops tile it; 0 for K = 0. The plan and the kernels share it.
+LORA_HD int64_t k_slice_length(int64_t K, int splits) { return ((K + splits - 1) / splits + 15) / 16 * 16; }
+
 // Whether this build's tensor-core kernel has real code for the current GPU: not so when the GPU's
 // code is JIT-compiled from pre-sm_80 PTX (the kernel is then a trapping stub).
 bool tensor_core_kernels_built();

@@ -65,10 +65,10 @@ inline LowRankGemmParams gemm_params(const Operand& a, const Operand& b, void* o
   p.dropout = ep.dropout;
   const int64_t tiles = std::max<int64_t>(1, lowrank_gemm_tiles(p.M, p.N));
   const int64_t splits = std::clamp<int64_t>((target_blocks + tiles - 1) / tiles, 1, std::max<int64_t>(1, p.K / 512));
-  // The kernel cuts K into slices of a whole number of 16-steps; drop the slices that this rounding
-  // leaves empty (from the smaller count the kernel computes the same slice length).
-  const int64_t slice = std::max<int64_t>(16, (p.K + splits - 1) / splits + 15) / 16 * 16;
-  p.splits = static_cast<int>(std::max<int64_t>(1, (p.K + slice - 1) / slice));
+  // Drop the slices that k_slice_length's rounding leaves empty (from the smaller count it gives the
+  // same length).
+  const int64_t slice = k_slice_length(p.K, static_cast<int>(splits));
+  p.splits = slice == 0 ? 1 : static_cast<int>((p.K + slice - 1) / slice);
   return p;
 }
 

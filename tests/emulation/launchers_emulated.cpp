@@ -18,10 +18,12 @@ namespace {
 // What lora_cuda_api.cpp's tensor_cores_enabled() answers on the emulated GPU (emu_set_tensor_cores).
 bool tensor_cores = false;
 
-// One product of a LoRA plan, with the workspace its K split needs, as lora_cuda_api.cpp's run().
+// One product of a LoRA plan, with the workspaces it needs, as lora_cuda_api.cpp's run() (a K-split
+// workspace the caller gives is used as it is: the tests guard it).
 bool run(lora::LowRankGemmParams p) {
-  std::vector<float> workspace(p.splits > 1 ? static_cast<size_t>(p.splits * p.M * p.N) : 0);
-  p.workspace = workspace.data();
+  std::vector<float> workspace(p.splits > 1 && p.workspace == nullptr ? static_cast<size_t>(p.splits * p.M * p.N)
+                                                                       : 0);
+  if (!workspace.empty()) p.workspace = workspace.data();
   p.tensor_cores = tensor_cores;
   std::vector<uint16_t> b_parts(static_cast<size_t>(lora::lowrank_b_parts_size(p)));
   p.b_parts = b_parts.empty() ? nullptr : b_parts.data();
@@ -119,10 +121,7 @@ int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int 
   lora::LowRankGemmParams p = lora::gemm_params(a_op, b_op, out, static_cast<lora::DType>(out_dtype), ep, 1);
   p.splits = splits;
   p.workspace = workspace;
-  p.tensor_cores = tensor_cores;
-  std::vector<uint16_t> b_parts(static_cast<size_t>(lora::lowrank_b_parts_size(p)));
-  p.b_parts = b_parts.empty() ? nullptr : b_parts.data();
-  return lora::launch_lowrank_gemm(p, nullptr) ? 1 : 0;
+  return run(p) ? 1 : 0;
 }
 
 void emu_set_tensor_cores(int on) { tensor_cores = on != 0; }
