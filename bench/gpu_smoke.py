@@ -5,6 +5,7 @@ import sys
 import torch
 
 import lora_ext
+from lora_ext import reference as R
 from lora_ext.ops import dequantize_nf4_out
 
 
@@ -12,6 +13,30 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     """a (any device, dtype) equals b within tol relative to b's largest magnitude."""
     a, b = a.double().cpu(), b.double().cpu()
     return torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def nf4_state_matches(w: torch.Tensor, cpu, gpu) -> bool:
+    """The GPU's quantization of w (an NF4Weight on any device) against the CPU's: packed bytes and plain
+    absmax bit for bit. The double-quant offset is torch's mean of absmax, which each device sums in its
+    own order (an ulp apart at most), so the nested state is held to the CPU's bits given the GPU's offset."""
+    ok = torch.equal(gpu.data.cpu(), cpu.data)
+    if not cpu.double_quant:
+        return ok and torch.equal(gpu.absmax.cpu(), cpu.absmax)
+    raw = torch.ops.lora_ext.quantize_nf4(w.cpu(), cpu.blocksize)[1]
+    q, nested = R.quantize_blockwise_8bit(raw - gpu.offset.cpu(), R.dynamic_map(), 256)
+    ok = ok and torch.equal(gpu.absmax.cpu(), q) and torch.equal(gpu.nested_absmax.cpu(), nested)
+    return ok and torch.isclose(gpu.offset.cpu(), cpu.offset, rtol=1e-6, atol=0).item()
+
+
+def nf4_decodes_alike(cpu, device: str) -> bool:
+    """The CPU's NF4 state decoded on `device` (both dequant entry points) equals the CPU's decoding:
+    only the dequant kernels are compared."""
+    there = cpu.to(device)
+    out = torch.empty(cpu.shape, dtype=torch.float32, device=device)
+    dequantize_nf4_out(there.packed, there.absmax, cpu.blocksize, out, there.nested_absmax, there.nested_code,
+                       there.offset)
+    return torch.equal(there.dequantize().cpu(), cpu.dequantize()) and \
+        torch.equal(out.cpu(), cpu.dequantize(torch.float32))
 
 
 def main() -> int:
@@ -24,11 +49,7 @@ def main() -> int:
                 w = torch.randn(shape, dtype=dtype)
                 cpu = lora_ext.quantize_nf4(w, bs, dq)
                 gpu = lora_ext.quantize_nf4(w.cuda(), bs, dq)
-                ok = torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
-                ok = ok and torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
-                out = torch.empty(shape, dtype=torch.float32, device="cuda")
-                dequantize_nf4_out(gpu.packed, gpu.absmax, bs, out, gpu.nested_absmax, gpu.nested_code, gpu.offset)
-                ok = ok and torch.equal(out.cpu(), cpu.dequantize(torch.float32))
+                ok = nf4_state_matches(w, cpu, gpu) and nf4_decodes_alike(cpu, "cuda")
                 if not ok:
                     failures.append((dtype, shape, bs, dq))
     # nf4_linear: fused GEMV (vector and scalar paths, tiles of 1 and 4 rows) and workspace path.
@@ -46,7 +67,6 @@ def main() -> int:
                 if not _close(y, ref, 1e-4 if dtype == torch.float32 else 3e-2):
                     failures.append(("nf4_linear", dtype, M, K, N, max_m))
     # LoRA: Philox dropout (same bits as the CPU), forward and backward.
-    from lora_ext import reference as R
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(37, 129, dtype=dtype)
         if not torch.equal(lora_ext.ops.lora_dropout(x.cuda(), 0.3, 11).cpu(), R.lora_dropout(x, 0.3, 11)):

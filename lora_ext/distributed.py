@@ -5,7 +5,8 @@ reduced. FSDP2: `fully_shard_lora` shards each decoder block and the root with `
 packed weights shard like any parameter (dim 0 of the packed bytes); their small scale buffers stay
 whole on every rank. FSDP2's mixed precision casts only floating-point parameters, so uint8 storage
 is never touched; packed bytes viewed as a float dtype (quant_storage) must not be cast, which
-`check_mixed_precision` refuses up front (and NF4Linear refuses at run time).
+`check_mixed_precision` refuses up front (and NF4Linear refuses at run time). torch before 2.13 cannot
+shard integer parameters at all: there the packed bytes are viewed as the policy's float dtype first.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from .nf4 import NF4Linear
 
@@ -68,13 +70,46 @@ def check_mixed_precision(model: nn.Module, mp_policy) -> None:
                              f"param_dtype={m.quant_storage}.")
 
 
+def fsdp2_holds_integer_parameters() -> bool:
+    """Whether this torch's fully_shard can hold a uint8 parameter. Before 2.13 it builds each sharded
+    parameter as nn.Parameter(t) (requires_grad=True) and only then copies requires_grad over, which an
+    integer tensor refuses ("only Tensors of floating point dtype can require gradients")."""
+    return TorchVersion(torch.__version__) >= (2, 13)
+
+
+def view_packed_weights_for_fsdp2(model: nn.Module, mp_policy=None) -> int:
+    """Where FSDP2 cannot hold integer parameters, view each NF4Linear's uint8 packed bytes as a float
+    dtype, bitsandbytes' quant_storage answer for FSDP: the mixed-precision policy's param_dtype (so it
+    casts nothing), else bfloat16. The bytes are not copied or changed. Every layer is checked before any
+    changes; the count of layers re-viewed is returned."""
+    if fsdp2_holds_integer_parameters():
+        return 0
+    param_dtype = getattr(mp_policy, "param_dtype", None)
+    storage = param_dtype if param_dtype is not None and param_dtype.is_floating_point else torch.bfloat16
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, NF4Linear) and not m.quant_storage.is_floating_point]
+    size = torch.empty((), dtype=storage).element_size()
+    for name, m in layers:
+        if m.weight.numel() % size:
+            raise ValueError(
+                f"{name}: torch {torch.__version__}'s FSDP2 cannot shard integer parameters (torch 2.13 and newer "
+                f"can), so lora_ext views NF4 packed bytes as {storage}; this layer's {m.weight.numel()} bytes are "
+                f"not a whole number of {storage} ({size} bytes each). Use torch>=2.13, or quantize it with a "
+                f"quant_storage whose size divides its packed bytes.")
+    for _, m in layers:
+        m._set_weight(m.qweight.with_storage(storage))
+    return len(layers)
+
+
 def fully_shard_lora(model: nn.Module, mesh=None, mp_policy=None, blocks: Optional[list] = None,
                      reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 over a LoRA/QLoRA model: each decoder block, then the root. Build the optimizer after this
-    (it must see the sharded parameters)."""
+    (it must see the sharded parameters). On torch < 2.13, NF4 packed bytes are viewed as a float dtype
+    first (view_packed_weights_for_fsdp2)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     check_mixed_precision(model, mp_policy)
+    view_packed_weights_for_fsdp2(model, mp_policy)
     kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(),
                   reshard_after_forward=reshard_after_forward)
     for block in blocks if blocks is not None else decoder_blocks(model):

@@ -1,7 +1,8 @@
 """Builds the CUDA sources (csrc/*/*_cuda.cu) with the host compiler under tests/emulation/
-cuda_emulation.h, plus the C entry points of tests/emulation/launchers_emulated.cpp. There are two
+cuda_emulation.h, plus the C entry points of tests/emulation/launchers_emulated.cpp. There are three
 builds: a shared library for ctypes, with which the tests run the real kernels and launchers on the
-CPU; and, with ThreadSanitizer, tests/emulation/race_driver.cpp as an executable."""
+CPU; and tests/emulation/every_launcher.cpp as an executable, once with ThreadSanitizer (races) and
+once with AddressSanitizer (any access past a buffer's end)."""
 import ctypes
 import glob
 import os
@@ -58,36 +59,44 @@ def _compiler():
     return cxx, includes, None
 
 
-def _compile_objects(cxx, includes, out_dir, extra_flags):
-    """Every csrc/*/*_cuda.cu under the emulation header, plus the C entry points: the object files."""
+def _compile_objects(cxx, includes, out_dir, extra_flags, csrc=CSRC, only=None):
+    """Every csrc/*/*_cuda.cu under the emulation header, plus the C entry points: the object files.
+    csrc: another copy of the sources (a test that plants a bug); only: rebuild just the sources whose
+    file name is listed, keeping the objects already in out_dir."""
     # Strict aliasing stays on, and contraction off as for the CPU kernels: the emulation should catch
     # what the host compiler is entitled to miscompile.
-    flags = ["-std=c++20", "-fPIC", "-ffp-contract=off", *extra_flags, f"-I{CSRC}", *[f"-I{d}" for d in includes]]
+    flags = ["-std=c++20", "-fPIC", "-ffp-contract=off", *extra_flags, f"-I{csrc}", *[f"-I{d}" for d in includes]]
     jobs = [[cxx, *flags, "-DLORA_EXT_CUDA_EMULATION", "-include", os.path.join(EMULATION, "cuda_emulation.h"),
              "-x", "c++", "-c", src, "-o", os.path.join(out_dir, os.path.basename(src) + ".o")]
-            for src in sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cu")))]
+            for src in sorted(glob.glob(os.path.join(csrc, "*", "*_cuda.cu")))]
     jobs.append([cxx, *flags, "-c", os.path.join(EMULATION, "launchers_emulated.cpp"), "-o",
                  os.path.join(out_dir, "launchers_emulated.o")])
+    todo = [j for j in jobs if only is None or os.path.basename(j[-3]) in only]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs):
+        for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), todo):
             if result.returncode != 0:
                 raise RuntimeError(f"emulation build failed:\n{' '.join(result.args)}\n{result.stderr[-4000:]}")
     return [j[-1] for j in jobs]
 
 
-def build_race_driver(out_dir):
-    """tests/emulation/race_driver.cpp over the kernels, all built with ThreadSanitizer: the
-    executable's path, or None with the reason."""
+SANITIZERS = {"thread": "libtsan.so", "address": "libasan.so"}
+
+
+def build_every_launcher(out_dir, sanitizer, csrc=CSRC, only=None):
+    """tests/emulation/every_launcher.cpp over the kernels, all built with -fsanitize=`sanitizer`
+    ("thread" or "address"): the executable's path, or None with the reason. csrc and only as for
+    _compile_objects."""
     cxx, includes, why = _compiler()
     if cxx is None:
         return None, why
-    probe = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    probe = subprocess.run([cxx, f"-print-file-name={SANITIZERS[sanitizer]}"], capture_output=True,
+                           text=True).stdout.strip()
     if not os.path.isabs(probe):
-        return None, "the compiler has no ThreadSanitizer runtime (libtsan)"
-    tsan = ["-O1", "-g", "-fsanitize=thread"]
-    objects = _compile_objects(cxx, includes, out_dir, tsan)
-    exe = os.path.join(out_dir, "race_driver")
-    subprocess.run([cxx, "-std=c++20", *tsan, os.path.join(EMULATION, "race_driver.cpp"), *objects, "-o", exe,
+        return None, f"the compiler has no {sanitizer} sanitizer runtime ({SANITIZERS[sanitizer]})"
+    flags = ["-O1", "-g", f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"]
+    objects = _compile_objects(cxx, includes, out_dir, flags, csrc, only)
+    exe = os.path.join(out_dir, f"every_launcher_{sanitizer}")
+    subprocess.run([cxx, "-std=c++20", *flags, os.path.join(EMULATION, "every_launcher.cpp"), *objects, "-o", exe,
                     "-lpthread"], check=True, capture_output=True)
     return exe, None
 

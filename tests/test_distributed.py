@@ -105,6 +105,34 @@ def test_nf4_layer_keeps_its_packed_bytes_through_casts_and_refuses_a_cast_copy(
         layer(x.half())
 
 
+
+def test_packed_weights_are_viewed_as_float_where_fsdp2_cannot_hold_integers(monkeypatch):
+    """torch < 2.13's fully_shard refuses uint8 parameters; fully_shard_lora then views the packed bytes
+    as the policy's float dtype (bf16 without one): the same bytes, the same outputs. A layer whose bytes
+    are not a whole number of that dtype is refused by name, and no layer is changed."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from lora_ext import distributed
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 30))
+    model = torch.nn.Sequential(*[lora_ext.NF4Linear.from_linear(m) for m in model])
+    x = torch.randn(5, 64)
+    y, packed = model(x), [m.weight.detach().clone() for m in model]
+    if distributed.fsdp2_holds_integer_parameters():
+        assert distributed.view_packed_weights_for_fsdp2(model) == 0 and model[0].weight.dtype == torch.uint8
+    monkeypatch.setattr(distributed, "fsdp2_holds_integer_parameters", lambda: False)
+    # 48 x 30 / 2 = 720 bytes divide into fp32 (4 bytes), 64 x 48 / 2 = 1536 too; 30 x 7 / 2 = 105 do not.
+    odd = torch.nn.Sequential(model[0], lora_ext.NF4Linear.from_linear(torch.nn.Linear(7, 30)))
+    with pytest.raises(ValueError, match=r"1: .*FSDP2 cannot shard integer parameters.*105 bytes.*torch.float32"):
+        distributed.view_packed_weights_for_fsdp2(odd, MixedPrecisionPolicy(param_dtype=torch.float32))
+    assert odd[0].weight.dtype == torch.uint8 and odd[1].weight.dtype == torch.uint8
+    assert distributed.view_packed_weights_for_fsdp2(model) == 2
+    for m, before in zip(model, packed):
+        assert m.weight.dtype == torch.bfloat16 and not m.weight.requires_grad
+        assert torch.equal(m.weight.view(torch.uint8).view(-1), before.view(-1))
+    assert torch.equal(model(x), y)
+    assert distributed.view_packed_weights_for_fsdp2(model) == 0  # already float: nothing to do
+
 def test_the_example_runs_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(ROOT, "examples", "distributed_qlora.py"), "--strategy", "fsdp2", "--steps", "2",

@@ -255,3 +255,26 @@ def test_dropout_kernel_equals_the_cpu_kernel(emulated, dtype):
     gx, out = Guarded(x), Guarded(torch.empty_like(x))
     emulated.emu_dropout(ptr(gx.t), ptr(out.t), x.numel(), 0.3, 99, code(dtype))
     assert torch.equal(out.check(), torch.ops.lora_ext.lora_dropout(x, 0.3, 99))
+
+
+@pytest.mark.parametrize("tc", [False, True])
+@pytest.mark.parametrize("M, N", [(0, 20), (9, 0)])
+def test_products_over_an_empty_k(emulated, M, N, tc):
+    """Products whose K is 0 give alpha * 0 (+ the addend), with tensor cores on or off: dB and dA over
+    a batch of no tokens (an MoE expert that got none), dT over a layer with no output features. With
+    tensor cores, such a product used to find no b-parts workspace and be refused."""
+    K, r, act = 36, 8, BF16
+    x, grad_y = torch.randn(M, K).to(act), torch.randn(M, N).to(act)
+    A, B = torch.randn(r, K), torch.randn(N, r)
+    T = torch.randn(M, r)
+    dx_base = torch.randn(M, K).to(act)
+    emulated.emu_set_tensor_cores(int(tc))
+    try:
+        grads = backward(emulated, grad_y, x, T, A, B, 1.5, 0.0, 3, grad_x_base=dx_base)
+    finally:
+        emulated.emu_set_tensor_cores(0)
+    expected = torch.ops.lora_ext.lora_backward(grad_y, x, T, A, B, 1.5, 0.0, 3, dx_base)
+    for name, ours, ref in zip(("dx", "dA", "dB"), grads, expected):
+        assert ours.shape == ref.shape and torch.equal(ours, ref), name
+    assert grads[1].abs().sum() == 0 and grads[2].abs().sum() == 0
+    assert N > 0 or torch.equal(grads[0], dx_base), "no output features: dx is the base's alone"

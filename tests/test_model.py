@@ -10,6 +10,7 @@ import torch
 import lora_ext
 
 from conftest import requires_c
+from nf4_definition import dequantize_by_definition
 
 pytestmark = requires_c
 transformers = pytest.importorskip("transformers")
@@ -233,7 +234,8 @@ def test_gpt2_qlora_quantizes_conv1d_as_the_linear_it_stands_for(tmp_path):
     model = lora_ext.get_peft_model(transformers.GPT2LMHeadModel(cfg).eval(), r=4, lora_alpha=8,
                                     target_modules="all-linear", init_lora_weights=False, quantize_base="nf4")
     assert all(isinstance(m.base_layer, lora_ext.NF4Linear) for m in model.lora_layers().values())
-    # Oracle: dense GPT-2 whose Conv1D weights went through bitsandbytes' NF4 round trip, PEFT on top.
+    # Oracle: dense GPT-2 whose Conv1D weights went through bitsandbytes' NF4 quantizer (decoded by the
+    # format's definition), PEFT on top.
     torch.manual_seed(0)
     dense = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
@@ -241,7 +243,7 @@ def test_gpt2_qlora_quantizes_conv1d_as_the_linear_it_stands_for(tmp_path):
             conv = dense.get_submodule(name)
             packed, state = bnb_functional.quantize_4bit(conv.weight.t().contiguous(), blocksize=64, quant_type="nf4",
                                                          compress_statistics=True)
-            conv.weight.copy_(bnb_functional.dequantize_4bit(packed, state).t())
+            conv.weight.copy_(dequantize_by_definition(packed, state).t())
         model.save_pretrained(str(tmp_path))
         assert peft.LoraConfig.from_pretrained(str(tmp_path)).fan_in_fan_out
         theirs = peft.PeftModel.from_pretrained(dense, str(tmp_path)).eval()

@@ -7,7 +7,7 @@ from torch import nn
 import lora_ext
 from lora_ext import reference as R
 
-from conftest import requires_c
+from conftest import requires_c, requires_cuda
 
 pytestmark = requires_c
 
@@ -185,7 +185,7 @@ def test_saved_for_backward_is_weights_only_no_dequantized_copy():
     assert saved_new_bytes(4) == saved_new_bytes(512) == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_peak_memory_grows_with_activations_not_weights():
     torch.manual_seed(0)
     L, D = 16, 4096

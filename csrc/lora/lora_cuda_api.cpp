@@ -91,8 +91,8 @@ int64_t target_blocks() { return 2LL * at::cuda::getCurrentDeviceProperties()->m
 std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& base_out,
                                                      const at::Tensor& A, const at::Tensor& B, double scale,
                                                      double dropout_p, int64_t seed) {
+  const auto d = check_forward_args(x, base_out, A, B, dropout_p);  // first: a CPU x must get its message
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto d = check_forward_args(x, base_out, A, B, dropout_p);
   if (!is_float_type(x.scalar_type()) || !is_float_type(base_out.scalar_type()) || !is_float_type(A.scalar_type())) {
     return forward_impl(x, base_out, A, B, scale, dropout_p, seed, dropout_cuda_impl);
   }
@@ -116,9 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
                                                                   const at::Tensor& B, double scale, double dropout_p,
                                                                   int64_t seed,
                                                                   const c10::optional<at::Tensor>& grad_x_base) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);
+  const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);  // first: a CPU x must get its message
   check_grad_x_base(grad_x_base, x, d);
+  const c10::cuda::CUDAGuard guard(x.device());
   if (!is_float_type(grad_y.scalar_type()) || !is_float_type(x.scalar_type()) || !is_float_type(A.scalar_type()) ||
       !addend_cast_exact(grad_x_base, x.scalar_type())) {
     return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base, dropout_cuda_impl);

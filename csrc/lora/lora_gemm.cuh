@@ -205,21 +205,21 @@ inline dim3 gemm_grid(const LowRankGemmParams& p) {
 
 inline dim3 split_sum_grid(const LowRankGemmParams& p) { return dim3(grid_for(p.M * p.N, kThreads)); }
 
-// Calls f.template operator()<TA, TC>() for p's (a, out) dtype pair: the pairs the LoRA branch uses,
+// Calls f.template run<TA, TC>() for p's (a, out) dtype pair: the pairs the LoRA branch uses,
 // a big operand in and fp32 out (T, dT, dB, dA), or fp32 in and the activation dtype out (y, dx).
 // false, calling nothing, for any other pair (fp64 goes through the cuBLAS composite).
 template <typename F>
 bool dispatch_pair(const LowRankGemmParams& p, F&& f) {
   if (p.out_dtype == DType::kFloat32 && p.a_dtype == DType::kFloat32) {
-    f.template operator()<float, float>();
+    f.template run<float, float>();
   } else if (p.out_dtype == DType::kFloat32 && p.a_dtype == DType::kFloat16) {
-    f.template operator()<__half, float>();
+    f.template run<__half, float>();
   } else if (p.out_dtype == DType::kFloat32 && p.a_dtype == DType::kBFloat16) {
-    f.template operator()<__nv_bfloat16, float>();
+    f.template run<__nv_bfloat16, float>();
   } else if (p.a_dtype == DType::kFloat32 && p.out_dtype == DType::kFloat16) {
-    f.template operator()<float, __half>();
+    f.template run<float, __half>();
   } else if (p.a_dtype == DType::kFloat32 && p.out_dtype == DType::kBFloat16) {
-    f.template operator()<float, __nv_bfloat16>();
+    f.template run<float, __nv_bfloat16>();
   } else {
     return false;
   }

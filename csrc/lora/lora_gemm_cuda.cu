@@ -37,32 +37,54 @@ bool tensor_core_kernels_built() {
 
 int64_t lowrank_b_parts_size(const LowRankGemmParams& p) { return lowrank_tc::eligible(p) ? 3 * p.K * p.N : 0; }
 
-bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
-  using namespace lowrank;
-  if (p.M == 0 || p.N == 0) return true;
-  if (lowrank_tc::eligible(p)) {
-    if (p.b_parts == nullptr) return false;  // the caller sizes it by lowrank_b_parts_size
-    launch_kernel(lowrank_tc::split_b_kernel, grid_for(p.K * p.N, kThreads), kThreads, stream, p);
-    lowrank_tc::dispatch_pair(p, [&]<typename TA, typename TC>() {
-      using lowrank_tc::lowrank_tc_kernel;
-      const dim3 grid = lowrank_tc::grid(p);
-      switch (lowrank_tc::tile_n(p.N)) {
-        case 16: launch_kernel(lowrank_tc_kernel<TA, TC, 16>, grid, lowrank_tc::kThreads, stream, p); break;
-        case 32: launch_kernel(lowrank_tc_kernel<TA, TC, 32>, grid, lowrank_tc::kThreads, stream, p); break;
-        default: launch_kernel(lowrank_tc_kernel<TA, TC, 64>, grid, lowrank_tc::kThreads, stream, p); break;
-      }
-      if (p.splits > 1) launch_kernel(split_sum_kernel<TC>, split_sum_grid(p), kThreads, stream, p);
-    });
-    return true;
+namespace {
+
+// The launches for one (a, out) dtype pair, as functors with a member template: plain C++17 (torch
+// 2.11 builds with -std=c++17, where template lambdas are an extension nvcc warns about).
+struct LaunchTensorCore {
+  const LowRankGemmParams& p;
+  cudaStream_t stream;
+  template <typename TA, typename TC>
+  void run() const {
+    using lowrank_tc::lowrank_tc_kernel;
+    const dim3 grid = lowrank_tc::grid(p);
+    switch (lowrank_tc::tile_n(p.N)) {
+      case 16: launch_kernel(lowrank_tc_kernel<TA, TC, 16>, grid, lowrank_tc::kThreads, stream, p); break;
+      case 32: launch_kernel(lowrank_tc_kernel<TA, TC, 32>, grid, lowrank_tc::kThreads, stream, p); break;
+      default: launch_kernel(lowrank_tc_kernel<TA, TC, 64>, grid, lowrank_tc::kThreads, stream, p); break;
+    }
+    if (p.splits > 1) {
+      launch_kernel(lowrank::split_sum_kernel<TC>, lowrank::split_sum_grid(p), lowrank::kThreads, stream, p);
+    }
   }
-  return dispatch_pair(p, [&]<typename TA, typename TC>() {
+};
+
+struct LaunchCudaCore {
+  const LowRankGemmParams& p;
+  cudaStream_t stream;
+  template <typename TA, typename TC>
+  void run() const {
+    using namespace lowrank;
     if (tile_n(p.N) == 1) {
       launch_kernel(lowrank_gemm_kernel<TA, TC, 1>, gemm_grid(p), kThreads, stream, p);
     } else {
       launch_kernel(lowrank_gemm_kernel<TA, TC, 4>, gemm_grid(p), kThreads, stream, p);
     }
     if (p.splits > 1) launch_kernel(split_sum_kernel<TC>, split_sum_grid(p), kThreads, stream, p);
-  });
+  }
+};
+
+}  // namespace
+
+bool launch_lowrank_gemm(const LowRankGemmParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return true;
+  if (lowrank_tc::eligible(p)) {
+    if (p.b_parts == nullptr) return false;  // the caller sizes it by lowrank_b_parts_size
+    launch_kernel(lowrank_tc::split_b_kernel, grid_for(p.K * p.N, lowrank::kThreads), lowrank::kThreads, stream, p);
+    lowrank_tc::dispatch_pair(p, LaunchTensorCore{p, stream});
+    return true;
+  }
+  return lowrank::dispatch_pair(p, LaunchCudaCore{p, stream});
 }
 
 }  // namespace lora

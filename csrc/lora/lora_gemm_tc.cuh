@@ -214,7 +214,9 @@ __global__ void __launch_bounds__(kThreads) lowrank_tc_kernel(LowRankGemmParams 
 // big operand into fp32 (T, dT, dB, dA^T over bf16 activations), or an fp32 one into any output (y and
 // dx; all products over fp32 activations). fp16 activations stay on the CUDA-core kernel.
 inline bool eligible(const LowRankGemmParams& p) {
-  if (!p.tensor_cores) return false;
+  // K = 0 (a batch of no tokens for dB and dA; no output features for dT) has nothing to split or
+  // multiply: the CUDA-core kernel writes alpha * 0 (+ addend) without a b_parts workspace.
+  if (!p.tensor_cores || p.K == 0) return false;
   if (p.a_dtype == DType::kBFloat16) return p.out_dtype == DType::kFloat32;
   return p.a_dtype == DType::kFloat32 && p.out_dtype != DType::kFloat64;
 }
@@ -224,17 +226,17 @@ inline dim3 grid(const LowRankGemmParams& p) {
               static_cast<unsigned>(lowrank::ceil_div(p.N, tile_n(p.N))), static_cast<unsigned>(p.splits));
 }
 
-// Calls f.template operator()<TA, TC>() for an eligible product's (a, out) dtype pair.
+// Calls f.template run<TA, TC>() for an eligible product's (a, out) dtype pair.
 template <typename F>
 void dispatch_pair(const LowRankGemmParams& p, F&& f) {
   if (p.a_dtype == DType::kBFloat16) {
-    f.template operator()<__nv_bfloat16, float>();
+    f.template run<__nv_bfloat16, float>();
   } else if (p.out_dtype == DType::kFloat32) {
-    f.template operator()<float, float>();
+    f.template run<float, float>();
   } else if (p.out_dtype == DType::kBFloat16) {
-    f.template operator()<float, __nv_bfloat16>();
+    f.template run<float, __nv_bfloat16>();
   } else {
-    f.template operator()<float, __half>();
+    f.template run<float, __half>();
   }
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import traceback
 
@@ -69,12 +70,13 @@ def run(args, scale: str | None = None) -> int:
         print(report.table(result["rows"], columns))
         for note in result["notes"]:
             print(f"note: {note}")
+        if args.json:  # after every section: a run cut short keeps what it measured
+            _write_json(args.json, results)
     if device.type == "cpu" and {"lora_layer", "layers", "train_step"} & set(args.only or SECTIONS):
         print("\nnote: peak_MiB is the GPU allocator's peak (not measured on the CPU); held_MiB counts the tensors "
               "each peer holds (weights, quant state, gradients, optimizer state)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        _write_json(args.json, results)
     if args.plot:
         from . import plot
 
@@ -84,3 +86,11 @@ def run(args, scale: str | None = None) -> int:
         print(f"bench: sections failed: {', '.join(failed)} (tracebacks above and in the JSON)", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_json(path: str, results: dict) -> None:
+    """Written beside the target and renamed over it: a reader sees the previous file or the new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)

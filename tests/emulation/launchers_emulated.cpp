@@ -1,5 +1,5 @@
 // C entry points over the real CUDA launchers (csrc/*/*_cuda.cu, built with cuda_emulation.h), for the
-// tests/test_*_kernels_emulated.py tests (through ctypes) and tests/emulation/race_driver.cpp. Each one fills the parameter struct as the
+// tests/test_*_kernels_emulated.py tests (through ctypes) and tests/emulation/every_launcher.cpp. Each one fills the parameter struct as the
 // torch glue (csrc/*/*_cuda_api.cpp) does, from plain pointers and sizes.
 #include <cstdint>
 #include <vector>
