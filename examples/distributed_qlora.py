@@ -71,6 +71,7 @@ def main() -> None:
     lora.save_pretrained(os.path.join(args.out, "adapter"))  # every rank gathers; rank 0 writes
     if rank == 0:
         print(f"adapter (PEFT format): {os.path.join(args.out, 'adapter')}")
+    dist.barrier()  # no rank tears the group down while another still uses it (rank 0 writing the adapter)
     dist.destroy_process_group()
 
 

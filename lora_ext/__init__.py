@@ -11,6 +11,7 @@ from .nf4 import NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
 from .ops import merge_lora_, unmerge_lora_
 from .merge import merge_nf4
 from .model import LoraConfig, LoraModel, get_peft_model
+from .loraplus import create_loraplus_optimizer
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "NF4Linear",
     "NF4Weight",
     "build_config",
+    "create_loraplus_optimizer",
     "dequantize_nf4",
     "get_peft_model",
     "lora_linear",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .inits import check_init_lora_weights, init_lora_, initialize_  # noqa: F401  (init_lora_: public here too)
 from .merge import merge_nf4
 from .nf4 import NF4Linear, NF4Weight, check_nf4_linear_args, is_conv1d, nf4_linear
 
@@ -28,20 +29,6 @@ def _in_out(base: nn.Module) -> tuple:
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA (stable at large r)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-@torch.no_grad()
-def init_lora_(A: torch.Tensor, B: torch.Tensor, init_lora_weights: Union[bool, str] = True) -> None:
-    """PEFT's initialisation: True = A kaiming-uniform(a=sqrt(5)), B zeros; 'gaussian' = A ~ N(0, 1/r),
-    B zeros; False = both kaiming-uniform (a non-zero update from the start, for tests)."""
-    if init_lora_weights == "gaussian":
-        nn.init.normal_(A, std=1.0 / A.shape[0])
-    else:
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    if init_lora_weights is False:
-        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-    else:
-        nn.init.zeros_(B)
 
 
 def _dropout_seed(p: float, training: bool) -> tuple[float, int]:
@@ -97,7 +84,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
-                 adapter_dtype: torch.dtype = torch.float32):
+                 adapter_dtype: torch.dtype = torch.float32, loftq_config: Optional[dict] = None):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)) and not is_conv1d(base):
             raise TypeError(f"LoraLinear wraps an nn.Linear, an NF4Linear or a Hugging Face Conv1D, "
@@ -110,11 +97,8 @@ class LoraLinear(nn.Module):
             raise ValueError(f"lora_alpha must be >= 0, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        check_init_lora_weights(init_lora_weights, loftq_config, base)
         self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.in_features, self.out_features = in_f, out_f
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = float(lora_dropout)
@@ -126,8 +110,12 @@ class LoraLinear(nn.Module):
         self.disabled = False  # LoraModel.disable_adapter(): the base alone
         self.merge_error = None  # set by merge() over an NF4 base: what the 4-bit requantization lost
         self._unmerged_qweight: Optional[NF4Weight] = None
-        _WEIGHT_USERS.setdefault(id(base.weight), weakref.WeakSet()).add(self)
-        self.reset_lora_parameters(init_lora_weights)
+        # pissa/olora/loftq may change the base (loftq replaces it by an NF4Linear): freeze and register the final
+        # one, and leave the module passed in as it was if initialisation fails.
+        initialize_(self, init_lora_weights, loftq_config)
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        _WEIGHT_USERS.setdefault(id(self.base_layer.weight), weakref.WeakSet()).add(self)
 
     def set_adapter_weights(self, A: torch.Tensor, B: torch.Tensor, lora_alpha: float, use_rslora: bool,
                             lora_dropout: float) -> tuple:

@@ -13,67 +13,25 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from . import checkpointing
+from .atomic import atomic_directory, existing, fresh
 from .distributed import copy_full_into, full_tensor, rank
 from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
 from .nf4 import NF4Linear
+from .peft_config import (BIAS_MODES, DEFAULT_TARGETS, LoraConfig, as_dict, check_patterns,  # noqa: F401
+                          is_config_object, kwargs_from_config_object)
 from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes, under
 
-BIAS_MODES = ("none", "all", "lora_only")
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
-
-
-@dataclass
-class LoraConfig:
-    r: int = 16
-    lora_alpha: float = 16
-    target_modules: Union[list, str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    lora_dropout: float = 0.0
-    bias: str = "none"
-    use_rslora: bool = False
-    init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[int, list]] = None
-    modules_to_save: Optional[list] = None
-    quantize_base: Optional[str] = None
-    quant_storage: torch.dtype = torch.uint8  # of the NF4 packed bytes (bitsandbytes' bnb_4bit_quant_storage)
-    fan_in_fan_out: bool = False  # the targets are HF Conv1D (set at injection, from the modules themselves)
-
-    def to_peft(self, base_model_name_or_path=None) -> dict:
-        """adapter_config.json as PEFT writes it for a LoRA adapter."""
-        return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-                "r": self.r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules,
-                "lora_dropout": self.lora_dropout, "bias": self.bias, "use_rslora": self.use_rslora,
-                "init_lora_weights": self.init_lora_weights, "layers_to_transform": self.layers_to_transform,
-                "layers_pattern": None, "modules_to_save": self.modules_to_save,
-                "fan_in_fan_out": self.fan_in_fan_out,
-                "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
-                "inference_mode": True, "revision": None}
-
-    @classmethod
-    def from_peft(cls, cfg: dict, path: str = CONFIG_NAME) -> "LoraConfig":
-        if cfg.get("peft_type") != "LORA":
-            raise ValueError(f"{path}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
-        # fan_in_fan_out only says the targets are Conv1D, which the modules themselves tell us.
-        for key, neutral in [("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False)]:
-            if cfg.get(key) not in (None, neutral):
-                raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by lora_ext yet")
-        missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
-        if missing:
-            raise ValueError(f"{path}: missing {missing}")
-        if (cfg.get("bias") or "none") not in BIAS_MODES:
-            raise ValueError(f"{path}: bias must be one of {BIAS_MODES}, got {cfg['bias']!r}")
-        targets = cfg["target_modules"]
-        return cls(r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"], target_modules=targets,
-                   lora_dropout=float(cfg.get("lora_dropout") or 0.0), bias=cfg.get("bias") or "none",
-                   use_rslora=bool(cfg.get("use_rslora")), init_lora_weights=cfg.get("init_lora_weights", True),
-                   layers_to_transform=cfg.get("layers_to_transform"), modules_to_save=cfg.get("modules_to_save"))
+# Keywords of Unsloth's and PEFT's get_peft_model that lora_ext accepts only with these values (they ask
+# for nothing); any other unknown keyword, or one of these with another value, is an error that names it.
+_NEUTRAL_KEYWORDS = {"layers_pattern": None, "use_dora": False, "qat_scheme": None, "ensure_weight_tying": False}
 
 
 def _is_target(name: str, targets, layers) -> bool:
@@ -127,20 +85,97 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
                    lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False, random_state: int = 3407,
                    init_lora_weights: Union[bool, str] = True, layers_to_transform=None, modules_to_save=None,
                    quantize_base: Optional[str] = None, adapter_name: str = "default",
-                   quant_storage: torch.dtype = torch.uint8) -> "LoraModel":
+                   quant_storage: torch.dtype = torch.uint8, use_gradient_checkpointing: Union[bool, str] = False,
+                   loftq_config: Optional[dict] = None, max_seq_length: Optional[int] = None,
+                   rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                   **other_keywords) -> "LoraModel":
     """Freeze `model`, put LoRA on the targeted Linear layers (optionally their frozen bases in NF4,
-    packed bytes viewed as `quant_storage`)."""
+    packed bytes viewed as `quant_storage`).
+
+    The calls users bring from elsewhere work as they are: `r` may be a PEFT `LoraConfig` (or lora_ext's),
+    as in `peft.get_peft_model(model, config)`; Unsloth's keywords `use_gradient_checkpointing` (False,
+    True, or "unsloth": activations offloaded to CPU, lora_ext/checkpointing.py), `max_seq_length` (the
+    longest sequence to train on, kept as `model.max_seq_length`; at most the model's
+    max_position_embeddings, as lora_ext does not stretch RoPE) and `loftq_config` (with
+    init_lora_weights="loftq"). rank_pattern / alpha_pattern give matching modules their own r and alpha,
+    with PEFT's matching rule. A keyword lora_ext does not support is an error naming it, never ignored.
+    Everything is checked before the model changes."""
+    lora_keywords = dict(target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+                         use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                         layers_to_transform=layers_to_transform, modules_to_save=modules_to_save,
+                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, loftq_config=loftq_config)
+    _check_other_keywords(other_keywords)
+    if is_config_object(r):
+        given = sorted(k for k, v in lora_keywords.items() if not _same_value(v, _LORA_DEFAULTS[k]))
+        if given:
+            raise TypeError(f"get_peft_model: pass either a LoraConfig or LoRA keywords, not both (got a LoraConfig "
+                            f"and {given})")
+        lora_keywords = kwargs_from_config_object(r, model)
+        if isinstance(r, LoraConfig):  # lora_ext's own config also says how the base is stored
+            quantize_base = quantize_base or r.quantize_base
+            quant_storage = r.quant_storage if quant_storage == torch.uint8 else quant_storage
+        r = lora_keywords.pop("r")
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("this model already has lora_ext adapters; use LoraModel.add_adapter to add another")
-    if bias not in BIAS_MODES:
-        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    if lora_keywords["bias"] not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {lora_keywords['bias']!r}")
     if quantize_base not in (None, "nf4"):
         raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
-    config = LoraConfig(r, lora_alpha, target_modules if isinstance(target_modules, str) else list(target_modules),
-                        lora_dropout, bias, use_rslora, init_lora_weights, layers_to_transform, modules_to_save,
-                        quantize_base, quant_storage)
+    checkpointing.check(model, use_gradient_checkpointing)
+    _check_max_seq_length(model, max_seq_length)
+    targets = lora_keywords["target_modules"]
+    lora_keywords.update(target_modules=targets if isinstance(targets, str) else list(targets),
+                         rank_pattern=dict(lora_keywords["rank_pattern"] or {}),
+                         alpha_pattern=dict(lora_keywords["alpha_pattern"] or {}),
+                         loftq_config=as_dict(lora_keywords["loftq_config"]))
+    config = LoraConfig(r, quantize_base=quantize_base, quant_storage=quant_storage, **lora_keywords)
+    _check_init(config, "get_peft_model")
     _inject(model, config, random_state, adapter_name)
+    checkpointing.enable(model, use_gradient_checkpointing)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
     return LoraModel(model, config, adapter_name)
+
+
+_LORA_DEFAULTS = dict(target_modules=DEFAULT_TARGETS, lora_alpha=16, lora_dropout=0.0, bias="none", use_rslora=False,
+                      init_lora_weights=True, layers_to_transform=None, modules_to_save=None, rank_pattern=None,
+                      alpha_pattern=None, loftq_config=None)
+
+
+def _same_value(a, b) -> bool:
+    return a is b or (type(a) is type(b) and a == b) or (a in (None, {}) and b in (None, {}))
+
+
+def _check_other_keywords(keywords: dict) -> None:
+    unsupported = [f"{k}={v!r}" for k, v in keywords.items()
+                   if k not in _NEUTRAL_KEYWORDS or not _same_value(v, _NEUTRAL_KEYWORDS[k])]
+    if unsupported:
+        raise TypeError(f"get_peft_model: not supported by lora_ext: {', '.join(sorted(unsupported))}")
+
+
+def _check_max_seq_length(model: nn.Module, max_seq_length) -> None:
+    if max_seq_length is None:
+        return
+    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={limit}; "
+                         f"lora_ext does not extend RoPE as Unsloth does: use a model configured for that length")
+
+
+def _check_init(config: LoraConfig, origin: str) -> None:
+    """The adapter's initialisation and patterns, before anything changes."""
+    from .inits import check_init_lora_weights
+
+    check_patterns(config, origin)
+    if config.loftq_config and config.init_lora_weights != "loftq":
+        raise ValueError(f"{origin}: loftq_config is given but init_lora_weights={config.init_lora_weights!r}; "
+                         f"LoftQ runs with init_lora_weights='loftq'")
+    check_init_lora_weights(config.init_lora_weights, config.loftq_config or None)
+    if config.init_lora_weights == "loftq" and config.quantize_base != "nf4":
+        raise ValueError(f"{origin}: init_lora_weights='loftq' needs a 4-bit base: quantize_base='nf4' (LoftQ "
+                         f"quantizes each target's weight to NF4 and starts the adapter from what that loses)")
 
 
 def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
@@ -197,29 +232,66 @@ def _add_saved_copies(model: nn.Module, paths: list, adapter_name: str, active_a
             del module.modules_to_save[adapter_name]
 
 
-def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str) -> None:
+def _check_ranks(model: nn.Module, config: LoraConfig, targets: list) -> None:
+    for name in targets:
+        r, (in_f, out_f) = config.r_for(name), _in_out(model.get_submodule(name))
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(in_f, out_f):
+            raise ValueError(f"{name}: r must be an integer in [1, min(in_features, out_features)] = "
+                             f"[1, {min(in_f, out_f)}], got {r!r}")
+
+
+def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str,
+            initialize: bool = True) -> None:
+    """initialize=False (an adapter about to be loaded): plain init, whatever the config's init says, so a
+    loaded PiSSA/OLoRA/LoftQ adapter does not change the base it is loaded onto."""
+    from .inits import needs_dense_base
+
     targets = find_targets(model, config)  # raises before anything changes
     saved = _saved_paths(model, config, targets)
+    _check_ranks(model, config, targets)
     config.fan_in_fan_out = any(is_conv1d(model.get_submodule(t)) for t in targets)
+    init = config.init_lora_weights if initialize else True
     for p in model.parameters():
         p.requires_grad_(False)
     if config.quantize_base == "nf4":
         heads = _head_names(model)
+        left_dense = set(targets) if needs_dense_base(init) else set()  # LoftQ quantizes these itself
         for name in _linear_names(model):
             module = model.get_submodule(name)
-            trained_in_full = under(name, saved, inclusive=True)
             linear = isinstance(module, nn.Linear) or is_conv1d(module)
-            if linear and name not in heads and not trained_in_full:
+            if linear and name not in heads and name not in left_dense and not under(name, saved, inclusive=True):
                 _set_module(model, name, NF4Linear.from_linear(module, quant_storage=config.quant_storage))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         for name in targets:
-            base = model.get_submodule(name)
-            _set_module(model, name, LoraLinear(base, config.r, config.lora_alpha, config.lora_dropout,
-                                                config.use_rslora, config.init_lora_weights))
+            layer = LoraLinear(model.get_submodule(name), config.r_for(name), config.alpha_for(name),
+                               config.lora_dropout, config.use_rslora, init,
+                               loftq_config=(config.loftq_config or None) if initialize else None)
+            base = layer.base_layer
+            if isinstance(base, NF4Linear) and base.quant_storage != config.quant_storage:  # LoftQ's new base
+                base._set_weight(base.qweight.with_storage(config.quant_storage))
+            _set_module(model, name, layer)
     for p in _bias_params(model, config.bias, targets, saved).values():
         p.requires_grad_(True)
     _add_saved_copies(model, saved, adapter_name, adapter_name)
+
+
+def _plain_state(module: nn.Module, prefix: str, out: dict) -> None:
+    if isinstance(module, LoraLinear):
+        return _plain_state(module.base_layer, prefix, out)
+    if isinstance(module, NF4Linear):
+        return _plain_state(module.to_linear(), prefix, out)
+    if isinstance(module, ModulesToSaveWrapper):
+        return _plain_state(module.original_module, prefix, out)
+    for name, p in module._parameters.items():
+        if p is not None:
+            out[prefix + name] = p.detach()
+    for name, b in module._buffers.items():
+        if b is not None and name not in module._non_persistent_buffers_set:
+            out[prefix + name] = b
+    for name, child in module._modules.items():
+        if child is not None:
+            _plain_state(child, f"{prefix}{name}.", out)
 
 
 class LoraModel(nn.Module):
@@ -285,34 +357,51 @@ class LoraModel(nn.Module):
         return state
 
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list] = None,
-                        is_main_process: Optional[bool] = None) -> None:
+                        is_main_process: Optional[bool] = None,
+                        path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
         """PEFT's layout: the 'default' adapter in save_directory, any other in save_directory/<name>.
         Distributed: every rank must call it (gathering FSDP2-sharded adapter tensors is a collective, so
         calling it on rank 0 alone hangs); only the adapters are gathered, and the main process (rank 0
-        unless told) writes."""
+        unless told) writes. path_initial_model_for_weight_conversion: the directory where a PiSSA/OLoRA
+        adapter was saved right after get_peft_model; the adapter is then written as a plain LoRA adapter
+        (rank 2r) over the ORIGINAL base weights, as PEFT does (lora_ext.inits.to_plain_lora)."""
         from safetensors.torch import save_file
+
+        from .inits import to_plain_lora
 
         if is_main_process is None:
             is_main_process = rank() == 0
-        for name in selected_adapters or list(self.peft_config):
+        initial = self._read_adapter(path_initial_model_for_weight_conversion)[1] \
+            if path_initial_model_for_weight_conversion else None
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
             if name not in self.peft_config:
                 raise KeyError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        files = {}  # path under save_directory -> (tensors, config)
+        for name in names:
             full = {k: full_tensor(v) for k, v in self._adapter_state(name).items()}  # a collective: every rank
-            if not is_main_process:
-                continue
-            sd = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in full.items()}
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(directory, exist_ok=True)
-            save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
             cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
                                                          "name_or_path", None) or None)
-            with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-                json.dump(cfg, f, indent=2)
+            if initial is not None:
+                full, cfg = to_plain_lora({k: v.detach().cpu() for k, v in full.items()}, initial, cfg)
+            files["" if name == "default" else name] = (
+                {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in full.items()}, cfg)
+        if not is_main_process:
+            return
+        # Switched in whole: a reader (or a save killed half way) sees the previous adapters or these.
+        with atomic_directory(save_directory) as new:
+            for sub, (sd, cfg) in files.items():
+                directory = os.path.join(new, sub)
+                os.makedirs(directory, exist_ok=True)
+                save_file(sd, fresh(os.path.join(directory, WEIGHTS_NAME)), metadata={"format": "pt"})
+                with open(fresh(os.path.join(directory, CONFIG_NAME)), "w") as f:
+                    json.dump(cfg, f, indent=2)
 
     @staticmethod
     def _read_adapter(directory: str):
         from safetensors.torch import load_file
 
+        directory = existing(directory)  # or what a save killed half way left in its place
         cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
         for path in (cfg_path, w_path):
             if not os.path.isfile(path):
@@ -341,8 +430,9 @@ class LoraModel(nn.Module):
         for name in names:
             m = model.get_submodule(name)
             in_f, out_f = _in_out(m.base_layer if isinstance(m, LoraLinear) else m)
-            expected[f"{name}.lora_A.weight"] = (config.r, in_f)
-            expected[f"{name}.lora_B.weight"] = (out_f, config.r)
+            r = config.r_for(name)
+            expected[f"{name}.lora_A.weight"] = (r, in_f)
+            expected[f"{name}.lora_B.weight"] = (out_f, r)
         expected.update({k: tuple(p.shape) for k, p in _bias_params(model, config.bias, names, saved).items()})
         expected.update(saved_module_shapes(model, saved))
         missing = sorted(set(expected) - set(weights))
@@ -352,6 +442,8 @@ class LoraModel(nn.Module):
         for key, shape in expected.items():
             if tuple(weights[key].shape) != shape:
                 raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model needs {shape}")
+            if not weights[key].is_floating_point():
+                raise ValueError(f"{path}: {key} is {weights[key].dtype}, expected a floating-point tensor")
         return saved
 
     @classmethod
@@ -361,7 +453,7 @@ class LoraModel(nn.Module):
         config, weights = cls._read_adapter(directory)
         config.quantize_base, config.quant_storage = quantize_base, quant_storage
         cls._check_weights(model, find_targets(model, config), config, weights, os.path.join(directory, WEIGHTS_NAME))
-        _inject(model, config, random_state=0, adapter_name=adapter_name)
+        _inject(model, config, random_state=0, adapter_name=adapter_name, initialize=False)
         lora = cls(model, config, adapter_name)
         lora._copy_in(weights, adapter_name, config)
         return lora
@@ -407,9 +499,11 @@ class LoraModel(nn.Module):
         hot_swap = adapter_name == self.active_adapter
         if hot_swap:
             self._check_unmerged(f"load_adapter({directory!r}, {adapter_name!r})")
-            if config.r != self.peft_config[adapter_name].r:
-                raise ValueError(f"{directory}: rank {config.r} differs from the active adapter's "
-                                 f"{self.peft_config[adapter_name].r}; load it under another name")
+            changed = [n for n, layer in self.lora_layers().items() if config.r_for(n) != layer.r]
+            if changed:
+                raise ValueError(f"{directory}: its rank at {changed[0]} ({config.r_for(changed[0])}) differs from "
+                                 f"the active adapter's ({self.lora_layers()[changed[0]].r}); load it under another "
+                                 f"name")
         previous = self.peft_config.get(adapter_name)
         if previous is not None:  # the biases it trained are no longer its own unless the new one says so
             for p in _bias_params(model, previous.bias, names, self.saved_modules()).values():
@@ -423,28 +517,38 @@ class LoraModel(nn.Module):
                                               weights[f"{n}.lora_B.weight"].to(device)) for n in names}
         self._copy_in(weights, adapter_name, config)
         if hot_swap:
-            for layer in self.lora_layers().values():
-                layer.set_adapter_weights(layer.lora_A, layer.lora_B, config.lora_alpha, config.use_rslora,
+            for name, layer in self.lora_layers().items():
+                layer.set_adapter_weights(layer.lora_A, layer.lora_B, config.alpha_for(name), config.use_rslora,
                                           config.lora_dropout)
         self.peft_config[adapter_name] = config
 
     def add_adapter(self, adapter_name: str, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
-                    modules_to_save: Optional[list] = None) -> None:
+                    modules_to_save: Optional[list] = None, rank_pattern: Optional[dict] = None,
+                    alpha_pattern: Optional[dict] = None) -> None:
         """A new adapter on the same modules, initialised like PEFT's; activate it with set_adapter.
-        modules_to_save gives it its own fresh copies of those modules (from the frozen originals)."""
+        modules_to_save gives it its own fresh copies of those modules (from the frozen originals). The
+        inits that change the base weight (PiSSA, OLoRA, LoftQ) are for get_peft_model: the base is shared."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} exists; load_adapter replaces its weights")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"add_adapter: init_lora_weights must be True, False or 'gaussian', got "
+                             f"{init_lora_weights!r} (an init that changes the base weight would change it under "
+                             f"every other adapter)")
         active = self.peft_config[self.active_adapter]
         config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
                             init_lora_weights, active.layers_to_transform, modules_to_save,
-                            fan_in_fan_out=active.fan_in_fan_out)
+                            fan_in_fan_out=active.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
+                            alpha_pattern=dict(alpha_pattern or {}))
+        check_patterns(config, f"add_adapter({adapter_name!r})")
+        _check_ranks(self.base_model.model, config, list(self.lora_layers()))
         saved = _saved_paths(self.base_model.model, config, list(self.lora_layers()))
         self._check_trained_parts(config, saved, adapter_name, f"add_adapter({adapter_name!r})")
         stored = {}
         for name, layer in self.lora_layers().items():
-            A = torch.empty(r, layer.in_features, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
-            B = torch.empty(layer.out_features, r, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
+            rank, like = config.r_for(name), layer.lora_A
+            A = torch.empty(rank, layer.in_features, dtype=like.dtype, device=like.device)
+            B = torch.empty(layer.out_features, rank, dtype=like.dtype, device=like.device)
             init_lora_(A, B, init_lora_weights)
             stored[name] = (A, B)
         _add_saved_copies(self.base_model.model, saved, adapter_name, self.active_adapter)
@@ -463,7 +567,7 @@ class LoraModel(nn.Module):
         previous = {}
         for name, layer in self.lora_layers().items():
             A, B = incoming[name]
-            previous[name] = layer.set_adapter_weights(A, B, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
+            previous[name] = layer.set_adapter_weights(A, B, cfg.alpha_for(name), cfg.use_rslora, cfg.lora_dropout)
         for wrapper in self.saved_modules().values():
             wrapper.active_adapter = adapter_name
             for name, copy in wrapper.modules_to_save.items():
@@ -525,6 +629,14 @@ class LoraModel(nn.Module):
                 if isinstance(module, NF4Linear):
                     _set_module(model, name, module.to_linear())
         return model
+
+    def base_state_dict(self) -> dict:
+        """The base model's tensors under its own architecture's keys, as before get_peft_model: no adapter,
+        each modules_to_save original, 4-bit weights dequantized to the dtype they came from. What PiSSA,
+        OLoRA and LoftQ made of the base, to save with `model.save_pretrained(dir, state_dict=...)`."""
+        out: dict = {}
+        _plain_state(self.base_model.model, "", out)
+        return out
 
     def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
         """The plain model with the active adapter folded into its base weights; modules_to_save are

@@ -69,7 +69,10 @@ def test_default_qlora_run_learns_and_peft_reads_the_adapter(tmp_path):
         torch.testing.assert_close(ours(_ids()).logits, theirs(_ids()).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig, rc", [(signal.SIGINT, 0), (signal.SIGTERM, 128 + 15)])
+def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, sig, rc):
+    """Ctrl-C, or SIGTERM (what schedulers and `timeout` send; the run then exits non-zero), during a
+    step: the step completes, everything is saved, and resuming gives the uninterrupted run's adapter."""
     model = _tiny_local_model(tmp_path / "model")
     from lora_ext.finetune.data import builtin_texts
 
@@ -83,18 +86,21 @@ def test_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypa
     draw = data.Windows.batch
     calls = []
 
-    def ctrl_c_during_the_sixth_step(self, batch_size):
+    def signal_during_the_sixth_step(self, batch_size):
         calls.append(1)
         if len(calls) == 6:
-            signal.raise_signal(signal.SIGINT)  # lands mid-step: the step still completes
+            signal.raise_signal(sig)  # lands mid-step: the step still completes
         return draw(self, batch_size)
 
-    monkeypatch.setattr(data.Windows, "batch", ctrl_c_during_the_sixth_step)
-    assert main(["finetune", "--out", str(tmp_path / "first"), *first_only, *common]) == 0
+    monkeypatch.setattr(data.Windows, "batch", signal_during_the_sixth_step)
+    assert main(["finetune", "--out", str(tmp_path / "first"), *first_only, *common]) == rc
     monkeypatch.setattr(data.Windows, "batch", draw)
     first = _summary(tmp_path / "first")
-    assert first["interrupted"] and first["steps"] == 6
-    assert "interrupted at step 6" in capsys.readouterr().err
+    assert first["interrupted"] == sig.name and first["steps"] == 6
+    err = capsys.readouterr().err
+    assert f"interrupted at step 6 ({sig.name})" in err
+    assert (f"stopped by SIGTERM after step 6; everything is saved, continue with --resume {tmp_path / 'first'}"
+            in err) == (sig == signal.SIGTERM)
     # Resuming needs no --model, --no-qlora or --data: they come from the run it continues.
     assert main(["finetune", "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "first"), *common]) == 0
     s = _summary(tmp_path / "resumed")
@@ -210,3 +216,31 @@ def test_a_moved_default_run_resumes_on_its_saved_base(tmp_path):
                  *SMALL]) == 0
     s = _summary(tmp_path / "next")
     assert s["steps"] == 3 and s["base_model_path"] == str(tmp_path / "moved" / "base_model") and s["qlora"]
+
+
+def test_init_checkpointing_and_loraplus_flags(tmp_path, capsys):
+    """--init pissa changes the base, so the run keeps that base (the PiSSA residual) as base_model/, on
+    which the adapter gives the trained model; --gradient-checkpointing unsloth and --loraplus-ratio run;
+    a resumed run keeps LoRA+'s optimizer groups and refuses another ratio."""
+    model_dir = _tiny_local_model(tmp_path / "model")
+    out = str(tmp_path / "run")
+    flags = ["--model", model_dir, "--no-qlora", "--targets", "q_proj,v_proj", *SMALL]
+    assert main(["finetune", "--steps", "4", "--out", out, "--init", "pissa", "--gradient-checkpointing", "unsloth",
+                 "--loraplus-ratio", "8", *flags]) == 0
+    s = _summary(out)
+    assert (s["init"], s["gradient_checkpointing"], s["loraplus_ratio"]) == ("pissa", "unsloth", 8.0)
+    original = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    residual = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "base_model"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(residual.state_dict()[q], original.state_dict()[q], atol=1e-3)
+    assert torch.equal(residual.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                       original.state_dict()["model.layers.0.mlp.up_proj.weight"])  # not a target: as it was
+    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["base_model_name_or_path"] == \
+        os.path.join(out, "base_model")
+    again = str(tmp_path / "again")
+    assert main(["finetune", "--resume", out, "--steps", "6", "--out", again, *SMALL]) == 0
+    assert _summary(again)["steps"] == 6 and _summary(again)["loraplus_ratio"] == 8.0
+    assert main(["finetune", "--resume", out, "--steps", "6", "--out", again, "--loraplus-ratio", "4", *SMALL]) == 2
+    assert "trained with --loraplus-ratio 8.0" in capsys.readouterr().err
+    assert main(["finetune", "--steps", "2", "--out", str(tmp_path / "bad"), "--init", "loftq", *flags]) == 2
+    assert "init_lora_weights='loftq' needs a 4-bit base" in capsys.readouterr().err

@@ -577,7 +577,7 @@ def test_dropout_only_in_training_and_reproducible():
     (dict(r=33), r"= \[1, 32\], got 33"),
     (dict(r=4, lora_alpha=-1), "lora_alpha must be >= 0, got -1"),
     (dict(r=4, lora_dropout=1.0), r"lora_dropout must be in \[0, 1\), got 1.0"),
-    (dict(r=4, init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
+    (dict(r=4, init_lora_weights="pisa"), "init_lora_weights must be one of True, False, 'gaussian', 'pissa'"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

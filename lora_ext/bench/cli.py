@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import traceback
+
+from ..atomic import write_text
 
 _TAIL = ["ms", "bound", "fraction_of_ceiling"]
 _MEM = ["peak_MiB", "held_MiB"]
@@ -22,6 +23,9 @@ SECTIONS = {
                                  *_MEM]),
     "train_step": ("train_step", ["model", "dtype", "r", "tokens", "peer", *_TAIL, "tokens/s", "speedup_vs_peft",
                                   *_MEM]),
+    "checkpointing": ("checkpointing", ["model", "dtype", "tokens", "peer", *_TAIL, "speedup_vs_no_checkpointing",
+                                        "peak_MiB"]),
+    "inits": ("inits", ["layer", "dtype", "r", "peer", *_TAIL, "speedup_vs_pissa"]),
 }
 
 
@@ -71,12 +75,12 @@ def run(args, scale: str | None = None) -> int:
         for note in result["notes"]:
             print(f"note: {note}")
         if args.json:  # after every section: a run cut short keeps what it measured
-            _write_json(args.json, results)
+            write_text(args.json, json.dumps(results, indent=2))
     if device.type == "cpu" and {"lora_layer", "layers", "train_step"} & set(args.only or SECTIONS):
         print("\nnote: peak_MiB is the GPU allocator's peak (not measured on the CPU); held_MiB counts the tensors "
               "each peer holds (weights, quant state, gradients, optimizer state)")
     if args.json:
-        _write_json(args.json, results)
+        write_text(args.json, json.dumps(results, indent=2))
     if args.plot:
         from . import plot
 
@@ -86,11 +90,3 @@ def run(args, scale: str | None = None) -> int:
         print(f"bench: sections failed: {', '.join(failed)} (tracebacks above and in the JSON)", file=sys.stderr)
         return 1
     return 0
-
-
-def _write_json(path: str, results: dict) -> None:
-    """Written beside the target and renamed over it: a reader sees the previous file or the new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)

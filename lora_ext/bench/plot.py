@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from ..atomic import write_file
 from .report import fmt
 
 
@@ -60,4 +61,4 @@ def write(path: str, results: dict, sections: dict) -> None:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panel, never over a bar
     fig.suptitle(f"lora_ext bench on {results.get('gpu', results['device'])} (torch {results['torch']})")
-    fig.savefig(path, dpi=100)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -37,6 +37,19 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", default=None, help="a previous --out directory (or adapter directory) to continue; "
                                                   "its base model, --qlora and --data carry over")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=list(INITS), default="default",
+                   help="adapter initialisation: default (A kaiming, B zero), gaussian, pissa, olora (both change "
+                        "the base weight), loftq (with --qlora: the base becomes the NF4 of what the adapter "
+                        "does not hold); a run whose init changes the base saves that base as out/base_model")
+    p.add_argument("--gradient-checkpointing", choices=list(CHECKPOINTING), default="off",
+                   help="recompute each decoder layer in the backward (on), and keep its input in CPU memory "
+                        "meanwhile (unsloth; plain checkpointing on the CPU)")
+    p.add_argument("--loraplus-ratio", type=float, default=None,
+                   help="LoRA+: lora_B learns this many times faster than lora_A (PEFT's parameter groups)")
+
+
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
+CHECKPOINTING = {"off": False, "on": True, "unsloth": "unsloth"}
 
 
 def run(args) -> int:
@@ -59,4 +72,8 @@ def run(args) -> int:
         m = summary["merge"]
         print(f"merged model: {m['path']}; merge error: max |logit change| {m['max_abs_logit_error']:.3g}, "
               f"relative {m['relative_logit_error']:.3g}")
+    if summary["interrupted"] == "SIGTERM":  # a scheduler's stop: saved, but the job did not finish
+        print(f"finetune: stopped by SIGTERM after step {summary['steps']}; everything is saved, continue with "
+              f"--resume {args.out}", file=sys.stderr)
+        return 128 + 15
     return 0

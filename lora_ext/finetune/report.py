@@ -6,6 +6,8 @@ import resource
 
 import torch
 
+from ..atomic import write_file, write_text
+
 
 def peak_memory_mib(device: torch.device) -> tuple:
     """(MiB, what was measured): CUDA's peak allocated memory, or the process's peak RSS on the CPU."""
@@ -37,9 +39,8 @@ def plot_losses(losses: list, eval_losses: dict, path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def write_summary(summary: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text(path, json.dumps(summary, indent=2))

@@ -15,37 +15,43 @@ from typing import Optional
 
 import torch
 
+from .. import checkpointing
+from ..atomic import atomic_directory, write_file
+from ..loraplus import create_loraplus_optimizer
 from ..model import LoraModel, get_peft_model
 from .base_model import default_model, local_model
+from .cli import CHECKPOINTING, INITS
 from .data import Windows, builtin_texts, read_texts, token_stream
 from .report import peak_memory_mib, plot_losses, write_summary
 
 STATE_NAME = "training_state.pt"
 
 
-class _CtrlC:
+class _Stop:
     pressed = False
+    signal = None  # the signal's name: "SIGINT" (Ctrl-C) or "SIGTERM" (schedulers, `timeout`)
 
 
 @contextlib.contextmanager
 def _stop_on_ctrl_c():
-    """The first Ctrl-C stops the loop at the end of the step it lands in, so what is saved is whole
-    steps and a resumed run continues exactly; a second one interrupts at once."""
-    state = _CtrlC()
+    """The first Ctrl-C, or a SIGTERM, stops the loop at the end of the step it lands in, so what is saved
+    is whole steps and a resumed run continues exactly; a second Ctrl-C interrupts at once."""
+    state = _Stop()
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield state
         return
 
     def handler(signum, frame):
-        if state.pressed:
+        if state.pressed and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        state.pressed = True
+        state.pressed, state.signal = True, state.signal or signal.Signals(signum).name
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield state
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +121,22 @@ def _qlora(args, state: dict) -> bool:
     return bool(args.qlora if args.qlora is not None else (True if before is None else before))
 
 
+def _loraplus_ratio(args, state: dict):
+    """--loraplus-ratio, or the resumed run's (its optimizer state has LoRA+'s parameter groups or not)."""
+    before = state.get("loraplus_ratio") if state else None
+    if state and args.loraplus_ratio is not None and args.loraplus_ratio != before:
+        raise ValueError(f"--resume: that run trained with --loraplus-ratio {before}; drop --loraplus-ratio to "
+                         f"continue it")
+    return args.loraplus_ratio if args.loraplus_ratio is not None else before
+
+
+def _optimizer(lora: LoraModel, lr: float, loraplus_ratio) -> torch.optim.Optimizer:
+    if loraplus_ratio is not None:
+        return create_loraplus_optimizer(lora, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_ratio,
+                                         weight_decay=0.0)
+    return torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
 def _load_model(path: Optional[str], device: torch.device, seed: int):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is a slow fallback
     if path:
@@ -127,6 +149,10 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     adapter_dir, state = _previous_run(args.resume) if args.resume else (None, {})
     qlora = _qlora(args, state)
+    loraplus_ratio = _loraplus_ratio(args, state)
+    init = INITS[args.init]
+    if adapter_dir and init is not True:
+        raise ValueError(f"--resume continues a trained adapter: --init {args.init} does not apply")
     data = args.data if args.data is not None else state.get("data")  # a resumed run keeps its text
     texts = builtin_texts() if data is None else read_texts(data)  # bad paths fail before any work
     base_path = _base_path(args, adapter_dir)
@@ -135,24 +161,34 @@ def run(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     if base_path is None:  # the adapter needs its base: the built-in one exists only here, so keep a copy
         base_path = os.path.join(args.out, "base_model")
-        model.save_pretrained(base_path)
+        _save_model(model, base_path)
     base_path = os.path.abspath(base_path)
     model.config.name_or_path = base_path
     model.to(device)
     quantize = "nf4" if qlora else None
+    gradient_checkpointing = CHECKPOINTING[args.gradient_checkpointing]
     if adapter_dir:
         lora = LoraModel.from_pretrained(model, adapter_dir, quantize_base=quantize)
+        checkpointing.enable(model, gradient_checkpointing)
     else:
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
         lora = get_peft_model(model, r=args.r, lora_alpha=args.alpha, target_modules=targets,
                               lora_dropout=args.dropout, use_rslora=args.rslora, quantize_base=quantize,
-                              random_state=args.seed)
+                              random_state=args.seed, init_lora_weights=init,
+                              loftq_config={"loftq_bits": 4, "loftq_iter": 1} if init == "loftq" else None,
+                              use_gradient_checkpointing=gradient_checkpointing)
+        if init in ("pissa", "olora", "loftq"):  # the adapter belongs to the base the init made: keep that base
+            base_path = os.path.abspath(os.path.join(args.out, "base_model"))
+            _save_model(model, base_path, state_dict=lora.base_state_dict())
+            model.config.name_or_path = base_path
     lora.train()
     params = [p for p in lora.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = _optimizer(lora, args.lr, loraplus_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args.steps))
     start, losses, eval_losses = 0, [], {}
     if state:
+        if "adapter" in state:  # the adapter of the same step as the optimizer state (see the save below)
+            lora._copy_in(state["adapter"], lora.active_adapter, lora.peft_config[lora.active_adapter])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         windows.generator.set_state(state["generator"])
@@ -192,18 +228,21 @@ def run(args) -> dict:
                     eval_losses[step] = _eval_loss(lora, eval_batches)
         finally:
             bar.close()
-    interrupted = ctrl_c.pressed
+    interrupted = ctrl_c.signal
     if interrupted:
-        print(f"interrupted at step {step}: saving what was trained so far", file=sys.stderr)
+        print(f"interrupted at step {step} ({interrupted}): saving what was trained so far", file=sys.stderr)
     if step not in eval_losses:
         eval_losses[step] = _eval_loss(lora, eval_batches)
 
     adapter_dir = os.path.join(args.out, "adapter")
+    # The training state carries its own copy of the adapter, so a kill between the two saves cannot pair
+    # one step's optimizer state with another step's adapter; each of the two is written atomically.
+    checkpoint = {"step": step, "qlora": qlora, "data": data and os.path.abspath(data), "loraplus_ratio": loraplus_ratio,
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "generator": windows.generator.get_state(), "losses": losses, "eval_losses": eval_losses,
+                  "adapter": {k: v.detach().cpu() for k, v in lora._adapter_state(lora.active_adapter).items()}}
+    write_file(os.path.join(args.out, STATE_NAME), lambda tmp: torch.save(checkpoint, tmp))
     lora.save_pretrained(adapter_dir)
-    torch.save({"step": step, "qlora": qlora, "data": data and os.path.abspath(data),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": windows.generator.get_state(), "losses": losses, "eval_losses": eval_losses},
-               os.path.join(args.out, STATE_NAME))
     peak, peak_kind = peak_memory_mib(device)
     trained, total = lora.get_nb_trainable_parameters()
     summary = {
@@ -211,7 +250,8 @@ def run(args) -> dict:
         "base_model_path": base_path, "data": data or "built-in corpus (lora_ext/data)",
         "device": str(device), "qlora": qlora, "steps": step, "interrupted": interrupted,
         "resumed_from_step": start if args.resume else None,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "init": args.init,
+        "gradient_checkpointing": args.gradient_checkpointing, "loraplus_ratio": loraplus_ratio,
         "lora": {k: v for k, v in lora.peft_config[lora.active_adapter].to_peft().items()
                  if k in ("r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules")},
         "trainable_params": trained, "all_params": total,
@@ -232,6 +272,14 @@ def run(args) -> dict:
     return summary
 
 
+def _save_model(model, directory: str, tokenizer=None, **kwargs) -> None:
+    """A Hugging Face model (and tokenizer) saved into a new directory switched in whole."""
+    with atomic_directory(directory, keep_existing=False) as new:
+        model.save_pretrained(new, **kwargs)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(new)
+
+
 @torch.no_grad()
 def _merge(lora: LoraModel, batch: torch.Tensor, directory: str, tokenizer) -> dict:
     """Fold the adapter into dense weights (4-bit bases are dequantized first), save the plain model,
@@ -240,9 +288,7 @@ def _merge(lora: LoraModel, batch: torch.Tensor, directory: str, tokenizer) -> d
     before = lora(input_ids=batch).logits.float()
     merged = lora.merge_and_unload(dequantize=True)
     after = merged(input_ids=batch).logits.float()
-    merged.save_pretrained(directory)
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(directory)
+    _save_model(merged, directory, tokenizer)
     diff = after - before
     return {"path": os.path.abspath(directory), "max_abs_logit_error": diff.abs().max().item(),
             "relative_logit_error": (diff.norm() / before.norm()).item()}

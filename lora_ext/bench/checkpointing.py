@@ -1,0 +1,47 @@
+"""A training step with gradient checkpointing off, on, and "unsloth" (each layer's input offloaded to
+pinned CPU memory): step time and, on a GPU, the allocator's peak. The model is train_step's Llama
+under lora_ext QLoRA; the recomputation costs about one more forward, and offloading should cut the
+activation memory by the checkpointed layers' inputs at little more time (the copies overlap)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..model import get_peft_model
+from ..nf4 import dtype_name
+from . import adapters, peers, work
+from .timing import EFFORT
+from .train_step import CONFIGS, R, TARGETS, TINY, _llama, _make_step
+
+MODES = {"off": False, "on": True, "unsloth": "unsloth"}
+
+
+def run(device: torch.device, ceilings, scale: str) -> dict:
+    notes, rows = [], []
+    cfg, (batch, seq) = TINY if scale == "tiny" else CONFIGS[device.type, scale]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dense = peers.attempt("transformers Llama", lambda: _llama(cfg, device, dtype).requires_grad_(False), notes)
+    if dense is None:
+        return {"rows": [], "notes": notes}
+
+    def build(mode):
+        return lambda: get_peft_model(copy.deepcopy(dense), r=R, lora_alpha=2 * R, target_modules=TARGETS,
+                                      init_lora_weights=False, quantize_base="nf4",
+                                      use_gradient_checkpointing=mode).train()
+
+    gen = torch.Generator().manual_seed(1)
+    sets = [(torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device),) for _ in range(4)]
+    flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, seq)  # useful work: recomputation not counted
+    res = adapters.run_peers({f"checkpointing {name}": build(mode) for name, mode in MODES.items()}, _make_step,
+                             sets, device, EFFORT[scale], notes)
+    base = res.get("checkpointing off")
+    model = f"llama L{cfg['num_hidden_layers']} d{cfg['hidden_size']} QLoRA"
+    for name, v in res.items():
+        rows.append({"model": model, "dtype": dtype_name(dtype), "tokens": f"{batch}x{seq}", "peer": name,
+                     "ms": v["s"] * 1e3, **ceilings.of(v["s"], 0, flops),
+                     "speedup_vs_no_checkpointing": base["s"] / v["s"] if base else None, "peak_MiB": v["peak_MiB"]})
+    if device.type == "cpu":
+        notes.append("on the CPU 'unsloth' is plain checkpointing (nothing to offload to); peak memory is the "
+                     "GPU allocator's and is measured on the GPU only")
+    return {"rows": rows, "notes": notes}

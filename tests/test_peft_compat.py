@@ -1,0 +1,284 @@
+"""The calls users paste from Unsloth and PEFT: Unsloth's get_peft_model keywords (gradient checkpointing,
+offloaded too), a PEFT LoraConfig object, rank_pattern / alpha_pattern both ways with PEFT, LoRA+.
+Real Hugging Face model classes from small configs; the real PEFT package as the oracle."""
+import pytest
+import torch
+
+import lora_ext
+from lora_ext import checkpointing
+
+from conftest import requires_c, requires_cuda
+
+pytestmark = requires_c
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from hf_models import llama, randomize_adapters, token_ids  # noqa: E402
+
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _frozen_state(model):
+    return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+
+
+def _assert_untouched(model, before):
+    assert not any(isinstance(m, lora_ext.LoraLinear) for m in model.modules())
+    after = _frozen_state(model)
+    assert after.keys() == before.keys()
+    for n, (grad, value) in before.items():
+        assert after[n][0] == grad and torch.equal(after[n][1], value), n
+
+
+def _loss_and_grads(model, seed=11):
+    model.train()
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_the_unsloth_call_runs_as_pasted():
+    model = lora_ext.get_peft_model(llama(), r=16, target_modules=UNSLOTH_TARGETS, lora_alpha=16, lora_dropout=0,
+                                    bias="none", use_gradient_checkpointing="unsloth", random_state=3407,
+                                    use_rslora=False, loftq_config=None)
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=16, lora_alpha=16, target_modules=UNSLOTH_TARGETS))
+    assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    decoder_layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert decoder_layers and all(m.gradient_checkpointing for m in decoder_layers)
+    assert all(m._gradient_checkpointing_func is checkpointing.offloaded_checkpoint for m in decoder_layers)
+    loss, grads = _loss_and_grads(model)
+    assert torch.isfinite(loss) and len(grads) == 2 * len(model.lora_layers())
+    assert all(g.abs().sum() == 0 for n, g in grads.items() if "lora_A" in n)  # B = 0 at the start
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_checkpointing_off_on_and_offloaded_give_the_same_gradients(dropout):
+    """The recomputation draws the same dropout masks (the generators are restored) and the frozen
+    embedding still lets gradients reach the adapters of the first layer."""
+    results, calls = {}, []
+    for mode in (False, True, "unsloth"):
+        model = lora_ext.get_peft_model(llama(), r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                        use_gradient_checkpointing=mode)
+        for layer in model.base_model.model.model.layers:  # count the checkpointed calls
+            if mode is not False:
+                inner = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, inner=inner: calls.append(mode) or inner(*a)
+        results[mode] = _loss_and_grads(model)
+    assert calls == [True, True, "unsloth", "unsloth"]  # every decoder layer, once each
+    loss, grads = results[False]
+    assert grads["base_model.model.model.layers.0.self_attn.q_proj.lora_A"].abs().sum() > 0
+    for mode in (True, "unsloth"):
+        torch.testing.assert_close(results[mode][0], loss, rtol=0, atol=0)
+        assert results[mode][1].keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(results[mode][1][name], g, rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+
+
+def test_offloaded_checkpoint_recomputes_and_matches_plain_autograd():
+    calls = []
+    weight = torch.randn(6, 6, requires_grad=True)
+
+    def layer(h, scale):
+        calls.append(1)
+        return torch.nn.functional.dropout(torch.tanh(h @ weight) * scale, 0.3, training=True)
+
+    h = torch.randn(4, 6, requires_grad=True)
+    torch.manual_seed(3)
+    plain = layer(h, 2.0)
+    plain.sum().backward()
+    g_h, g_w = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    torch.manual_seed(3)
+    out = checkpointing.offloaded_checkpoint(layer, h, 2.0)
+    assert len(calls) == 2 and torch.equal(out, plain)
+    out.sum().backward()
+    assert len(calls) == 3  # once more, in the backward
+    torch.testing.assert_close(h.grad, g_h, rtol=0, atol=0)
+    torch.testing.assert_close(weight.grad, g_w, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_offloaded_checkpointing_keeps_less_on_the_gpu():
+    """After the forward, 'unsloth' holds each checkpointed layer's input in pinned CPU memory instead of
+    on the GPU: the GPU keeps at least that much less, and the gradients equal plain checkpointing's."""
+    kept, grads = {}, {}
+    layers, batch, seq, hidden = 4, 4, 256, 256
+    for mode in (True, "unsloth"):
+        model = lora_ext.get_peft_model(llama(hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
+                                              max_position_embeddings=seq), r=8, init_lora_weights=False,
+                                        use_gradient_checkpointing=mode).cuda().train()
+        ids = torch.randint(0, 96, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        kept[mode] = torch.cuda.memory_allocated() - before
+        loss.backward()
+        grads[mode] = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        del model, loss
+        torch.cuda.empty_cache()
+    hidden_states = layers * batch * seq * hidden * 4  # fp32 inputs of the checkpointed layers
+    assert kept[True] - kept["unsloth"] >= 0.9 * hidden_states, (kept, hidden_states)
+    for name, g in grads[True].items():
+        torch.testing.assert_close(grads["unsloth"][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_peft_lora_config_object_gives_what_the_keywords_give():
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05,
+                             rank_pattern={"down_proj": 4}, alpha_pattern={"q_proj": 32})
+    ours = lora_ext.get_peft_model(llama(), config)
+    by_keywords = lora_ext.get_peft_model(llama(), r=8, lora_alpha=16, target_modules="all-linear",
+                                          lora_dropout=0.05, rank_pattern={"down_proj": 4},
+                                          alpha_pattern={"q_proj": 32})
+    theirs = peft.get_peft_model(llama(), config)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert sorted(ours.lora_layers()) == sorted(by_keywords.lora_layers())
+    for name, layer in ours.lora_layers().items():
+        other = by_keywords.lora_layers()[name]
+        assert (layer.r, layer.scaling, layer.lora_dropout) == (other.r, other.scaling, other.lora_dropout)
+        assert torch.equal(layer.lora_A, other.lora_A)  # the same random_state
+    # lora_ext's own LoraConfig object too
+    again = lora_ext.get_peft_model(llama(), ours.peft_config["default"])
+    assert {n: m.r for n, m in again.lora_layers().items()} == {n: m.r for n, m in ours.lora_layers().items()}
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(use_dora=True), "use_dora=True"),
+    (dict(layers_pattern="layers", layers_to_transform=[0]), "layers_pattern='layers'"),
+    (dict(lora_bias=True), "lora_bias=True"),
+    (dict(inference_mode=True), "inference_mode=True"),
+])
+def test_config_fields_lora_ext_lacks_are_named_and_change_nothing(config, message):
+    model = llama()
+    before = _frozen_state(model)
+    with pytest.raises(ValueError, match=message):
+        lora_ext.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], **config))
+    _assert_untouched(model, before)
+
+
+def test_keywords_that_ask_for_nothing_pass_and_the_others_are_named():
+    lora_ext.get_peft_model(llama(), r=4, use_dora=False, layers_pattern=None, qat_scheme=None)
+    model = llama()
+    before = _frozen_state(model)
+    with pytest.raises(TypeError, match=r"not supported by lora_ext: qat_scheme='int4-weight', "
+                                        r"temporary_location='tmp'"):
+        lora_ext.get_peft_model(model, r=4, temporary_location="tmp", qat_scheme="int4-weight")
+    with pytest.raises(TypeError, match=r"either a LoraConfig or LoRA keywords.*\['lora_alpha'\]"):
+        lora_ext.get_peft_model(model, peft.LoraConfig(r=4), lora_alpha=32)
+    with pytest.raises(ValueError, match="use_gradient_checkpointing must be False, True or 'unsloth', got 'yes'"):
+        lora_ext.get_peft_model(model, r=4, use_gradient_checkpointing="yes")
+    with pytest.raises(ValueError, match="max_seq_length=128 exceeds the model's max_position_embeddings=64"):
+        lora_ext.get_peft_model(model, r=4, max_seq_length=128)
+    with pytest.raises(ValueError, match="loftq_config is given but init_lora_weights=True"):
+        lora_ext.get_peft_model(model, r=4, loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    with pytest.raises(ValueError, match="init_lora_weights='loftq' needs a 4-bit base"):
+        lora_ext.get_peft_model(model, r=4, init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] must be an integer >= 1, got 0"):
+        lora_ext.get_peft_model(model, r=4, rank_pattern={"q_proj": 0})
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj: r must be .* \[1, 32\], got 40"):
+        lora_ext.get_peft_model(model, r=4, rank_pattern={"k_proj": 40})
+    _assert_untouched(model, before)
+    assert lora_ext.get_peft_model(model, r=4, max_seq_length=48).max_seq_length == 48
+
+
+PATTERNS = dict(rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 12},
+                alpha_pattern={"v_proj": 3, "up_proj": 40})
+
+
+def test_rank_and_alpha_patterns_as_peft_both_ways(tmp_path):
+    ours = lora_ext.get_peft_model(llama(), r=6, lora_alpha=8, **PATTERNS)
+    layers = ours.lora_layers()
+    assert layers["model.layers.0.self_attn.q_proj"].r == 2 and layers["model.layers.1.mlp.down_proj"].r == 12
+    assert layers["model.layers.0.mlp.down_proj"].r == 6 and layers["model.layers.1.mlp.up_proj"].scaling == 40 / 6
+    randomize_adapters(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "ours")).eval()
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    # and PEFT's adapter with patterns, loaded here
+    peft_model = peft.get_peft_model(llama(), peft.LoraConfig(r=6, lora_alpha=8, target_modules=UNSLOTH_TARGETS,
+                                                              init_lora_weights=False, **PATTERNS))
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    loaded = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "theirs"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    # as a second adapter beside one without patterns: set_adapter takes each layer's own alpha and rank
+    plain = lora_ext.get_peft_model(llama(), r=6, lora_alpha=8)
+    plain.load_adapter(str(tmp_path / "theirs"), "patterned")
+    plain.set_adapter("patterned")
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
+    plain.add_adapter("third", r=3, rank_pattern={"o_proj": 5})
+    plain.set_adapter("third")
+    assert plain.lora_layers()["model.layers.1.self_attn.o_proj"].r == 5
+    assert plain.lora_layers()["model.layers.1.self_attn.v_proj"].r == 3
+
+
+def test_loraplus_optimizer_has_peft_groups():
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only",
+                  modules_to_save=["lm_head"])
+    ours = lora_ext.get_peft_model(llama(), **kwargs)
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(**kwargs))
+    mine = lora_ext.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16,
+                                              loraplus_weight_decay=0.01, betas=(0.9, 0.99))
+    reference = peft_loraplus(theirs, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16, loraplus_weight_decay=0.01,
+                              betas=(0.9, 0.99))
+
+    def summary(opt):
+        return [(g["lr"], g["weight_decay"], g["betas"], sorted(tuple(p.shape) for p in g["params"]))
+                for g in opt.param_groups]
+    assert summary(mine) == summary(reference)
+    assert mine.param_groups[2]["lr"] == pytest.approx(16 * 2e-4) and mine.param_groups[2]["params"]
+    with pytest.raises(ValueError, match="loraplus_lr_ratio must be > 0"):
+        lora_ext.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_models_save_as_plain_lora_over_the_original_base(tmp_path, init):
+    """The init changes the base, and the model's output at init is the original model's; saved with
+    path_initial_model_for_weight_conversion, the trained adapter loads (in PEFT and here) onto the
+    ORIGINAL base with the same logits."""
+    ids = token_ids()
+    model = lora_ext.get_peft_model(llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                    init_lora_weights=init)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, llama()(ids).logits, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(str(tmp_path / "initial"))
+    with torch.no_grad():  # as training would
+        for layer in model.lora_layers().values():
+            layer.lora_A.add_(torch.randn_like(layer.lora_A) * 0.05)
+            layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.05)
+        trained = model(ids).logits
+    model.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    config = peft.LoraConfig.from_pretrained(str(tmp_path / "plain"))
+    assert config.r == 8 and config.lora_alpha == 16
+    theirs = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "plain")).eval()
+    ours = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "plain")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, trained, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_loftq_through_get_peft_model():
+    """quantize_base='nf4' with LoftQ: every Linear ends up 4-bit, the targets as LoftQ's NF4 of what the
+    adapter does not hold, which is closer to the dense weight than plain NF4 of it."""
+    dense = llama()
+    model = lora_ext.get_peft_model(llama(), r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                    quantize_base="nf4", init_lora_weights="loftq",
+                                    loftq_config={"loftq_bits": 4, "loftq_iter": 2})
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.k_proj, lora_ext.NF4Linear)
+    for name, layer in model.lora_layers().items():
+        assert isinstance(layer.base_layer, lora_ext.NF4Linear)
+        w = dense.get_submodule(name).weight.detach()
+        with torch.no_grad():
+            loftq = layer.base_layer.dequantize(torch.float32) + layer.scaling * layer.lora_B @ layer.lora_A
+        plain = lora_ext.quantize_nf4(w, 64, True).dequantize(torch.float32)
+        assert (w - loftq).norm() < 0.97 * (w - plain).norm(), name
