@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import mixed_batch, ops
 from .inits import check_init_lora_weights, init_lora_, initialize_  # noqa: F401  (init_lora_: public here too)
 from .merge import merge_nf4
 from .nf4 import NF4Linear, NF4Weight, check_nf4_linear_args, is_conv1d, nf4_linear
@@ -201,7 +201,12 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.merged or self.disabled:
+        if self.disabled:
+            return base(x)
+        batch = mixed_batch.current()
+        if batch is not None:  # LoraModel(..., adapter_names=[...]): an adapter per row
+            return batch.lora_forward(self, x)
+        if self.merged:
             return base(x)
         if runs_as_one_op(base):
             p, seed = _dropout_seed(self.lora_dropout, self.training)

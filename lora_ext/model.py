@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import checkpointing
+from . import checkpointing, mixed_batch
 from .atomic import atomic_directory, existing, fresh
 from .distributed import copy_full_into, full_tensor, rank
 from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
@@ -313,11 +313,20 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.base_model.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        """The model's forward; adapter_names=[...] (one per row, "__base__" for none) runs each row with its
+        own adapter, as PEFT does (inference only)."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        with mixed_batch.adapter_names(self, adapter_names, mixed_batch.batch_rows(args, kwargs)):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        if adapter_names is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        beams = kwargs.get("num_beams") or 1
+        with mixed_batch.adapter_names(self, adapter_names, mixed_batch.batch_rows(args, kwargs), beams):
+            return self.base_model.model.generate(*args, **kwargs)
 
     def lora_layers(self) -> dict:
         return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, LoraLinear)}

@@ -9,6 +9,8 @@ from typing import Optional
 
 from torch import nn
 
+from . import mixed_batch
+
 
 class ModulesToSaveWrapper(nn.Module):
     def __init__(self, original: nn.Module):
@@ -30,6 +32,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        batch = mixed_batch.current()
+        if batch is not None and not self.disabled:  # an adapter per row: each row through its own copy
+            return batch.saved_forward(self, *args, **kwargs)
         return self.active_module(*args, **kwargs)
 
     def __getattr__(self, name):

@@ -1,0 +1,142 @@
+"""Many adapters in one batch (PEFT's `adapter_names`): each row runs with its own adapter, "__base__" with
+none. Against PEFT's own mixed batches over the same PEFT-saved adapters, and against each row run alone."""
+import pytest
+import torch
+
+import lora_ext
+
+from conftest import requires_c
+
+pytestmark = requires_c
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from hf_models import llama  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+ADAPTERS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=32, use_rslora=True),
+            "c": dict(r=2, lora_alpha=4, rank_pattern={"down_proj": 6})}
+NAMES = ["a", "b", "__base__", "b", "a", "c", "__base__"]
+
+
+def _ids(rows):
+    return torch.randint(0, 96, (rows, 9), generator=torch.Generator().manual_seed(rows))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Three PEFT adapters of one base, with their own ranks, alphas, rsLoRA and patterns."""
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(llama(), peft.LoraConfig(target_modules=TARGETS, init_lora_weights=False,
+                                                             **kwargs))
+        model.save_pretrained(str(root / name))
+    return root
+
+
+def _ours(saved, **kwargs):
+    model = lora_ext.LoraModel.from_pretrained(llama(), str(saved / "a"), adapter_name="a", **kwargs)
+    for name in ("b", "c"):
+        model.load_adapter(str(saved / name), name)
+    return model.eval()
+
+
+def _alone(model, ids, names):
+    """Each row run by itself with its adapter set (the base alone for "__base__")."""
+    rows, active = [], model.active_adapter
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(model(ids[i:i + 1]).logits)
+        else:
+            model.set_adapter(name)
+            rows.append(model(ids[i:i + 1]).logits)
+    model.set_adapter(active)
+    return torch.cat(rows)
+
+
+def test_mixed_batch_equals_peft_and_each_row_alone(saved):
+    ids = _ids(len(NAMES))
+    ours = _ours(saved)
+    theirs = peft.PeftModel.from_pretrained(llama(), str(saved / "a"), adapter_name="a")
+    for name in ("b", "c"):
+        theirs.load_adapter(str(saved / name), name)
+    theirs.eval()
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=NAMES).logits
+        torch.testing.assert_close(mixed, theirs(input_ids=ids, adapter_names=NAMES).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed, _alone(ours, ids, NAMES), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ
+    assert ours.active_adapter == "a"  # the batch leaves the model as it was
+
+
+@pytest.mark.parametrize("names", [["b"], ["c"] * 4, ["__base__", "__base__"]])
+def test_one_row_and_one_adapter_for_all(saved, names):
+    ids = _ids(len(names))
+    ours = _ours(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, adapter_names=names).logits, _alone(ours, ids, names), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_nf4_base_and_generate(saved):
+    ours = _ours(saved, quantize_base="nf4")
+    prompts = _ids(4)
+    names = ["c", "__base__", "a", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompts, adapter_names=names).logits, _alone(ours, prompts, names),
+                                   rtol=1e-5, atol=1e-5)
+        out = ours.generate(input_ids=prompts, adapter_names=names, max_new_tokens=5, do_sample=False,
+                            pad_token_id=0)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours.generate(input_ids=prompts[i:i + 1], max_new_tokens=5, do_sample=False,
+                                          pad_token_id=0)
+            else:
+                ours.set_adapter(name)
+                alone = ours.generate(input_ids=prompts[i:i + 1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(out[i:i + 1], alone), name
+
+
+def test_gpt2_conv1d_and_modules_to_save(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(transformers.GPT2LMHeadModel(cfg), r=4, target_modules=["c_attn", "c_fc"],
+                                    init_lora_weights=False, modules_to_save=["lm_head"])
+    model.add_adapter("second", r=6, lora_alpha=3, modules_to_save=["lm_head"])
+    model.set_adapter("second")
+    with torch.no_grad():
+        for layer in model.lora_layers().values():
+            layer.lora_B.normal_(0, 0.1)
+        model.saved_modules()["lm_head"].modules_to_save["second"].weight.mul_(1.5)
+    model.set_adapter("default")
+    model.eval()
+    names = ["second", "default", "__base__"]
+    ids = _ids(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, adapter_names=names).logits, _alone(model, ids, names), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_bad_adapter_names_are_refused_by_name(saved):
+    ours = _ours(saved)
+    ids = _ids(3)
+    with pytest.raises(ValueError, match=r"adapters this model does not have: \['d'\]; adapters: \['a', 'b', 'c'\]"):
+        ours(ids, adapter_names=["a", "d", "b"])
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 3 rows"):
+        ours(ids, adapter_names=["a", "b"])
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        ours(ids, adapter_names="a")
+    ours.train()
+    with pytest.raises(ValueError, match="mixed-adapter batches are for inference"):
+        ours(ids, adapter_names=["a", "b", "c"])
+    ours.eval()
+    ours.merge_adapter()
+    with pytest.raises(RuntimeError, match="merged into the base"):
+        ours(ids, adapter_names=["a", "b", "c"])
+    ours.unmerge_adapter()
+    with torch.no_grad():  # and the model still runs as it did
+        torch.testing.assert_close(ours(ids, adapter_names=["a", "a", "a"]).logits, ours(ids).logits, rtol=0,
+                                   atol=0)
