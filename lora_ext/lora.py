@@ -107,6 +107,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=adapter_dtype, device=device))
         self.merged = False
+        self._trainable = True  # what an adapter set into an empty layer gets (clear_adapter)
         self.disabled = False  # LoraModel.disable_adapter(): the base alone
         self.merge_error = None  # set by merge() over an NF4 base: what the 4-bit requantization lost
         self._unmerged_qweight: Optional[NF4Weight] = None
@@ -120,7 +121,8 @@ class LoraLinear(nn.Module):
     def set_adapter_weights(self, A: torch.Tensor, B: torch.Tensor, lora_alpha: float, use_rslora: bool,
                             lora_dropout: float) -> tuple:
         """Make (A, B) this layer's adapter (another adapter's, possibly of another rank) and return the
-        previous (lora_A, lora_B) parameters. Used by LoraModel.set_adapter; nothing is copied."""
+        previous (lora_A, lora_B) parameters, (None, None) if it had none. Used by LoraModel.set_adapter;
+        nothing is copied."""
         r = A.shape[0]
         if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
             raise ValueError(f"adapter weights must be (r, {self.in_features}) and ({self.out_features}, r), "
@@ -128,12 +130,32 @@ class LoraLinear(nn.Module):
         if self.merged:
             raise RuntimeError("set_adapter_weights: the current adapter is merged; unmerge it first")
         old = (self.lora_A, self.lora_B)
-        trainable = self.lora_A.requires_grad
+        trainable = self._trainable if self.lora_A is None else self.lora_A.requires_grad
         self.lora_A = A if isinstance(A, nn.Parameter) else nn.Parameter(A, requires_grad=trainable)
         self.lora_B = B if isinstance(B, nn.Parameter) else nn.Parameter(B, requires_grad=trainable)
         self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         return old
+
+    def clear_adapter(self) -> tuple:
+        """No adapter here (the active one does not target this layer, when a model's adapters target
+        different modules): the layer runs its base alone. Returns the previous (lora_A, lora_B)."""
+        if self.merged:
+            raise RuntimeError("clear_adapter: the current adapter is merged; unmerge it first")
+        old = (self.lora_A, self.lora_B)
+        if self.lora_A is not None:
+            self._trainable = self.lora_A.requires_grad
+        self.lora_A = self.lora_B = None
+        self.r, self.lora_alpha, self.scaling = 0, 0.0, 0.0
+        return old
+
+    @classmethod
+    def without_adapter(cls, base: nn.Module) -> "LoraLinear":
+        """A layer over `base` that holds no adapter yet (LoraModel.load_adapter of an adapter whose targets
+        the active one lacks)."""
+        layer = cls(base, r=1, lora_alpha=1)
+        layer.clear_adapter()
+        return layer
 
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
         init_lora_(self.lora_A, self.lora_B, init_lora_weights)
@@ -150,6 +172,8 @@ class LoraLinear(nn.Module):
         if self.merged:
             warnings.warn("LoraLinear.merge: already merged; nothing to do", UserWarning, stacklevel=2)
             return
+        if self.lora_A is None:
+            return  # no adapter in this layer: nothing to fold in
         if self._tied_with():
             raise RuntimeError("LoraLinear.merge: the base weight is shared with another LoRA layer (tied weights); "
                                "merging would apply the update to both. Untie the weights or merge one copy.")
@@ -206,7 +230,7 @@ class LoraLinear(nn.Module):
         batch = mixed_batch.current()
         if batch is not None:  # LoraModel(..., adapter_names=[...]): an adapter per row
             return batch.lora_forward(self, x)
-        if self.merged:
+        if self.merged or self.lora_A is None:
             return base(x)
         if runs_as_one_op(base):
             p, seed = _dropout_seed(self.lora_dropout, self.training)

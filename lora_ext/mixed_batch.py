@@ -77,7 +77,7 @@ def layer_adapters(model) -> dict:
 
     out = {}
     for path, layer in model.lora_layers().items():
-        adapters = {model.active_adapter: (layer.lora_A, layer.lora_B, layer.scaling)}
+        adapters = {} if layer.lora_A is None else {model.active_adapter: (layer.lora_A, layer.lora_B, layer.scaling)}
         for name, stored in model._stored.items():
             if path in stored:
                 A, B = stored[path]

@@ -3,8 +3,8 @@ loaded in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors
 base_model.model.<path>.lora_A.weight), so PEFT and vLLM read ours and we read theirs.
 
 Several named adapters share the base: the active one lives in the LoraLinear layers, the others
-are kept as tensors beside them, and set_adapter swaps them in without touching the base. Every
-adapter of a model targets the same modules.
+are kept as tensors beside them, and set_adapter swaps them in without touching the base. Adapters may
+target different modules: a LoRA layer the active adapter does not reach holds none and runs its base.
 """
 from __future__ import annotations
 
@@ -47,7 +47,17 @@ def _is_target(name: str, targets, layers) -> bool:
 
 
 def _linear_names(model: nn.Module) -> list:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) or is_conv1d(m)]
+    """Paths of the Linear-like modules a LoRA adapter may target; a LoRA layer counts as the Linear it
+    wraps (another adapter of the model may target it too), and nothing inside it counts."""
+    out, wrapped = [], []
+    for n, m in model.named_modules():
+        if under(n, wrapped):
+            continue
+        if isinstance(m, LoraLinear):
+            wrapped.append(n)
+        if isinstance(m, (nn.Linear, NF4Linear, LoraLinear)) or is_conv1d(m):
+            out.append(n)
+    return out
 
 
 def _head_names(model: nn.Module) -> set:
@@ -74,6 +84,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list:
         raise ValueError(f"target_modules {config.target_modules!r} matches no Linear module; closest Linear names: "
                          f"{close or leaves[:10]}")
     return names
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLinear) else module
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -329,7 +343,14 @@ class LoraModel(nn.Module):
             return self.base_model.model.generate(*args, **kwargs)
 
     def lora_layers(self) -> dict:
+        """Every LoRA layer, by path; a layer the active adapter does not target holds none (lora_A is None)."""
         return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, LoraLinear)}
+
+    def _pairs(self, adapter_name: str) -> dict:
+        """{path: (A, B)} of an adapter, where it lives: the active one in its layers, others beside them."""
+        if adapter_name == self.active_adapter:
+            return {n: (m.lora_A, m.lora_B) for n, m in self.lora_layers().items() if m.lora_A is not None}
+        return self._stored[adapter_name]
 
     def get_nb_trainable_parameters(self) -> tuple:
         # Packed NF4 counts its weights, two a byte of storage (as PEFT counts Params4bit).
@@ -353,13 +374,12 @@ class LoraModel(nn.Module):
     def _adapter_state(self, adapter_name: str) -> dict:
         """What an adapter saves, by model path: lora_A/lora_B, its biases (bias != 'none'; biases are
         shared by every adapter, as in PEFT), its copies of the modules_to_save."""
-        pairs = ({n: (m.lora_A, m.lora_B) for n, m in self.lora_layers().items()}
-                 if adapter_name == self.active_adapter else self._stored[adapter_name])
+        pairs = self._pairs(adapter_name)
         state = {}
         for path, (A, B) in pairs.items():
             state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = A, B
         config, model = self.peft_config[adapter_name], self.base_model.model
-        state.update(_bias_params(model, config.bias, self.lora_layers(), self.saved_modules()))
+        state.update(_bias_params(model, config.bias, list(pairs), self.saved_modules()))
         for path, wrapper in self.saved_modules().items():
             if adapter_name in wrapper.modules_to_save:
                 state.update({f"{path}.{k}": v for k, v in wrapper.modules_to_save[adapter_name].state_dict().items()})
@@ -467,15 +487,6 @@ class LoraModel(nn.Module):
         lora._copy_in(weights, adapter_name, config)
         return lora
 
-    def _same_targets(self, config: LoraConfig, origin: str) -> list:
-        names = sorted(self.lora_layers())
-        targeted = [n for n in names if config.target_modules == "all-linear"
-                    or _is_target(n, config.target_modules, config.layers_to_transform)]
-        if targeted != names:
-            raise ValueError(f"{origin}: every adapter of a model must target the same modules; this one targets "
-                             f"{config.target_modules!r}")
-        return names
-
     def _check_trained_parts(self, config: LoraConfig, saved: list, adapter_name: str, origin: str) -> None:
         """Biases belong to the base: one adapter at most trains them (as in PEFT), and bias='all' does not
         mix with modules_to_save (see _saved_paths), whichever adapter brings which."""
@@ -495,41 +506,66 @@ class LoraModel(nn.Module):
             raise RuntimeError(f"{origin}: the active adapter is merged into the base; call unmerge_adapter() first")
 
     def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
-        """Load an adapter saved by lora_ext or PEFT as `adapter_name`. An existing name is hot-swapped:
-        the active adapter's weights are replaced in place (same rank), no module is rebuilt. Biases an
-        adapter carries (bias != 'none') are written into the base, which every adapter shares. Everything
-        is checked before the model changes."""
+        """Load an adapter saved by lora_ext or PEFT as `adapter_name`, beside the others. It may target other
+        modules and have other ranks than they do: modules only it targets get a LoRA layer (holding no
+        adapter while another is active), and it is absent where it does not reach. Loading the active
+        adapter's name with the same targets and ranks hot-swaps its weights in place (no module changes);
+        otherwise the new weights replace it. Biases an adapter carries (bias != 'none') are written into
+        the base, which every adapter shares. Everything is checked before the model changes; the cost is
+        that adapter's size, whatever the others hold."""
         config, weights = self._read_adapter(directory)
         model = self.base_model.model
-        names = self._same_targets(config, directory)
+        names = find_targets(model, config)
         saved = self._check_weights(model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
         self._check_trained_parts(config, saved, adapter_name, directory)
-        config.fan_in_fan_out = self.peft_config[self.active_adapter].fan_in_fan_out
-        hot_swap = adapter_name == self.active_adapter
-        if hot_swap:
+        config.fan_in_fan_out = any(is_conv1d(_unwrapped(model.get_submodule(n))) for n in names)
+        active = adapter_name == self.active_adapter
+        if active:
             self._check_unmerged(f"load_adapter({directory!r}, {adapter_name!r})")
-            changed = [n for n, layer in self.lora_layers().items() if config.r_for(n) != layer.r]
-            if changed:
-                raise ValueError(f"{directory}: its rank at {changed[0]} ({config.r_for(changed[0])}) differs from "
-                                 f"the active adapter's ({self.lora_layers()[changed[0]].r}); load it under another "
-                                 f"name")
+        layers = self.lora_layers()
+        in_place = active and sorted(self._pairs(adapter_name)) == sorted(names) and \
+            all(config.r_for(n) == layers[n].r for n in names)
         previous = self.peft_config.get(adapter_name)
         if previous is not None:  # the biases it trained are no longer its own unless the new one says so
-            for p in _bias_params(model, previous.bias, names, self.saved_modules()).values():
+            for p in _bias_params(model, previous.bias, list(self._pairs(adapter_name)), self.saved_modules()).values():
                 p.requires_grad_(False)
         for p in _bias_params(model, config.bias, names, saved).values():
             p.requires_grad_(True)
         _add_saved_copies(model, saved, adapter_name, self.active_adapter)
-        if not hot_swap:
-            device = next(iter(self.lora_layers().values())).lora_A.device
-            self._stored[adapter_name] = {n: (weights[f"{n}.lora_A.weight"].to(device),
-                                              weights[f"{n}.lora_B.weight"].to(device)) for n in names}
-        self._copy_in(weights, adapter_name, config)
-        if hot_swap:
-            for name, layer in self.lora_layers().items():
-                layer.set_adapter_weights(layer.lora_A, layer.lora_B, config.alpha_for(name), config.use_rslora,
-                                          config.lora_dropout)
         self.peft_config[adapter_name] = config
+        if in_place:
+            self._copy_in(weights, adapter_name, config)
+            for name in names:
+                layers[name].set_adapter_weights(layers[name].lora_A, layers[name].lora_B, config.alpha_for(name),
+                                                 config.use_rslora, config.lora_dropout)
+            return
+        like = self._adapter_like()
+        for name in names:
+            if not isinstance(model.get_submodule(name), LoraLinear):
+                _set_module(model, name, LoraLinear.without_adapter(model.get_submodule(name)))
+        self._stored[adapter_name] = {n: (weights[f"{n}.lora_A.weight"].to(like), weights[f"{n}.lora_B.weight"].to(like))
+                                      for n in names}
+        if active:
+            self._install(adapter_name)
+        self._copy_in(weights, adapter_name, config)  # biases and modules_to_save copies
+
+    def _adapter_like(self) -> torch.Tensor:
+        """A tensor of the adapters' device and dtype (the active adapter's, or any stored one's)."""
+        for pairs in [self._pairs(self.active_adapter), *self._stored.values()]:
+            for A, _ in pairs.values():
+                return A.detach()
+        raise RuntimeError("this model holds no adapter tensors")
+
+    def _install(self, adapter_name: str) -> None:
+        """Move `adapter_name` from beside the layers into them (the layers it does not target hold none)."""
+        incoming = self._stored.pop(adapter_name)
+        cfg = self.peft_config[adapter_name]
+        for name, layer in self.lora_layers().items():
+            if name in incoming:
+                A, B = incoming[name]
+                layer.set_adapter_weights(A, B, cfg.alpha_for(name), cfg.use_rslora, cfg.lora_dropout)
+            else:
+                layer.clear_adapter()
 
     def add_adapter(self, adapter_name: str, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
@@ -550,12 +586,13 @@ class LoraModel(nn.Module):
                             fan_in_fan_out=active.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
                             alpha_pattern=dict(alpha_pattern or {}))
         check_patterns(config, f"add_adapter({adapter_name!r})")
-        _check_ranks(self.base_model.model, config, list(self.lora_layers()))
-        saved = _saved_paths(self.base_model.model, config, list(self.lora_layers()))
+        targets = sorted(self._pairs(self.active_adapter))  # the modules the active adapter targets
+        _check_ranks(self.base_model.model, config, targets)
+        saved = _saved_paths(self.base_model.model, config, targets)
         self._check_trained_parts(config, saved, adapter_name, f"add_adapter({adapter_name!r})")
-        stored = {}
-        for name, layer in self.lora_layers().items():
-            rank, like = config.r_for(name), layer.lora_A
+        stored, like, layers = {}, self._adapter_like(), self.lora_layers()
+        for name in targets:
+            rank, layer = config.r_for(name), layers[name]
             A = torch.empty(rank, layer.in_features, dtype=like.dtype, device=like.device)
             B = torch.empty(layer.out_features, rank, dtype=like.dtype, device=like.device)
             init_lora_(A, B, init_lora_weights)
@@ -571,12 +608,8 @@ class LoraModel(nn.Module):
         if adapter_name == self.active_adapter:
             return
         self._check_unmerged(f"set_adapter({adapter_name!r})")
-        cfg = self.peft_config[adapter_name]
-        incoming = self._stored.pop(adapter_name)
-        previous = {}
-        for name, layer in self.lora_layers().items():
-            A, B = incoming[name]
-            previous[name] = layer.set_adapter_weights(A, B, cfg.alpha_for(name), cfg.use_rslora, cfg.lora_dropout)
+        previous = {n: (A, B) for n, (A, B) in self._pairs(self.active_adapter).items()}
+        self._install(adapter_name)
         for wrapper in self.saved_modules().values():
             wrapper.active_adapter = adapter_name
             for name, copy in wrapper.modules_to_save.items():
@@ -600,11 +633,12 @@ class LoraModel(nn.Module):
         """Adapter tensors (model paths) into the live model: LoRA pairs when the adapter is active,
         biases, and the adapter's modules_to_save copies."""
         model = self.base_model.model
+        pairs = self._pairs(adapter_name)
         if adapter_name == self.active_adapter:
-            for name, layer in self.lora_layers().items():
-                copy_full_into(layer.lora_A, weights[f"{name}.lora_A.weight"])
-                copy_full_into(layer.lora_B, weights[f"{name}.lora_B.weight"])
-        for key, p in _bias_params(model, config.bias, self.lora_layers(), self.saved_modules()).items():
+            for name, (A, B) in pairs.items():
+                copy_full_into(A, weights[f"{name}.lora_A.weight"])
+                copy_full_into(B, weights[f"{name}.lora_B.weight"])
+        for key, p in _bias_params(model, config.bias, list(pairs), self.saved_modules()).items():
             copy_full_into(p, weights[key])
         for path, wrapper in self.saved_modules().items():
             if adapter_name in wrapper.modules_to_save:
@@ -614,11 +648,13 @@ class LoraModel(nn.Module):
     # ---------------------------------------------------------------- merge / unload / disable
     def merge_adapter(self) -> None:
         for layer in self.lora_layers().values():
-            layer.merge()
+            if layer.lora_A is not None:
+                layer.merge()
 
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers().values():
-            layer.unmerge()
+            if layer.merged:
+                layer.unmerge()
 
     def _replace_layers(self, merge: bool, dequantize: bool = False) -> nn.Module:
         model = self.base_model.model

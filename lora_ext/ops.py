@@ -19,6 +19,22 @@ def _valid_blocksize(b: int) -> bool:
     return 32 <= b <= 4096 and (b & (b - 1)) == 0
 
 
+def _check_one_device(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """The kernels take every tensor on one device. A fake kernel must refuse a mix too: one meta tensor
+    among CPU ones sends the whole call to it, and it would return without computing anything."""
+    devices = sorted({str(t.device) for t in tensors if t is not None})
+    torch._check(len(devices) <= 1, lambda: f"{op}: all tensors must be on one device, got {devices}")
+
+
+def _check_shape(op: str, shape: Sequence[int]) -> None:
+    torch._check(all(s >= 0 for s in shape), lambda: f"{op}: shape must have non-negative sizes, got {list(shape)}")
+
+
+def _check_features(op: str, x: torch.Tensor, what: str = "input") -> None:
+    """x has a last dimension (features) to read: a 0-dim x must be refused before x.shape[-1]."""
+    torch._check(x.dim() >= 1, lambda: f"{op}: {what} must have at least one dimension, got a scalar")
+
+
 def quantize_nf4_packed(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4-quantize A (any shape) -> (packed uint8 ((n+1)//2, 1), absmax float32 per block)."""
     require_compiled("quantize_nf4")
@@ -118,8 +134,11 @@ if HAS_C:
 
     @torch.library.register_fake("lora_ext::double_quant")
     def _double_quant_fake(absmax, code, blocksize):
+        _check_one_device("double_quant", absmax, code)
         torch._check(absmax.dtype == torch.float32, lambda: f"double_quant: absmax must be float32, got {absmax.dtype}")
         torch._check(code.numel() == 256, lambda: f"double_quant: code must have 256 entries, got {code.numel()}")
+        torch._check(_valid_blocksize(blocksize),
+                     lambda: f"double_quant: blocksize must be a power of two in [32, 4096], got {blocksize}")
         n = absmax.numel()
         return (absmax.new_empty((n,), dtype=torch.uint8),
                 absmax.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32),
@@ -129,6 +148,8 @@ if HAS_C:
     def _dequantize_nf4_fake(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
                              offset=None, nested_blocksize=256):
         n = math.prod(shape)
+        _check_one_device("dequantize_nf4", packed, absmax, nested_absmax, nested_code, offset)
+        _check_shape("dequantize_nf4", shape)
         torch._check(_valid_blocksize(blocksize), lambda: f"blocksize must be a power of two in [32, 4096], got {blocksize}")
         torch._check(dtype in _FLOAT_TYPES, lambda: f"dequantize_nf4: dtype must be float32/float16/bfloat16, got {dtype}")
         torch._check(packed.dtype == torch.uint8, lambda: f"dequantize_nf4: packed weight must be uint8, got {packed.dtype}")
@@ -141,6 +162,7 @@ if HAS_C:
     @torch.library.register_fake("lora_ext::dequantize_nf4_out")
     def _dequantize_nf4_out_fake(packed, absmax, blocksize, out, nested_absmax=None, nested_code=None, offset=None,
                                  nested_blocksize=256):
+        _check_one_device("dequantize_nf4_out", packed, absmax, out, nested_absmax, nested_code, offset)
         torch._check(out.dtype in _FLOAT_TYPES, lambda: f"dequantize_nf4_out: out must be float32/float16/bfloat16, got {out.dtype}")
         torch._check(packed.numel() == (out.numel() + 1) // 2,
                      lambda: f"dequantize_nf4_out: packed weight must have {(out.numel() + 1) // 2} elements, got {packed.numel()}")
@@ -149,8 +171,10 @@ if HAS_C:
     @torch.library.register_fake("lora_ext::nf4_linear")
     def _nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias=None, nested_absmax=None, nested_code=None,
                          offset=None, nested_blocksize=256, gemv_max_m=-1):
-        torch._check(x.dtype in _FLOAT_TYPES, lambda: f"nf4_linear: input must be float32/float16/bfloat16, got {x.dtype}")
-        torch._check(x.dim() >= 1, lambda: "nf4_linear: input must have at least one dimension")
+        _check_one_device("nf4_linear", x, packed, absmax, bias, nested_absmax, nested_code, offset)
+        torch._check(x.dtype in (*_FLOAT_TYPES, torch.float64),  # float64: gradcheck, as the kernels
+                     lambda: f"nf4_linear: input must be float32/float16/bfloat16 (or float64), got {x.dtype}")
+        _check_features("nf4_linear", x)
         torch._check(packed.numel() == (out_features * x.shape[-1] + 1) // 2,
                      lambda: f"nf4_linear: packed weight must hold {out_features} x {x.shape[-1]} codes")
         torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == out_features),
@@ -160,6 +184,8 @@ if HAS_C:
     @torch.library.register_fake("lora_ext::nf4_linear_grad_input")
     def _nf4_linear_grad_input_fake(grad_out, packed, absmax, in_features, blocksize, nested_absmax=None,
                                     nested_code=None, offset=None, nested_blocksize=256):
+        _check_one_device("nf4_linear_grad_input", grad_out, packed, absmax, nested_absmax, nested_code, offset)
+        _check_features("nf4_linear_grad_input", grad_out, "grad_output")
         torch._check(packed.numel() == (grad_out.shape[-1] * in_features + 1) // 2,
                      lambda: "nf4_linear_grad_input: packed weight does not match grad_output and in_features")
         return grad_out.new_empty((*grad_out.shape[:-1], in_features))
@@ -178,7 +204,7 @@ if HAS_C:
             grad_x = torch.ops.lora_ext.nf4_linear_grad_input(grad, packed, absmax, ctx.in_features, ctx.blocksize,
                                                              nested_absmax, nested_code, offset, ctx.nested_blocksize)
         if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0)  # (-1, 0): ambiguous
         return grad_x, None, None, None, None, grad_bias, None, None, None, None, None
 
     torch.library.register_autograd("lora_ext::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)
@@ -190,22 +216,29 @@ if HAS_C:
 
     @torch.library.register_fake("lora_ext::lora_forward")
     def _lora_forward_fake(x, base_out, A, B, scale, dropout_p, seed):
+        _check_one_device("lora_forward", x, base_out, A, B)
+        _check_features("lora_forward", x)
         torch._check(A.dim() == 2 and A.shape[1] == x.shape[-1],
                      lambda: f"lora_forward: lora_A must be (r, {x.shape[-1]}), got {tuple(A.shape)}")
         torch._check(B.dim() == 2 and B.shape[1] == A.shape[0],
                      lambda: f"lora_forward: lora_B must be (out_features, {A.shape[0]}), got {tuple(B.shape)}")
-        torch._check(base_out.shape[-1] == B.shape[0], lambda: "lora_forward: base output features must match lora_B")
-        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        torch._check(base_out.dim() == x.dim() and base_out.shape[-1] == B.shape[0],
+                     lambda: f"lora_forward: base output must have the input's leading dims and {B.shape[0]} features, "
+                             f"got {tuple(base_out.shape)} for input {tuple(x.shape)}")
+        m = math.prod(x.shape[:-1])  # T has a row per row of x, also when x has no features
         return torch.empty_like(base_out), A.new_empty((m, A.shape[0]))
 
     @torch.library.register_fake("lora_ext::lora_backward")
     def _lora_backward_fake(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base=None):
+        _check_one_device("lora_backward", grad_y, x, T, A, B, grad_x_base)
         torch._check(grad_x_base is None or grad_x_base.numel() == x.numel(),
                      lambda: f"lora_backward: grad_x_base must have the input's {x.numel()} elements")
         return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B)
 
     @torch.library.register_fake("lora_ext::lora_linear")
     def _lora_linear_fake(x, weight, bias, A, B, scale, dropout_p, seed):
+        _check_one_device("lora_linear", x, weight, bias, A, B)
+        _check_features("lora_linear", x)
         torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
                      lambda: f"lora_linear: weight must be (out_features, {x.shape[-1]}), got {tuple(weight.shape)}")
         # linear on fake tensors: the real kernel's output dtype, under autocast too
@@ -214,7 +247,8 @@ if HAS_C:
     @torch.library.register_fake("lora_ext::lora_nf4_linear")
     def _lora_nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
                               nested_blocksize, A, B, scale, dropout_p, seed):
-        base = _nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias)
+        base = _nf4_linear_fake(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
+                                nested_blocksize)
         return _lora_forward_fake(x, base, A, B, scale, dropout_p, seed)
 
     # Every op with a LoRA branch has inputs x, ..., A, B, scale, dropout_p, seed and outputs (y, T).
@@ -291,6 +325,7 @@ if HAS_C:
                                     setup_context=_lora_nf4_linear_setup)
 
     def _merge_fake(W, A, B, scale):
+        _check_one_device("merge", W, A, B)
         torch._check(W.dim() == 2 and A.dim() == 2 and B.dim() == 2, lambda: "merge: W, A and B must be 2-D")
         torch._check(A.shape[1] == W.shape[1] and B.shape[0] == W.shape[0] and A.shape[0] == B.shape[1],
                      lambda: f"merge: A must be (r, {W.shape[1]}) and B ({W.shape[0]}, r)")
@@ -303,6 +338,10 @@ if HAS_C:
     def _merge_nf4_fake(packed, absmax, blocksize, shape, A, B, scale, nested_absmax=None, nested_code=None,
                         offset=None, nested_blocksize=256):
         n = math.prod(shape)
+        _check_one_device("merge_nf4", packed, absmax, A, B, nested_absmax, nested_code, offset)
+        _check_shape("merge_nf4", shape)
         torch._check(len(shape) == 2, lambda: f"merge_nf4: the NF4 weight must be 2-D, got shape {shape}")
+        torch._check(_valid_blocksize(blocksize),
+                     lambda: f"merge_nf4: blocksize must be a power of two in [32, 4096], got {blocksize}")
         return (packed.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
                 packed.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))

@@ -84,7 +84,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     n = x.numel()
     nblocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
-    absmax = torch.nan_to_num(padded.abs(), nan=0.0).max(dim=-1)[0] if n else x.new_empty(0)
+    # NaN is skipped by the max; +Inf stays Inf (nan_to_num alone would clamp it to the largest float)
+    absmax = torch.nan_to_num(padded.abs(), nan=0.0, posinf=math.inf).max(dim=-1)[0] if n else x.new_empty(0)
     inv = (1.0 / absmax).view(-1, 1)
     v = padded * inv
     v = torch.where(v >= -1.0, v, torch.full_like(v, -1.0)).clamp(max=1.0)  # NaN -> -1
@@ -96,7 +97,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
 
 def double_quant(absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
     """-> (qabsmax uint8, nested_absmax float32, offset 0-dim float32)."""
-    absmax = absmax.reshape(-1).float()
+    absmax = absmax.reshape(-1).float().contiguous()  # torch's mean rounds by memory order: the kernels' order
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
     q, nested = quantize_blockwise_8bit(absmax - offset, code, blocksize)
     return q, nested, offset
@@ -191,10 +192,15 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.where(keep, x.float() * torch.tensor(scale, dtype=torch.float32), 0.0).to(x.dtype)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a matrix over its last dimension (reshape(-1, K) is ambiguous when K is 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def lora_forward(x, base_out, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0):
     """(y, T): T = dropout(x) A^T in the adapters' dtype, y = base_out + scale T B^T."""
     xd = lora_dropout(x, dropout_p, seed) if dropout_p > 0 else x
-    T = xd.reshape(-1, x.shape[-1]).to(A.dtype) @ A.t()
+    T = _rows(xd).to(A.dtype) @ A.t()
     delta = (T @ B.t()) * scale
     y = base_out + delta.reshape(base_out.shape).to(base_out.dtype)
     return y, T
@@ -202,11 +208,11 @@ def lora_forward(x, base_out, A, B, scale: float, dropout_p: float = 0.0, seed: 
 
 def lora_backward(grad_y, x, T, A, B, scale: float, dropout_p: float = 0.0, seed: int = 0, grad_x_base=None):
     """(dx, dA, dB) of lora_forward's LoRA branch; dx includes grad_x_base (the base's dx) when given."""
-    dy = grad_y.reshape(-1, grad_y.shape[-1]).to(A.dtype)
+    dy = grad_y.reshape(math.prod(x.shape[:-1]), B.shape[0]).to(A.dtype)  # the kernels' view of it
     dT = (dy @ B) * scale
     dB = (dy.t() @ T.to(A.dtype)) * scale
     xd = lora_dropout(x, dropout_p, seed) if dropout_p > 0 else x
-    dA = dT.t() @ xd.reshape(-1, x.shape[-1]).to(A.dtype)
+    dA = dT.t() @ _rows(xd).to(A.dtype)
     dx = dT @ A
     if dropout_p > 0:
         dx = lora_dropout(dx, dropout_p, seed)

@@ -140,3 +140,55 @@ def test_bad_adapter_names_are_refused_by_name(saved):
     with torch.no_grad():  # and the model still runs as it did
         torch.testing.assert_close(ours(ids, adapter_names=["a", "a", "a"]).logits, ours(ids).logits, rtol=0,
                                    atol=0)
+
+
+@pytest.fixture(scope="module")
+def different_targets(tmp_path_factory):
+    """Two PEFT adapters of one base with different targets and ranks: the second also adapts the MLP."""
+    root = tmp_path_factory.mktemp("targets")
+    for seed, (name, targets, r) in enumerate([("first", ["q_proj", "v_proj"], 4),
+                                               ("second", ["q_proj", "v_proj", "down_proj", "gate_proj"], 6)]):
+        torch.manual_seed(10 + seed)
+        model = peft.get_peft_model(llama(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                             init_lora_weights=False))
+        model.save_pretrained(str(root / name))
+    theirs = peft.PeftModel.from_pretrained(llama(), str(root / "first"), adapter_name="first")
+    theirs.load_adapter(str(root / "second"), "second")
+    return root, theirs.eval()
+
+
+def test_adapters_with_different_targets_side_by_side(different_targets, tmp_path):
+    root, theirs = different_targets
+    ours = lora_ext.LoraModel.from_pretrained(llama(), str(root / "first"), adapter_name="first").eval()
+    first = {n: m.lora_A for n, m in ours.lora_layers().items()}
+    ours.load_adapter(str(root / "second"), "second")
+    layers = ours.lora_layers()
+    assert layers["model.layers.1.mlp.down_proj"].lora_A is None  # "first" does not reach the MLP
+    assert all(layers[n].lora_A is A for n, A in first.items())  # loading "second" left "first" as it was
+    ids = _ids(4)
+    names = ["second", "first", "__base__", "second"]
+    with torch.no_grad():
+        for name in ("first", "second", "first"):
+            ours.set_adapter(name)
+            theirs.set_adapter(name)
+            torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(ids, adapter_names=names).logits,
+                                   theirs(input_ids=ids, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+        ours.set_adapter("second")
+        expected = ours(ids).logits
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        ours.unmerge_adapter()
+    ours.save_pretrained(str(tmp_path))  # "first" would go to tmp_path/first: only the default name is at the root
+    for name in ("first", "second"):
+        reloaded = peft.PeftModel.from_pretrained(llama(), str(tmp_path / name)).eval()
+        theirs.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    ours.set_adapter("first")
+    ours.delete_adapter("second")
+    ours.load_adapter(str(root / "second"), "first")  # under the active name, other targets: replaces it
+    theirs.set_adapter("second")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    assert sorted(ours.peft_config) == ["first"] and ours.peft_config["first"].r == 6

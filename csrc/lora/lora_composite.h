@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "common/no_autocast.h"
@@ -31,7 +32,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   at::Tensor xd = x.reshape({d.M, d.K}).to(cdt);
   if (dropout_p > 0.0) xd = dropout(xd.contiguous(), dropout_spec(dropout_p, static_cast<uint64_t>(seed)));
   const at::Tensor T = at::mm(xd, A.to(cdt).t());
-  const at::Tensor y = at::addmm(base_out.reshape({d.M, d.N}).to(cdt), T, B.to(cdt).t(), 1.0, scale);
+  const at::Tensor base = base_out.reshape({d.M, d.N}).to(cdt);
+  // The CUDA kernels (and the reference) compute scale * (T B^T) whatever the scale. BLAS does not: it skips the
+  // product when alpha is 0 (also a scale that rounds to 0 in fp32), dropping the branch's NaN/Inf, and a NaN or
+  // Inf alpha reaches the output or not depending on the shape. Only a finite, nonzero scale takes addmm.
+  const float scale32 = static_cast<float>(scale);
+  const at::Tensor y = std::isfinite(scale32) && scale32 != 0.0f ? at::addmm(base, T, B.to(cdt).t(), 1.0, scale)
+                                                                  : base.add(at::mm(T, B.to(cdt).t()).mul_(scale));
   return {y.to(base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
 }
 

@@ -66,7 +66,8 @@ at::Tensor gemv(const at::Tensor& x32, const at::Tensor& packed, const BlockScal
   at::Tensor y = at::empty({M, N}, x32.options());
   const float* x = x32.const_data_ptr<float>();
   const uint8_t* q = packed.const_data_ptr<uint8_t>();
-  at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  // contiguous: .to() hands back a float32 bias as it is, strides and all, and it is read as an array
+  at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const bool simd = x86_simd_enabled();

@@ -10,28 +10,25 @@ import torch
 
 from ..model import get_peft_model
 from ..nf4 import dtype_name
-from . import adapters, peers, work
+from . import adapters, train_step, work
 from .timing import EFFORT
-from .train_step import CONFIGS, R, TARGETS, TINY, _llama, _make_step
+from .train_step import R, TARGETS, _make_step
 
 MODES = {"off": False, "on": True, "unsloth": "unsloth"}
 
 
 def run(device: torch.device, ceilings, scale: str) -> dict:
     notes, rows = [], []
-    cfg, (batch, seq) = TINY if scale == "tiny" else CONFIGS[device.type, scale]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dense = peers.attempt("transformers Llama", lambda: _llama(cfg, device, dtype).requires_grad_(False), notes)
-    if dense is None:
+    ready = train_step.setup(device, scale, notes)
+    if ready is None:
         return {"rows": [], "notes": notes}
+    cfg, batch, seq, dtype, dense, sets = ready
 
     def build(mode):
         return lambda: get_peft_model(copy.deepcopy(dense), r=R, lora_alpha=2 * R, target_modules=TARGETS,
                                       init_lora_weights=False, quantize_base="nf4",
                                       use_gradient_checkpointing=mode).train()
 
-    gen = torch.Generator().manual_seed(1)
-    sets = [(torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device),) for _ in range(4)]
     flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, seq)  # useful work: recomputation not counted
     res = adapters.run_peers({f"checkpointing {name}": build(mode) for name, mode in MODES.items()}, _make_step,
                              sets, device, EFFORT[scale], notes)

@@ -47,15 +47,25 @@ def _make_step(model) -> tuple:
     return step, [model, opt]
 
 
-def run(device: torch.device, ceilings, scale: str) -> dict:
-    notes, rows = [], []
+def setup(device: torch.device, scale: str, notes: list):
+    """(config, batch, seq, dtype, the frozen dense model, token batches to rotate), or None without
+    transformers (a note says so)."""
     cfg, (batch, seq) = TINY if scale == "tiny" else CONFIGS[device.type, scale]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dense = peers.attempt("transformers Llama", lambda: _llama(cfg, device, dtype).requires_grad_(False), notes)
     if dense is None:
-        return {"rows": [], "notes": notes}
+        return None
     gen = torch.Generator().manual_seed(1)
     sets = [(torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device),) for _ in range(4)]
+    return cfg, batch, seq, dtype, dense, sets
+
+
+def run(device: torch.device, ceilings, scale: str) -> dict:
+    notes, rows = [], []
+    ready = setup(device, scale, notes)
+    if ready is None:
+        return {"rows": [], "notes": notes}
+    cfg, batch, seq, dtype, dense, sets = ready
     flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, seq)
     res = adapters.run_peers(adapters.builders(dense, TARGETS, R, notes, frozen_base=False), _make_step, sets,
                              device, EFFORT[scale], notes)
