@@ -56,6 +56,9 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
     W or a bias that requires grad gets its gradient (the base then runs as its own autograd node)."""
     p, seed = _dropout_seed(dropout, training)
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (weight, bias)):
+        out_features = weight.shape[0]
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+            raise RuntimeError(f"lora_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
         if isinstance(weight, NF4Weight):
             base = nf4_linear(x, weight, bias)
         else:
@@ -178,6 +181,10 @@ class LoraLinear(nn.Module):
             raise RuntimeError("LoraLinear.merge: the base weight is shared with another LoRA layer (tied weights); "
                                "merging would apply the update to both. Untie the weights or merge one copy.")
         base = self.base_layer
+        if not isinstance(base, NF4Linear) and torch._debug_has_internal_overlap(base.weight) != 0:
+            raise RuntimeError("LoraLinear.merge: the base weight's elements share memory (an expanded view), so "
+                               "it cannot take a merged update in place; give the base a weight of its own "
+                               "(base.weight.data = base.weight.data.clone())")
         if isinstance(base, NF4Linear):
             new, err = merge_nf4(base.qweight, self.lora_A, self.lora_B, self.scaling)
             if safe_merge and not torch.isfinite(new.dequantize(torch.float32)).all():

@@ -175,6 +175,7 @@ if HAS_C:
         torch._check(x.dtype in (*_FLOAT_TYPES, torch.float64),  # float64: gradcheck, as the kernels
                      lambda: f"nf4_linear: input must be float32/float16/bfloat16 (or float64), got {x.dtype}")
         _check_features("nf4_linear", x)
+        torch._check(out_features >= 0, lambda: f"nf4_linear: out_features must be >= 0, got {out_features}")
         torch._check(packed.numel() == (out_features * x.shape[-1] + 1) // 2,
                      lambda: f"nf4_linear: packed weight must hold {out_features} x {x.shape[-1]} codes")
         torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == out_features),
@@ -186,6 +187,7 @@ if HAS_C:
                                     nested_code=None, offset=None, nested_blocksize=256):
         _check_one_device("nf4_linear_grad_input", grad_out, packed, absmax, nested_absmax, nested_code, offset)
         _check_features("nf4_linear_grad_input", grad_out, "grad_output")
+        torch._check(in_features >= 0, lambda: f"nf4_linear_grad_input: in_features must be >= 0, got {in_features}")
         torch._check(packed.numel() == (grad_out.shape[-1] * in_features + 1) // 2,
                      lambda: "nf4_linear_grad_input: packed weight does not match grad_output and in_features")
         return grad_out.new_empty((*grad_out.shape[:-1], in_features))
@@ -239,8 +241,14 @@ if HAS_C:
     def _lora_linear_fake(x, weight, bias, A, B, scale, dropout_p, seed):
         _check_one_device("lora_linear", x, weight, bias, A, B)
         _check_features("lora_linear", x)
+        torch._check(x.dtype in (*_FLOAT_TYPES, torch.float64),
+                     lambda: f"lora_linear: input must be float32, float16, bfloat16 or float64, got {x.dtype}")
         torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
                      lambda: f"lora_linear: weight must be (out_features, {x.shape[-1]}), got {tuple(weight.shape)}")
+        n = weight.shape[0]
+        torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == n and bias.is_floating_point()),
+                     lambda: f"lora_linear: bias must be floating point of shape ({n},), got {bias.dtype} of shape "
+                             f"{tuple(bias.shape)}")
         # linear on fake tensors: the real kernel's output dtype, under autocast too
         return _lora_forward_fake(x, torch.nn.functional.linear(x, weight, bias), A, B, scale, dropout_p, seed)
 

@@ -104,8 +104,10 @@ def double_quant(absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NEST
 
 
 def decode_absmax(qabsmax, nested_absmax, code, offset, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    # flat, as the kernels read them (they check element counts only: a 0-dim nested_absmax is one block's)
+    qabsmax, nested_absmax, code = qabsmax.reshape(-1), nested_absmax.reshape(-1), code.reshape(-1)
     idx = torch.arange(qabsmax.numel(), device=qabsmax.device) // nested_blocksize
-    return code.to(qabsmax.device)[qabsmax.long()] * nested_absmax[idx] + offset
+    return code.to(qabsmax.device)[qabsmax.long()] * nested_absmax[idx] + offset.reshape(())
 
 
 def unpack_nf4_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -122,7 +124,7 @@ def dequantize_nf4(packed, absmax, blocksize: int, shape: Sequence[int], dtype: 
     if nested_absmax is not None:
         absmax = decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     values = NF4_CODE.to(packed.device, compute_dtype)[unpack_nf4_codes(packed, n)]
-    scale = absmax.to(compute_dtype)[torch.arange(n, device=packed.device) // blocksize]
+    scale = absmax.reshape(-1).to(compute_dtype)[torch.arange(n, device=packed.device) // blocksize]
     return (values * scale).to(dtype).reshape(shape)
 
 

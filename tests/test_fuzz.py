@@ -67,8 +67,16 @@ def fuzz_results(request, tmp_path_factory):
 @pytest.mark.parametrize("target", fuzz_cases.TARGET_NAMES)
 def test_fuzz(fuzz_results, target):
     result = fuzz_results[target]
+    print(f"{target}: {result['examples']} cases in {result.get('seconds')} s")  # (pytest -rA shows it)
     assert result["status"] == "ok", f"{target}: {result['status']}\n{result['detail']}"
     assert result["examples"] > 0
+
+
+@pytest.mark.parametrize("defect", list(fuzz_cases.KNOWN_DEFECTS))
+def test_defects_the_fuzz_found_stay_fixed(defect):
+    """Each case once gave torch's own message instead of ours (fixed in lora.py): it must now keep the rule."""
+    case = fuzz_cases.KNOWN_DEFECTS[defect]
+    fuzz_cases.TARGETS[case.target].run(case)
 
 
 def test_a_crash_fails_its_target_with_its_case_and_the_rest_runs_on(tmp_path):

@@ -28,8 +28,14 @@ Pair lora_forward(const at::Tensor& x, const at::Tensor& base_out, const at::Ten
 
 Pair lora_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& A,
                  const at::Tensor& B, double scale, double dropout_p, int64_t seed) {
+  LORA_CHECK(is_float_or_double(x.scalar_type()),  // before at::linear, whose message names no argument
+             "lora_linear: input must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
   LORA_CHECK(weight.dim() == 2 && x.dim() >= 1 && weight.size(1) == x.size(-1),
              "lora_linear: weight must be (out_features, ", x.dim() >= 1 ? x.size(-1) : 0, "), got ", weight.sizes());
+  // as nf4_linear's: at::linear would broadcast another shape, or fail with a message that names no argument
+  LORA_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_floating_point()),
+             "lora_linear: bias must be floating point of shape (", weight.size(0), ",), got ", bias->scalar_type(),
+             " of shape ", bias->sizes());
   return lora_forward(x, at::linear(x, weight, bias), A, B, scale, dropout_p, seed);
 }
 
