@@ -334,7 +334,6 @@ class Rule:
     contiguous: bool = False
     optional: bool = False
     reshape: bool = True  # False: a module's weight, whose shape its module fixes
-    layouts: str = "txs"  # what a layout mutation draws (of a contiguous-only argument)
 
 
 def tensor(shape, dtypes=FLOATS, layouts=LAYOUTS, fill="randn", specials=SPECIALS, device="cpu"):
@@ -363,7 +362,7 @@ def _mutated_tensor(draw, spec: T, rule: Rule):
     if kind == "meta":
         return replace(spec, device="meta")
     if kind == "layout":
-        return replace(spec, layout=draw(st.sampled_from(rule.layouts)))
+        return replace(spec, layout=draw(st.sampled_from("txs")))
     return None
 
 
@@ -852,9 +851,6 @@ def _lora_linear_public_args(draw, dims, device):
         del args[k]
     rules.pop("seed")
     rules["dropout"] = rules.pop("dropout_p")
-    # No bias mutation: with a trainable weight the bias goes unchecked to F.linear in lora.py, whose message for
-    # another shape names no argument (test_fuzz.py::test_known_defect, strict xfail until lora.py checks it).
-    del rules["bias"]
     grad = draw(st.booleans())
     # No NaN scale with gradients: over an empty batch autograd's (dy s)^T T is 0, the kernels' s (dy^T T) NaN.
     args.update(scaling=draw(FINITE_SCALES if grad else SCALES), dropout=draw(GOOD_P), training=draw(st.booleans()),
@@ -968,9 +964,7 @@ def _lora_layer_args(draw, dims, device):
     rules = dict(r=st.sampled_from((0, -1, 10**6, 2.5, True, "8", None)),
                  lora_alpha=st.sampled_from((-1.0, NAN, -INF, "8")), lora_dropout=BAD_P,
                  init=st.sampled_from(("bogus", 3, None)), x=Rule((dt,)),
-                 # Not expanded: safe_merge copies into it, and torch's overlap message names no argument
-                 # (test_fuzz.py::test_known_defect, strict xfail until lora.py checks it).
-                 weight=Rule((dt,), contiguous=True, reshape=False, layouts="ts"))
+                 weight=Rule((dt,), contiguous=True, reshape=False))
     return args, rules, True
 
 
@@ -1220,7 +1214,7 @@ REGRESSIONS = {
 for _name, _cases in REGRESSIONS.items():
     TARGETS[_name] = replace(TARGETS[_name], examples=_cases)
 
-# Defects in lora.py, kept out of the draws above: tests/test_fuzz.py runs them as strict xfails.
+# Defects the fuzz found in lora.py (fixed there): tests/test_fuzz.py checks they stay fixed.
 KNOWN_DEFECTS = {
     "lora.lora_linear with a trainable weight: a bias of another shape gets torch's broadcast message": Case.of(
         "lora_linear_public", False, x=T((1,)), A=T((1, 1)), B=T((2, 1)), weight=T((2, 1)), bias=T((2, 2)),
