@@ -25,7 +25,9 @@ RETURNED = {"summary.md", "results.json", "results_cuda_cores.json", "bench.png"
 
 def _run(tmp_path, *args, **env):
     out = tmp_path / "out"
-    environment = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    # gpu_check's own defaults are under test: nothing from the caller's environment (CI exports MAX_JOBS=2)
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("PYTHON", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "GPU_CHECK_BUDGET_S")}
     environment.update(OUT=str(out), TMPDIR=str(tmp_path), **env)
     result = subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=ROOT, env=environment, capture_output=True,
                             text=True, timeout=120)
