@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import json
 import os
 import re
@@ -120,7 +121,7 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, loftq_config=loftq_config)
     _check_other_keywords(other_keywords)
     if is_config_object(r):
-        given = sorted(k for k, v in lora_keywords.items() if not _same_value(v, _LORA_DEFAULTS[k]))
+        given = sorted(k for k, v in lora_keywords.items() if not _same_value(v, _lora_defaults()[k]))
         if given:
             raise TypeError(f"get_peft_model: pass either a LoraConfig or LoRA keywords, not both (got a LoraConfig "
                             f"and {given})")
@@ -151,9 +152,12 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
     return LoraModel(model, config, adapter_name)
 
 
-_LORA_DEFAULTS = dict(target_modules=DEFAULT_TARGETS, lora_alpha=16, lora_dropout=0.0, bias="none", use_rslora=False,
-                      init_lora_weights=True, layers_to_transform=None, modules_to_save=None, rank_pattern=None,
-                      alpha_pattern=None, loftq_config=None)
+def _lora_defaults() -> dict:
+    """get_peft_model's own defaults for the LoRA keywords (what 'not given' means beside a LoraConfig)."""
+    params = inspect.signature(get_peft_model).parameters
+    return {k: params[k].default for k in ("target_modules", "lora_alpha", "lora_dropout", "bias", "use_rslora",
+                                           "init_lora_weights", "layers_to_transform", "modules_to_save",
+                                           "rank_pattern", "alpha_pattern", "loftq_config")}
 
 
 def _same_value(a, b) -> bool:
