@@ -12,6 +12,7 @@ from .ops import merge_lora_, unmerge_lora_
 from .merge import merge_nf4
 from .model import LoraConfig, LoraModel, get_peft_model
 from .loraplus import create_loraplus_optimizer
+from .multi_lora import multi_lora_linear
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "lora_scaling",
     "merge_lora_",
     "merge_nf4",
+    "multi_lora_linear",
     "unmerge_lora_",
     "nf4_linear",
     "quantize_nf4",

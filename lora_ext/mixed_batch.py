@@ -1,9 +1,11 @@
 """Many adapters in one batch, PEFT's `adapter_names`: each row of the batch names the adapter it runs
 with ("__base__" for the base alone). Inside the context every LoRA layer computes its base output once
-for the whole batch and adds, for each adapter present, that adapter's low-rank update to its rows (the
-LoRA operator over the row subset: fp32 math, one rounding); modules_to_save run each row through its
-adapter's copy. As in PEFT, inference only (the model must be in eval mode), and with beam search each
-name covers its row's beams.
+for the whole batch and adds each row's adapter update with one operator (lora_ext.multi_lora: the rows
+grouped by adapter once per batch, then one shrink and one expand over all adapters, fp32 math, one
+rounding). Where autograd would need a gradient (grad mode on and an adapter or input that requires it),
+each adapter's rows go through the differentiable LoRA operator instead, so gradients stay right.
+modules_to_save run each row through its adapter's copy. As in PEFT, the model must be in eval mode,
+and with beam search each name covers its row's beams.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import multi_lora, ops
 
 BASE = "__base__"
 _current = threading.local()
@@ -25,7 +27,10 @@ class MixedBatch:
     def __init__(self, names: list, layer_adapters: dict):
         self.names = list(names)
         self.layer_adapters = layer_adapters  # id(layer) -> {adapter: (A, B, scaling)}
+        self.order = sorted({n for n in self.names if n != BASE})  # the operator's adapter indices
         self._groups: dict = {}
+        self._plans: dict = {}
+        self._lists: dict = {}
 
     def groups(self, rows: int) -> dict:
         """adapter -> row indices for a batch of `rows` (a multiple of len(names): beams, repeated prompts)."""
@@ -40,11 +45,47 @@ class MixedBatch:
             self._groups[rows] = {name: torch.tensor(idx) for name, idx in groups.items()}
         return self._groups[rows]
 
+    def plan(self, x: torch.Tensor) -> multi_lora.MultiLoraPlan:
+        """The plan for x's rows (leading dims flattened: a batch row's tokens share its adapter)."""
+        key = (x.shape[:-1], x.device)
+        if key not in self._plans:
+            rows = x.shape[0]
+            self.groups(rows)  # the row-count check
+            per = rows // len(self.names)
+            index = {n: i for i, n in enumerate(self.order)}
+            per_row = torch.tensor([index.get(n, -1) for n in self.names]).repeat_interleave(per)
+            tokens = x.shape[:-1].numel() // max(rows, 1)
+            self._plans[key] = multi_lora.plan(per_row.repeat_interleave(tokens), len(self.order), x.device)
+        return self._plans[key]
+
+    def adapter_lists(self, layer, x: torch.Tensor, out: torch.Tensor) -> tuple:
+        """This layer's (A, B, scale) per adapter of the batch, in self.order; an adapter that does not
+        target the layer is rank 0 here."""
+        if id(layer) not in self._lists:
+            adapters = self.layer_adapters.get(id(layer), {})
+            empty_A = x.new_empty((0, x.shape[-1]))
+            empty_B = x.new_empty((out.shape[-1], 0))
+            A = [adapters[n][0] if n in adapters else empty_A for n in self.order]
+            B = [adapters[n][1] if n in adapters else empty_B for n in self.order]
+            scales = [adapters[n][2] if n in adapters else 0.0 for n in self.order]
+            self._lists[id(layer)] = (A, B, scales)
+        return self._lists[id(layer)]
+
     def lora_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.merged:
             raise RuntimeError("adapter_names: the active adapter is merged into the base; unmerge it first")
         out = layer.base_layer(x)
         adapters = self.layer_adapters.get(id(layer), {})
+        if not adapters:
+            return out
+        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad or any(
+                t.requires_grad for A, B, _ in adapters.values() for t in (A, B))):
+            return self._differentiable(out, x, adapters)
+        A, B, scales = self.adapter_lists(layer, x, out)
+        return multi_lora.add_adapters_(out.contiguous(), x, A, B, scales, self.plan(x))
+
+    def _differentiable(self, out: torch.Tensor, x: torch.Tensor, adapters: dict) -> torch.Tensor:
+        """Each adapter's rows through the LoRA operator, which autograd differentiates."""
         for name, rows in self.groups(x.shape[0]).items():
             if name == BASE or name not in adapters:
                 continue  # an adapter that does not target this layer leaves its rows to the base

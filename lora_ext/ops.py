@@ -122,6 +122,15 @@ def unmerge_lora_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     return W
 
 
+def multi_lora_forward_(y: torch.Tensor, x: torch.Tensor, lora_A: Sequence[torch.Tensor],
+                        lora_B: Sequence[torch.Tensor], scales: Sequence[float], rows: torch.Tensor,
+                        tiles: torch.Tensor) -> torch.Tensor:
+    """y += each row's adapter update in place (csrc/ops.cpp says the plan's layout); returns y."""
+    require_compiled("multi_lora_forward_")
+    torch.ops.lora_ext.multi_lora_forward_(y, x, list(lora_A), list(lora_B), [float(s) for s in scales], rows, tiles)
+    return y
+
+
 if HAS_C:
 
     @torch.library.register_fake("lora_ext::quantize_nf4")
@@ -353,3 +362,25 @@ if HAS_C:
                      lambda: f"merge_nf4: blocksize must be a power of two in [32, 4096], got {blocksize}")
         return (packed.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
                 packed.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))
+
+    @torch.library.register_fake("lora_ext::multi_lora_forward_")
+    def _multi_lora_forward_fake(y, x, lora_A, lora_B, scales, rows, tiles):
+        _check_one_device("multi_lora_forward_", y, x, rows, tiles, *lora_A, *lora_B)
+        _check_features("multi_lora_forward_", x)
+        _check_features("multi_lora_forward_", y, "output")
+        k, n = x.shape[-1], y.shape[-1]
+        torch._check(math.prod(y.shape[:-1]) == math.prod(x.shape[:-1]),
+                     lambda: f"multi_lora_forward_: the output must have a row per row of the input, got "
+                             f"{tuple(y.shape)} for input {tuple(x.shape)}")
+        torch._check(len(lora_A) == len(lora_B) == len(scales),
+                     lambda: "multi_lora_forward_: lora_A, lora_B and scales must have one entry per adapter")
+        for i, (a, b) in enumerate(zip(lora_A, lora_B)):
+            torch._check(a.dim() == 2 and a.shape[1] == k,
+                         lambda: f"multi_lora_forward_: lora_A[{i}] must be (r, {k}), got {tuple(a.shape)}")
+            torch._check(b.dim() == 2 and b.shape[0] == n and b.shape[1] == a.shape[0],
+                         lambda: f"multi_lora_forward_: lora_B[{i}] must be ({n}, {a.shape[0]}), got {tuple(b.shape)}")
+        torch._check(rows.dim() == 1 and rows.dtype == torch.int64,
+                     lambda: f"multi_lora_forward_: rows must be a 1-D int64 tensor, got {rows.dtype}")
+        torch._check(tiles.dim() == 2 and tiles.shape[1] == 3 and tiles.dtype == torch.int32,
+                     lambda: f"multi_lora_forward_: tiles must be int32 of shape (n, 3), got {tiles.dtype}")
+        return None

@@ -236,6 +236,19 @@ def lora_nf4_linear(x, packed, absmax, out_features: int, blocksize: int, bias, 
     return lora_forward(x, base, A, B, scale, dropout_p, seed)
 
 
+def multi_lora_forward(y, x, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float],
+                       adapter_indices) -> torch.Tensor:
+    """A new y: each row i of x with adapter a = adapter_indices[i] (-1: none) gets y_i + scales[a] x_i A[a]^T B[a]^T,
+    in fp64, rounded once to y's dtype."""
+    idx = torch.as_tensor(adapter_indices, dtype=torch.int64).reshape(-1)
+    x2, y2 = _rows(x).double(), _rows(y).double().clone()
+    for a in range(len(A)):
+        rows = torch.nonzero(idx == a).flatten().to(y.device)
+        if rows.numel() and A[a].shape[0]:
+            y2[rows] += (x2[rows] @ A[a].double().t() @ B[a].double().t()) * float(scales[a])
+    return y2.to(y.dtype).reshape(y.shape)
+
+
 # ---------------------------------------------------------------- merge
 
 

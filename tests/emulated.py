@@ -31,6 +31,8 @@ SIGNATURES = {
                          + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
     "emu_lora_backward": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 8 + [c_i64] * 4
                           + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
+    "emu_multi_lora": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 7 + [c_i64] * 7 + [c_int]),
+    "emu_multi_shrink_splits": (c_int, [c_i64] * 4),
     "emu_set_tensor_cores": (None, [c_int]),
     "emu_mma_calls": (ctypes.c_uint64, []),
     "emu_lowrank_gemm": (c_int, [c_ptr, c_i64, c_i64, c_int, c_ptr, c_i64, c_i64, c_ptr, c_ptr, c_int, c_ptr]

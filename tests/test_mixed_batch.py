@@ -192,3 +192,50 @@ def test_adapters_with_different_targets_side_by_side(different_targets, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
     assert sorted(ours.peft_config) == ["first"] and ours.peft_config["first"].r == 6
+
+
+def _count_operator_calls(monkeypatch):
+    from lora_ext import multi_lora
+
+    calls = []
+    real = multi_lora.ops.multi_lora_forward_
+    monkeypatch.setattr(multi_lora.ops, "multi_lora_forward_", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_sixty_four_adapters_in_one_batch_through_the_operator(monkeypatch):
+    """64 adapters of ranks 1..8 and alphas of their own, one row each plus a base row, in one batch: each
+    layer makes one call of the mixed-batch operator, and every row equals its adapter run alone."""
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, init_lora_weights=False,
+                                    adapter_name="a0")
+    for i in range(1, 64):
+        model.add_adapter(f"a{i}", r=1 + i % 8, lora_alpha=2 + i % 5, init_lora_weights=False)
+    model.eval()
+    names = [f"a{i}" for i in torch.randperm(64).tolist()] + ["__base__"]
+    ids = _ids(len(names))
+    calls = _count_operator_calls(monkeypatch)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+    assert len(calls) == len(model.lora_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(mixed, _alone(model, ids, names), rtol=1e-5, atol=1e-5)
+
+
+def test_with_gradients_on_rows_go_through_the_differentiable_operator(saved, monkeypatch):
+    """Grad mode on (eval, no torch.no_grad()): the same logits, and the active adapter's gradient is the
+    one its own rows give run alone (the operator computes no gradient, so it must not be used)."""
+    ours = _ours(saved)
+    ids = _ids(len(NAMES))
+    calls = _count_operator_calls(monkeypatch)
+    mixed = ours(input_ids=ids, adapter_names=NAMES).logits
+    assert not calls
+    with torch.no_grad():
+        torch.testing.assert_close(mixed, ours(input_ids=ids, adapter_names=NAMES).logits, rtol=1e-6, atol=1e-6)
+    layer = ours.lora_layers()["model.layers.0.self_attn.q_proj"]
+    mixed[[i for i, n in enumerate(NAMES) if n == "a"]].sum().backward()
+    grad_mixed = layer.lora_B.grad.clone()
+    layer.lora_B.grad = None
+    rows = [i for i, n in enumerate(NAMES) if n == "a"]
+    ours(ids[rows]).logits.sum().backward()
+    torch.testing.assert_close(grad_mixed, layer.lora_B.grad, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,9 @@ int emu_lora_backward(const void*, int, const void*, int, const float*, const fl
                       float*, void*, const void*, int64_t, int64_t, int64_t, int64_t, float, double, uint64_t,
                       int64_t);
 void emu_set_tensor_cores(int);
+int emu_multi_lora(const void*, int, void*, int, const int64_t*, const int32_t*, const float* const*,
+                   const float* const*, const int64_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                   int64_t, int64_t, int64_t, int);
 }
 
 namespace {
@@ -142,6 +145,28 @@ int main() {
     emu_lora_backward(dyb.data(), kBF16, xb.data(), kBF16, A32.data(), B32.data(), T.data(), dT.data(), dB.data(),
                       dAt.data(), dxb.data(), nullptr, M, K, N, rank, 1.5f, 0.2, 9, 264);
     emu_set_tensor_cores(0);
+  }
+  // Mixed-adapter batch: 80 rows, 70 of them with an adapter (ranks 5, 0 and 20), one adapter's run a
+  // full tile of 64 plus a tile of 2; 70 output columns (two column tiles); K = 520 in two slices.
+  {
+    const int64_t M = 80, K = 520, N = 70, r_max = 20;
+    const int64_t ranks[3] = {5, 0, 20};
+    const float scales[3] = {0.5f, 1.0f, 2.0f};
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < 70; ++i) rows.push_back((i * 7) % M);  // distinct: 7 is prime to 80
+    const std::vector<int32_t> tiles = {2, 0, 64, 2, 64, 2, 0, 66, 3, 1, 69, 1};
+    const auto x = values(M * K, 11), A0 = values(5 * K, 7), B0 = values(N * 5, 9), A2 = values(20 * K, 5),
+               B2 = values(N * 20, 3);
+    const float* A[3] = {A0.data(), nullptr, A2.data()};
+    const float* B[3] = {B0.data(), nullptr, B2.data()};
+    auto y = values(M * N, 13);
+    std::vector<float> T(2 * rows.size() * r_max);
+    emu_multi_lora(x.data(), kF32, y.data(), kF32, rows.data(), tiles.data(), A, B, ranks, scales, T.data(), M, K, N,
+                   static_cast<int64_t>(rows.size()), 4, 3, r_max, 2);
+    const auto xb = bf16_values(M * K, 11);
+    auto yb = bf16_values(M * N, 13);
+    emu_multi_lora(xb.data(), kBF16, yb.data(), kBF16, rows.data(), tiles.data(), A, B, ranks, scales, T.data(), M, K,
+                   N, static_cast<int64_t>(rows.size()), 4, 3, r_max, 2);
   }
   std::printf("every_launcher: done\n");
   return 0;

@@ -8,6 +8,7 @@
 #include "lora/lora_launch.h"
 #include "lora/lora_plan.h"
 #include "merge/merge_launch.h"
+#include "multi/multi_launch.h"
 #include "nf4/nf4_launch.h"
 #include "nf4/nf4_matmul_launch.h"
 
@@ -145,6 +146,38 @@ int emu_lora_backward(const void* dy, int y_dtype, const void* x, int x_dtype, c
   const auto plan = lora::backward_plan(s, dy, x, A32, B32, T32, dT, dB, dAt, dx, dx_base, scale,
                                         lora::dropout_spec(dropout_p, seed), dropout_p > 0.0, target_blocks);
   return run(plan.dT) && run(plan.dB) && run(plan.dAt) && run(plan.dx) ? 1 : 0;
+}
+
+// multi_lora_cuda_api.cpp's launch: the adapter table from per-adapter fp32 A and B, ranks and scales;
+// T (splits x n_sorted x r_max floats) is the caller's, so the tests can guard it.
+int emu_multi_lora(const void* x, int x_dtype, void* y, int y_dtype, const int64_t* rows, const int32_t* tiles,
+                   const float* const* A32, const float* const* B32, const int64_t* ranks, const float* scales,
+                   float* T, int64_t M, int64_t K, int64_t N, int64_t n_sorted, int64_t n_tiles, int64_t n_adapters,
+                   int64_t r_max, int splits) {
+  std::vector<multi::AdapterRef> table(static_cast<size_t>(n_adapters));
+  for (int64_t a = 0; a < n_adapters; ++a) table[a] = {A32[a], B32[a], ranks[a], scales[a]};
+  multi::MultiLoraParams p{};
+  p.x = x;
+  p.x_dtype = static_cast<multi::DType>(x_dtype);
+  p.y = y;
+  p.y_dtype = static_cast<multi::DType>(y_dtype);
+  p.rows = rows;
+  p.tiles = tiles;
+  p.adapters = table.data();
+  p.T = T;
+  p.M = M;
+  p.K = K;
+  p.N = N;
+  p.n_sorted = n_sorted;
+  p.n_tiles = n_tiles;
+  p.n_adapters = n_adapters;
+  p.r_max = r_max;
+  p.splits = splits;
+  return multi::launch_multi_lora(p, nullptr) ? 1 : 0;
+}
+
+int emu_multi_shrink_splits(int64_t n_tiles, int64_t r_max, int64_t K, int64_t target_blocks) {
+  return multi::multi_shrink_splits(n_tiles, r_max, K, target_blocks);
 }
 
 }  // extern "C"

@@ -1,0 +1,47 @@
+// One adapter's rows of a mixed batch through BLAS (MKL / cuBLAS): the CPU operator's path for groups
+// of many rows, and both devices' path for fp64. The products are fp32 (fp64 if any operand is), and
+// each updated row of y is rounded once, as in the kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace lora_ext {
+namespace multi {
+
+// y2 (M x N) rows `idx` += scale * x2[idx] A^T B^T.
+inline void add_group_composite(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                                double scale, const at::Tensor& idx, at::ScalarType cdt) {
+  const at::Tensor T = at::mm(x2.index_select(0, idx).to(cdt), A.to(cdt).t());
+  const at::Tensor base = y2.index_select(0, idx).to(cdt);
+  // addmm skips the product when alpha is 0 (or rounds to 0), dropping NaN/Inf from the branch; the
+  // kernels compute scale * (T B^T) whatever the scale (as lora_composite.h).
+  const float scale32 = static_cast<float>(scale);
+  const at::Tensor yg = std::isfinite(scale32) && scale32 != 0.0f ? at::addmm(base, T, B.to(cdt).t(), 1.0, scale)
+                                                                   : base.add(at::mm(T, B.to(cdt).t()).mul_(scale));
+  y2.index_copy_(0, idx, yg.to(y2.scalar_type()));
+}
+
+// The tiles as runs of consecutive positions of one adapter: (adapter, start, count) on the host.
+struct Group {
+  int64_t adapter, start, count;
+};
+
+inline std::vector<Group> groups_of(const at::Tensor& tiles_cpu) {
+  const at::Tensor t = tiles_cpu.contiguous();
+  const int32_t* tp = t.const_data_ptr<int32_t>();
+  std::vector<Group> out;
+  for (int64_t i = 0; i < t.size(0); ++i) {
+    const Group g{tp[3 * i], tp[3 * i + 1], tp[3 * i + 2]};
+    if (!out.empty() && out.back().adapter == g.adapter && out.back().start + out.back().count == g.start) {
+      out.back().count += g.count;
+    } else {
+      out.push_back(g);
+    }
+  }
+  return out;
+}
+
+}  // namespace multi
+}  // namespace lora_ext
