@@ -1,5 +1,6 @@
-"""A tiny LoRA forward and backward for compute-sanitizer's racecheck (bench/gpu_check.sh): shared
-memory hazards in the low-rank kernels, tensor-core and CUDA-core, on ragged shapes with split-K."""
+"""A tiny LoRA forward and backward, and a mixed-adapter batch, for compute-sanitizer's racecheck
+(bench/gpu_check.sh): shared memory hazards in the low-rank kernels, tensor-core and CUDA-core, and in the
+mixed-batch kernels, on ragged shapes with split-K."""
 import os
 import sys
 
@@ -19,6 +20,13 @@ def main() -> int:
             A, B = torch.randn(r, K, device="cuda") / K ** 0.5, torch.randn(N, r, device="cuda") / r ** 0.5
             y, T = torch.ops.lora_ext.lora_forward(x, base, A, B, 0.5, 0.2, 3)
             torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.5, 0.2, 3, torch.randn_like(x))
+    from lora_ext import multi_lora
+    ranks = [5, 0, 33]
+    As = [torch.randn(r, 520, device="cuda") for r in ranks]
+    Bs = [torch.randn(70, r, device="cuda") for r in ranks]
+    idx = torch.tensor([2] * 66 + [0, -1, 1, 0])
+    x, y = torch.randn(70, 520, device="cuda"), torch.randn(70, 70, device="cuda")
+    multi_lora.add_adapters_(y, x, As, Bs, [0.5, 1.0, 2.0], multi_lora.plan(idx, 3, "cuda"))
     torch.cuda.synchronize()
     print("gpu_racecheck: done")
     return 0

@@ -129,6 +129,20 @@ def main() -> int:
         lora_ext.merge_lora_(gpu, A.cuda(), B.cuda(), 0.5)
         if not torch.equal(gpu.cpu(), cpu):
             failures.append(("merge_lora_", dtype))
+    # Mixed-adapter batch: decode-like one-row tiles and prefill-like runs past 64 rows, ragged ranks, an
+    # adapter absent (r = 0), K in slices; against the CPU operator.
+    from lora_ext import multi_lora
+    ranks = [5, 0, 20, 16]
+    As = [torch.randn(r, 600) / 25 for r in ranks]
+    Bs = [torch.randn(70, r) for r in ranks]
+    for idx in (torch.tensor([3, 0, -1, 2, 2, 0, 3]), torch.arange(4).repeat_interleave(70)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y0 = torch.randn(idx.numel(), 600).to(dtype), torch.randn(idx.numel(), 70).to(dtype)
+            cpu = multi_lora.add_adapters_(y0.clone(), x, As, Bs, [0.5, 1, 2, 3], multi_lora.plan(idx, 4))
+            gpu = multi_lora.add_adapters_(y0.cuda(), x.cuda(), [a.cuda() for a in As], [b.cuda() for b in Bs],
+                                           [0.5, 1, 2, 3], multi_lora.plan(idx, 4, "cuda"))
+            if not _close(gpu, cpu, 1e-5 if dtype == torch.float32 else 1e-2):
+                failures.append(("multi_lora_forward_", idx.numel(), dtype))
     # An unaligned packed view takes the element-wise path.
     qw = lora_ext.quantize_nf4(torch.randn(64, 256, device="cuda"), 64, False)
     raw = torch.empty(qw.data.numel() + 1, dtype=torch.uint8, device="cuda")

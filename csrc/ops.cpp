@@ -72,11 +72,13 @@ TORCH_LIBRARY(lora_ext, m) {
       "(Tensor packed_out, Tensor absmax_out)");
 
   // Many adapters in one batch: y (the base output, M x N after flattening the leading dims) += on each
-  // row the LoRA update of its adapter, scales[a] x A[a]^T B[a]^T, accumulated in fp32, y rounded once.
-  // Adapter a has its own rank (A[a] is r_a x K, B[a] N x r_a; r_a = 0 where it does not target this
-  // layer). The plan (lora_ext.multi_lora.plan): `rows` lists the rows that have an adapter, grouped
-  // by adapter; `tiles` (n x 3 int32) cuts it into runs of at most 64 positions of one adapter:
-  // (adapter, first position, count). Rows in no tile keep the base output. Inference: no autograd.
+  // row the LoRA update of its adapter, scales[a] x A[a]^T B[a]^T, accumulated in fp32 (fp64 if any
+  // operand is), y rounded once. Adapter a has its own rank (A[a] is r_a x K, B[a] N x r_a; r_a = 0 where
+  // it does not target this layer). The plan (lora_ext.multi_lora.plan): `rows` lists the distinct rows
+  // that have an adapter, grouped by adapter; `tiles` (n x 3 int32) cuts it into runs of one adapter,
+  // (adapter, first position, count), at most 64 long for the CUDA kernels' blocks (longer ones loop),
+  // no position in two tiles. Rows in no tile keep the base output. Inference: no autograd. The CPU
+  // checks the plan's values; CUDA does not read them (a sync) and skips what is out of range.
   m.def("multi_lora_forward_(Tensor(a!) y, Tensor x, Tensor[] lora_A, Tensor[] lora_B, float[] scales, "
         "Tensor rows, Tensor tiles) -> ()");
 }

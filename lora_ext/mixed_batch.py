@@ -111,17 +111,20 @@ def current() -> Optional[MixedBatch]:
     return getattr(_current, "batch", None)
 
 
-def layer_adapters(model) -> dict:
-    """For each LoRA layer of a LoraModel, every adapter's (A, B, scaling) where it lives: the active one
-    in the layer, the others beside it."""
+def layer_adapters(model, wanted: set) -> dict:
+    """For each LoRA layer of a LoraModel, the (A, B, scaling) of each adapter in `wanted` where it lives: the
+    active one in the layer, the others beside it."""
     from .lora import lora_scaling  # lora.py asks this module for the running batch
 
     out = {}
+    stored = {name: model._stored[name] for name in wanted if name in model._stored}
     for path, layer in model.lora_layers().items():
-        adapters = {} if layer.lora_A is None else {model.active_adapter: (layer.lora_A, layer.lora_B, layer.scaling)}
-        for name, stored in model._stored.items():
-            if path in stored:
-                A, B = stored[path]
+        adapters = {}
+        if layer.lora_A is not None and model.active_adapter in wanted:
+            adapters[model.active_adapter] = (layer.lora_A, layer.lora_B, layer.scaling)
+        for name, pairs in stored.items():
+            if path in pairs:
+                A, B = pairs[path]
                 cfg = model.peft_config[name]
                 adapters[name] = (A, B, lora_scaling(A.shape[0], cfg.alpha_for(path), cfg.use_rslora))
         out[id(layer)] = adapters
@@ -144,7 +147,7 @@ def adapter_names(model, names, rows: Optional[int] = None, beams: int = 1):
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {rows} rows; give one per row")
     if current() is not None:
         raise RuntimeError("adapter_names: a mixed-adapter batch is already running in this thread")
-    _current.batch = MixedBatch([n for n in names for _ in range(beams)], layer_adapters(model))
+    _current.batch = MixedBatch([n for n in names for _ in range(beams)], layer_adapters(model, set(names)))
     try:
         yield
     finally:

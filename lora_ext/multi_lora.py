@@ -32,10 +32,19 @@ class MultiLoraPlan:
         return MultiLoraPlan(self.rows.to(device), self.tiles.to(device), self.n_adapters)
 
 
+def _as_indices(adapter_indices) -> torch.Tensor:
+    """adapter_indices as a 1-D tensor; an empty sequence (a batch without rows) is int64, not the float32
+    that torch.as_tensor([]) makes."""
+    idx = torch.as_tensor(adapter_indices)
+    if idx.numel() == 0 and not isinstance(adapter_indices, torch.Tensor):
+        idx = idx.to(torch.int64)
+    return idx.reshape(-1)
+
+
 def plan(adapter_indices, n_adapters: int, device=None) -> MultiLoraPlan:
     """The plan for rows whose adapters are `adapter_indices` (one per row, -1 for the base alone), on
     `device`. Built on the CPU: indices given on a GPU are copied over first (one sync)."""
-    idx = torch.as_tensor(adapter_indices).reshape(-1).cpu()
+    idx = _as_indices(adapter_indices).cpu()
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"adapter_indices must be integers (an adapter's index, -1 for none), got {idx.dtype}")
     idx = idx.to(torch.int64)
@@ -70,6 +79,13 @@ def _base_output(x: torch.Tensor, base, bias: Optional[torch.Tensor]) -> torch.T
     if isinstance(base, NF4Weight):
         return nf4_linear(x, base, bias)
     if isinstance(base, torch.Tensor):
+        # (torch's linear takes a meta weight beside a CPU input, and returns uninitialized CPU memory)
+        ops._check_one_device("multi_lora_linear", x, base, bias)
+        # As the lora_linear op: torch's linear gives a bias of another shape its broadcast message, and takes
+        # a non-float one for 3-D inputs (matmul + add) but refuses it for 2-D ones (addmm).
+        if bias is not None and base.dim() == 2 and not (bias.is_floating_point() and bias.shape == base.shape[:1]):
+            raise RuntimeError(f"multi_lora_linear: bias must be floating point of shape ({base.shape[0]},), got "
+                               f"{bias.dtype} of shape {tuple(bias.shape)}")
         return nn.functional.linear(x, base, bias)
     if callable(base):
         if bias is not None:
@@ -111,7 +127,7 @@ def multi_lora_linear(x: torch.Tensor, base: Union[torch.Tensor, nn.Module], lor
     the_plan = adapter_indices if isinstance(adapter_indices, MultiLoraPlan) else None
     if the_plan is None:
         n_rows = x.shape[:-1].numel() if x.dim() else 1
-        idx = torch.as_tensor(adapter_indices).reshape(-1)
+        idx = _as_indices(adapter_indices)
         if idx.numel() != n_rows:
             raise ValueError(f"adapter_indices must have one entry per row of x ({n_rows}), got {idx.numel()}")
         the_plan = plan(idx, len(lora_A), x.device)

@@ -369,9 +369,18 @@ if HAS_C:
         _check_features("multi_lora_forward_", x)
         _check_features("multi_lora_forward_", y, "output")
         k, n = x.shape[-1], y.shape[-1]
-        torch._check(math.prod(y.shape[:-1]) == math.prod(x.shape[:-1]),
+        # The rules of csrc/multi/multi_checks.h that read no values (the plan's values are the CPU's to check).
+        floats = (*_FLOAT_TYPES, torch.float64)
+        torch._check(x.dtype in floats and y.dtype in floats,
+                     lambda: f"multi_lora_forward_: input and output must be float32, float16, bfloat16 or float64, "
+                             f"got {x.dtype} and {y.dtype}")
+        m = math.prod(x.shape[:-1])
+        torch._check(math.prod(y.shape[:-1]) == m,
                      lambda: f"multi_lora_forward_: the output must have a row per row of the input, got "
                              f"{tuple(y.shape)} for input {tuple(x.shape)}")
+        torch._check(y.is_contiguous(),
+                     lambda: f"multi_lora_forward_: the output is updated in place and must be contiguous, got "
+                             f"strides {y.stride()}")
         torch._check(len(lora_A) == len(lora_B) == len(scales),
                      lambda: "multi_lora_forward_: lora_A, lora_B and scales must have one entry per adapter")
         for i, (a, b) in enumerate(zip(lora_A, lora_B)):
@@ -379,8 +388,12 @@ if HAS_C:
                          lambda: f"multi_lora_forward_: lora_A[{i}] must be (r, {k}), got {tuple(a.shape)}")
             torch._check(b.dim() == 2 and b.shape[0] == n and b.shape[1] == a.shape[0],
                          lambda: f"multi_lora_forward_: lora_B[{i}] must be ({n}, {a.shape[0]}), got {tuple(b.shape)}")
+            torch._check(a.dtype in floats and b.dtype in floats,
+                         lambda: f"multi_lora_forward_: adapter {i} must be floating point, got {a.dtype} and "
+                                 f"{b.dtype}")
         torch._check(rows.dim() == 1 and rows.dtype == torch.int64,
                      lambda: f"multi_lora_forward_: rows must be a 1-D int64 tensor, got {rows.dtype}")
+        torch._check(rows.numel() <= m, lambda: f"multi_lora_forward_: rows has {rows.numel()} entries for {m} rows")
         torch._check(tiles.dim() == 2 and tiles.shape[1] == 3 and tiles.dtype == torch.int32,
                      lambda: f"multi_lora_forward_: tiles must be int32 of shape (n, 3), got {tiles.dtype}")
         return None

@@ -249,6 +249,15 @@ def multi_lora_forward(y, x, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor
     return y2.to(y.dtype).reshape(y.shape)
 
 
+def multi_lora_forward_(y, x, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], rows,
+                        tiles) -> None:
+    """The operator's form, in place: the rows each tile (adapter, first position, count) lists get its adapter."""
+    idx = torch.full((math.prod(x.shape[:-1]),), -1, dtype=torch.int64)
+    for adapter, start, count in tiles.tolist():
+        idx[rows[start:start + count].cpu()] = adapter
+    y.copy_(multi_lora_forward(y, x, A, B, scales, idx))
+
+
 # ---------------------------------------------------------------- merge
 
 

@@ -30,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 import lora_ext
 from lora_ext import reference as R
@@ -334,6 +334,7 @@ class Rule:
     contiguous: bool = False
     optional: bool = False
     reshape: bool = True  # False: a module's weight, whose shape its module fixes
+    meta: bool = True  # False: where a module's forward answers for the devices (multi_lora_linear's module base)
 
 
 def tensor(shape, dtypes=FLOATS, layouts=LAYOUTS, fill="randn", specials=SPECIALS, device="cpu"):
@@ -353,7 +354,8 @@ def _perturbed(shape: tuple):
 
 @st.composite
 def _mutated_tensor(draw, spec: T, rule: Rule):
-    kinds = ["dtype", "meta"] + ["shape"] * rule.reshape + ["layout"] * rule.contiguous + ["none"] * rule.optional
+    kinds = ["dtype"] + ["meta"] * rule.meta + ["shape"] * rule.reshape + ["layout"] * rule.contiguous \
+        + ["none"] * rule.optional
     kind = draw(st.sampled_from(kinds))
     if kind == "dtype":
         return replace(spec, dtype=draw(st.sampled_from([d for d in ALL_DTYPES if d not in rule.dtypes])))
@@ -675,6 +677,145 @@ def _merge_nf4_ref(a):
     return _merge_nf4(dict(a, shape=tuple(a["shape"])), R.merge_nf4)
 
 
+# Mixed-adapter batches. The adapters are one argument per tensor (A0, B0, A1, ...: each its own spec, rule and
+# meta twin); the plan is drawn as runs of rows of one adapter and built by lora_ext.multi_lora.plan in the call.
+# Run lengths: decode (1), a BLAS group on the CPU (>= 16 rows), more than one tile (> 64).
+RUN_LENGTHS = (1, 1, 2, 5, 17, 70)
+# How the plan's rows and tiles reach the operator: as plan() makes them or strided (valid), or broken.
+GOOD_HANDOVER = ("plan", "plan", "strided")
+BAD_ROWS = ("int32", "float64", "2-D", "meta", "row M", "row -1", "a row twice", "more than M")
+# ("one tile per adapter": counts past 64, which the kernels take but the plan's contract does not promise.)
+BAD_TILES = ("int64", "(n, 2)", "meta", "overlap", "past the end", "count 0", "start -1", "adapter n", "adapter -1",
+             "one tile per adapter")
+
+
+@st.composite
+def _adapters(draw, K: int, N: int, device: str) -> tuple:
+    """(args, rules) of up to 4 adapters A{i} (r_i, K), B{i} (N, r_i): ranks differ, 0 is an adapter absent from
+    the layer; every tensor has its own float dtype (the kernels take any mix)."""
+    args, rules = {}, {}
+    n = draw(st.sampled_from((2, 3, 1, 4, 0)))  # (hypothesis shrinks toward the first: several adapters)
+    for i, r in enumerate(draw(st.lists(st.sampled_from(RANKS + (0,)), min_size=n, max_size=n))):
+        args.update({f"A{i}": draw(tensor((r, K), FLOATS64, device=device)),
+                     f"B{i}": draw(tensor((N, r), FLOATS64, device=device))})
+        rules.update({f"A{i}": Rule(FLOATS64), f"B{i}": Rule(FLOATS64)})
+    return args, rules
+
+
+def _runs(n: int):
+    """Runs (adapter, length) of consecutive rows, adapter -1 for none; rows past the last run have none."""
+    run = st.tuples(st.integers(-1, n - 1), st.sampled_from(RUN_LENGTHS))
+    return st.lists(run, min_size=1, max_size=6).map(tuple)
+
+
+def _adapter_lists(a) -> tuple:
+    n = sum(1 for k in a if re.fullmatch(r"A\d+", k))
+    return [a[f"A{i}"] for i in range(n)], [a[f"B{i}"] for i in range(n)]
+
+
+def _adapter_indices(runs, m: int) -> list:
+    """Each of the first rows' adapter (at most m of them): the runs, cut to the input's m rows."""
+    return [adapter for adapter, length in runs for _ in range(length)][:m]
+
+
+def _bad_rows(rows: torch.Tensor, how: str, m: int) -> torch.Tensor:
+    if how in ("int32", "float64"):
+        return rows.to(getattr(torch, how))
+    if how == "2-D":
+        return rows[None]
+    if how == "meta":
+        return rows.to("meta")
+    if how == "more than M":  # (a view: m may be past 2**31 in the big target)
+        return torch.zeros(1, dtype=torch.int64).expand(m + 1)
+    rows = rows.clone()
+    if how == "row M" and rows.numel():
+        rows[-1] = m
+    elif how == "row -1" and rows.numel():
+        rows[0] = -1
+    elif how == "a row twice" and rows.numel() >= 2:
+        rows[1] = rows[0]
+    return rows
+
+
+def _bad_tiles(tiles: torch.Tensor, how: str, n: int) -> torch.Tensor:
+    if how == "int64":
+        return tiles.long()
+    if how == "(n, 2)":
+        return tiles[:, :2]
+    if how == "meta":
+        return tiles.to("meta")
+    if how == "overlap":
+        return torch.cat([tiles, tiles[:1]])
+    if how == "one tile per adapter":
+        merged = {}
+        for adapter, start, count in tiles.tolist():  # plan() lists an adapter's tiles consecutively
+            merged.setdefault(adapter, [start, 0])[1] += count
+        return torch.tensor([[k, *v] for k, v in merged.items()], dtype=torch.int32).reshape(-1, 3)
+    tiles = tiles.clone()
+    if tiles.numel():
+        where, value = {"adapter n": ((0, 0), n), "adapter -1": ((0, 0), -1), "count 0": ((0, 2), 0),
+                        "start -1": ((0, 1), -1), "past the end": ((-1, 2), tiles[-1, 2].item() + 1)}[how]
+        tiles[where] = value
+    return tiles
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values, every other element of a twice longer last dimension."""
+    return torch.stack([t, t], -1)[..., 0]
+
+
+def _plan_tensors(a) -> tuple:
+    """(rows, tiles) of plan() over the case's runs, handed over as a["rows"] and a["tiles"] say; on meta or fake
+    inputs, tensors of their shapes and dtypes there (the fake kernel reads no values)."""
+    x, (A, _) = a["x"], _adapter_lists(a)
+    m = math.prod(x.shape[:-1])
+    with unset_fake_temporarily():  # plan() reads values: not under the big target's FakeTensorMode
+        p = lora_ext.multi_lora.plan(_adapter_indices(a["runs"], m), len(A))
+        rows = _strided(p.rows) if a["rows"] == "strided" else p.rows
+        tiles = _strided(p.tiles) if a["tiles"] == "strided" else p.tiles
+        rows = rows if a["rows"] in GOOD_HANDOVER else _bad_rows(rows, a["rows"], m)
+        tiles = tiles if a["tiles"] in GOOD_HANDOVER else _bad_tiles(tiles, a["tiles"], len(A))
+    if x.device.type != "cpu" or isinstance(x, FakeTensor):
+        rows, tiles = (x.new_empty(t.shape, dtype=t.dtype) for t in (rows, tiles))
+    return rows, tiles
+
+
+@st.composite
+def _multi_lora_args(draw, dims, device):
+    """y (..., N) += scales[a] x_i A[a]^T B[a]^T on each planned row i of x (..., K), in place."""
+    lead, K, N = draw(shapes(dims, 0, 2)), draw(st.sampled_from(dims)), draw(st.sampled_from(dims))
+    adapters, rules = draw(_adapters(K, N, device))
+    n = len(adapters) // 2
+    scales = tuple(draw(st.lists(SCALES, min_size=n, max_size=n)))
+    args = dict(y=draw(tensor((*lead, N), FLOATS64, "co", device=device)),
+                x=draw(tensor((*lead, K), FLOATS64, device=device)), **adapters, scales=scales, runs=draw(_runs(n)),
+                rows=draw(st.sampled_from(GOOD_HANDOVER)), tiles=draw(st.sampled_from(GOOD_HANDOVER)))
+    rules.update(y=Rule(FLOATS64, contiguous=True), x=Rule(FLOATS64), rows=st.sampled_from(BAD_ROWS),
+                 tiles=st.sampled_from(BAD_TILES),
+                 scales=st.sampled_from([scales + (1.0,), scales[:-1]][:1 + bool(n)]))  # one more, one fewer
+    return args, rules, True
+
+
+def _multi_lora(a):
+    A, B = _adapter_lists(a)
+    OPS.multi_lora_forward_(a["y"], a["x"], A, B, list(a["scales"]), *_plan_tensors(a))
+    return a["y"]
+
+
+def _multi_scales(a, scales, *operands) -> list:
+    """The scales as the kernels round them (fp32 unless an operand is fp64); |s| for the magnitude oracle."""
+    return [kernel_scale(abs(s) if "_magnitudes" in a else s, *operands) for s in scales]
+
+
+def _multi_lora_ref(a):
+    """fp64 copies of y and the adapters, y rounded once to its dtype."""
+    A, B = _adapter_lists(a)
+    y = a["y"].double()  # (a fresh copy of y: the oracle may write into it)
+    R.multi_lora_forward_(y, d64(a["x"]), [d64(t) for t in A], [d64(t) for t in B],
+                          _multi_scales(a, a["scales"], a["x"], a["y"], *A, *B), *_plan_tensors(a))
+    return y.to(_dt(a, "y"))
+
+
 def _call(fn, *names) -> Callable:
     return lambda a: fn(*(a[n] for n in names))
 
@@ -709,6 +850,8 @@ OPERATORS = [
     Op("merge_lora_", _merge_args, _merge, _merge_ref, exact, lambda a: a["W"], mutable=("W",)),
     Op("merge_nf4", lambda dims, device: _merge_args(dims, device, nf4=True), _merge_nf4, _merge_nf4_ref, exact,
        lambda a: _nf4_out_shapes(math.prod(a["shape"]), a["blocksize"])),
+    Op("multi_lora_forward_", _multi_lora_args, _multi_lora, _multi_lora_ref, close, lambda a: a["y"],
+       mutable=("y",)),
 ]
 OPS_BY_NAME = {op.name: op for op in OPERATORS}
 
@@ -946,6 +1089,91 @@ def _merge_nf4_public_ref(a):
     return (*merge_nf4_reference(_nf4_weight(a), a["A"], a["B"], a["scale"]), "MergeError")
 
 
+# Under what lora_ext.multi_lora_linear runs: it computes no gradient ("grad": an input requires one, refused).
+_GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": contextlib.nullcontext}
+
+
+@st.composite
+def _multi_lora_linear_public_args(draw, dims, device):
+    """lora_ext.multi_lora_linear over a dense weight, an nn.Linear (its own bias) or an NF4 weight; one scaling
+    or one per adapter; adapter_indices as a list, a tensor or a plan."""
+    lead, K, N = draw(shapes(dims, 0, 2)), draw(st.sampled_from(dims)), draw(st.sampled_from(dims))
+    x = draw(tensor((*lead, K), FLOATS64))
+    adapters, rules = draw(_adapters(K, N, "cpu"))
+    n = len(adapters) // 2
+    base = draw(st.sampled_from(("weight", "module", "nf4")))
+    args = dict(x=x, weight=draw(tensor((N, K), FLOATS if base == "nf4" else (x.dtype,))), base=base,
+                bias=draw(st.none() | tensor((N,), (x.dtype,))), blocksize=draw(st.sampled_from(VALID_BS)),
+                double_quant=draw(st.booleans()), **adapters,
+                scaling=draw(SCALES | st.lists(SCALES, min_size=n, max_size=n).map(tuple)), runs=draw(_runs(n)),
+                indices=draw(st.sampled_from(("list", "tensor", "int32", "plan"))),
+                mode=draw(st.sampled_from(("no_grad", "inference_mode"))))
+    # A module's own weight and bias, and their devices, are its forward's business (accelerate offloads weights
+    # to meta and loads them in a hook): torch's nn.Linear takes a meta input beside CPU weights, or a meta weight
+    # beside a CPU input (and returns uninitialized CPU memory). A bias of another float dtype is at::linear's
+    # business (as in _lora_args); an NF4 base's bias has x's dtype (nf4_linear's rule).
+    module = base == "module"
+    rules.update(x=Rule(FLOATS64, meta=not module),
+                 weight=Rule((args["weight"].dtype,), reshape=False, meta=not module),
+                 scaling=st.sampled_from([(1.0,) * (n + 1), (1.0,) * (n - 1)][:1 + bool(n)]),
+                 indices=st.sampled_from(("one short", "one more", "adapter n", "adapter -2", "float",
+                                          "plan for n+1")),
+                 mode=st.just("grad"))
+    if module:
+        rules["base"] = st.just("module and bias")
+    else:
+        rules["bias"] = Rule((x.dtype,) if base == "nf4" else FLOATS64, optional=True)
+    return args, rules, True
+
+
+def _multi_indices(a, m: int, n: int):
+    """adapter_indices as a["indices"] says: one per row (the runs, then -1), or a way to break them."""
+    idx = _adapter_indices(a["runs"], m)
+    idx += [-1] * (m - len(idx))
+    how = a["indices"]
+    if how in ("adapter n", "adapter -2") and idx:
+        idx[0] = n if how == "adapter n" else -2
+    if how in ("plan", "plan for n+1"):
+        return lora_ext.multi_lora.plan(idx, n + (how == "plan for n+1"))
+    if how in ("one short", "one more"):
+        return idx[:-1] if how == "one short" else idx + [-1]
+    dtype = {"tensor": torch.int64, "int32": torch.int32, "float": torch.float32}.get(how)
+    return idx if dtype is None else torch.tensor(idx, dtype=dtype)
+
+
+def _multi_lora_linear_public(a):
+    A, B = _adapter_lists(a)
+    x, bias = a["x"], a["bias"]
+    if a["mode"] == "grad" and x.is_floating_point():
+        x = x.detach().requires_grad_(True)
+    if a["base"] == "nf4":
+        base = lora_ext.quantize_nf4(a["weight"], a["blocksize"], a["double_quant"])
+    elif a["base"] == "weight":
+        base = a["weight"]
+    else:  # a module with its own bias ("module and bias": the bias given to the function too, refused)
+        base = _linear(a["weight"], a["bias"])
+        bias = bias if a["base"] == "module and bias" else None
+    indices = _multi_indices(a, math.prod(x.shape[:-1]), len(A))
+    with _GRAD_MODES[a["mode"]]():
+        return lora_ext.multi_lora_linear(x, base, A, B, a["scaling"], indices, bias)
+
+
+def _multi_lora_linear_public_ref(a):
+    """The base (the reference's NF4 weight for nf4), then the adapters, in fp64; rounded once to y's dtype."""
+    A, B = _adapter_lists(a)
+    x, bias, n = d64(a["x"]), d64(a["bias"]), len(A)
+    if a["base"] == "nf4":
+        y = _ref_linear(x, _ref_nf4(a["weight"], a["blocksize"], a["double_quant"]), a["weight"].shape[0], bias)
+        y_like = a["x"]
+    else:
+        y = torch.nn.functional.linear(x, d64(a["weight"]), bias)
+        y_like = torch.nn.functional.linear(a["x"], a["weight"], a["bias"])  # (at::linear's dtype rule)
+    scaling = a["scaling"] if isinstance(a["scaling"], tuple) else (a["scaling"],) * n
+    idx = _multi_indices(dict(a, indices="list"), math.prod(x.shape[:-1]), n)
+    return R.multi_lora_forward(y, x, [d64(t) for t in A], [d64(t) for t in B],
+                                _multi_scales(a, scaling, a["x"], y_like, *A, *B), idx).to(y_like.dtype)
+
+
 # ---------------------------------------------------------------- LoraLinear: construct, forward, merge, unmerge
 
 
@@ -1115,6 +1343,8 @@ TARGETS.update(
     merge_nf4_public=_public("merge_nf4_public", _merge_nf4_public_args, _merge_nf4_public, _merge_nf4_public_ref,
                              ci_examples=100),
     lora_layer=Target(as_cases("lora_layer", _lora_layer_args), run_lora_layer, 160),
+    multi_lora_linear_public=_public("multi_lora_linear_public", _multi_lora_linear_public_args,
+                                     _multi_lora_linear_public, _multi_lora_linear_public_ref, close),
 )
 
 
@@ -1130,6 +1360,8 @@ def _plain_nf4(n: int, blocksize: int = 64, device: str = "cpu") -> dict:
 
 _CODE = T((256,), fill="dynmap")
 _LORA = dict(A=T((2, 3)), B=T((4, 2)), scale=1.0, dropout_p=0.0, seed=0)
+_MULTI = dict(weight=T((1, 1)), base="weight", bias=None, blocksize=64, double_quant=False, scaling=1.0,
+              indices="list", mode="no_grad")
 REGRESSIONS = {
     "double_quant": (
         # reference: nan_to_num clamped an Inf absmax to 3.4e38 (bitsandbytes and the kernels keep Inf)
@@ -1209,6 +1441,21 @@ REGRESSIONS = {
         # a bool input reached at::linear: '"addmm_impl_cpu_" not implemented for 'Bool''
         Case.of("lora_linear", False, x=T((1,), "bool"), A=T((1, 1)), B=T((1, 1)), scale=1.0, dropout_p=0.0,
                 seed=0, weight=T((1, 1), "bool"), bias=None),
+    ),
+    "multi_lora_forward_": (
+        # plan() of a batch without rows: torch.as_tensor([]) is float32, refused as not integers (multi_lora.py)
+        Case.of("multi_lora_forward_", True, y=T((0, 2)), x=T((0, 1)), A0=T((1, 1)), B0=T((2, 1)), scales=(1.0,),
+                runs=((0, 1),), rows="plan", tiles="plan"),
+    ),
+    "multi_lora_linear_public": (
+        # the same through adapter_indices=[]
+        Case.of("multi_lora_linear_public", True, **_MULTI, x=T((0, 1)), A0=T((1, 1)), B0=T((1, 1)), runs=((0, 1),)),
+        # a meta weight beside a CPU input: torch's linear returned uninitialized CPU memory as the base output
+        Case.of("multi_lora_linear_public", False, **dict(_MULTI, weight=T((1, 1), device="meta")), x=T((1,)),
+                runs=((-1, 1),)),
+        # an int32 bias: at::linear took it for this 3-D input (matmul + add); it refuses it for 2-D ones (addmm)
+        Case.of("multi_lora_linear_public", False, **dict(_MULTI, bias=T((1,), "int32")), x=T((2, 1, 1), layout="x"),
+                A0=T((1, 1)), B0=T((1, 1)), runs=((0, 1),)),
     ),
 }
 for _name, _cases in REGRESSIONS.items():

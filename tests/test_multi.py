@@ -146,8 +146,8 @@ def _bad_calls():
         "tiles must be an int32 tensor of shape \\(n, 3\\)": dict(tiles=tiles[:, :2]),
         "rows\\[2\\] = 7 is not a row": dict(rows=torch.tensor([0, 1, 7])),
         "row 1 is listed twice": dict(rows=torch.tensor([0, 1, 1])),
-        "tile 1 names adapter 2 of 2": dict(tiles=torch.tensor([[0, 0, 2], [2, 2, 1]], dtype=torch.int32)),
-        "tile 1 covers positions \\[2, 4\\)": dict(tiles=torch.tensor([[0, 0, 2], [1, 2, 2]], dtype=torch.int32)),
+        "tiles\\[1\\]: adapter must be in \\[0, 2\\), got 2": dict(tiles=torch.tensor([[0, 0, 2], [2, 2, 1]], dtype=torch.int32)),
+        "tiles\\[1\\]: must cover positions inside rows' 3 .*got \\[2, 4\\)": dict(tiles=torch.tensor([[0, 0, 2], [1, 2, 2]], dtype=torch.int32)),
         "position 1 of rows is in two tiles": dict(tiles=torch.tensor([[0, 0, 2], [1, 1, 1]], dtype=torch.int32)),
         "input and output must be float32": dict(x=x.to(torch.int32)),
     }

@@ -73,9 +73,11 @@ inline void check_plan_values(const at::Tensor& rows, const at::Tensor& tiles, c
   }
   for (int64_t i = 0; i < t.size(0); ++i) {
     const int64_t a = tp[3 * i], start = tp[3 * i + 1], count = tp[3 * i + 2];
-    LORA_CHECK(a >= 0 && a < d.n_adapters, op, ": tile ", i, " names adapter ", a, " of ", d.n_adapters);
-    LORA_CHECK(start >= 0 && count >= 1 && start + count <= n_sorted, op, ": tile ", i, " covers positions [",
-               start, ", ", start + count, ") of the ", n_sorted, " in rows");
+    LORA_CHECK(a >= 0 && a < d.n_adapters, op, ": tiles[", i, "]: adapter must be in [0, ", d.n_adapters,
+               "), got ", a);
+    LORA_CHECK(start >= 0 && count >= 1 && start + count <= n_sorted, op, ": tiles[", i,
+               "]: must cover positions inside rows' ", n_sorted, " (first >= 0, count >= 1), got [", start, ", ",
+               start + count, ")");
     for (int64_t p = start; p < start + count; ++p) {
       LORA_CHECK(!covered[p], op, ": position ", p, " of rows is in two tiles");
       covered[p] = true;

@@ -1,6 +1,7 @@
 // Torch-side glue of multi_lora_forward_ on CUDA: the checks that read no device data, the adapter
 // table (fp32 copies' pointers, ranks, scales) sent to the device with the launch, and the two kernels
 // of multi_gemm.cuh on the current stream. fp64 goes through the cuBLAS composite per adapter group.
+// The table is written on the host at each call, so the operator is not for CUDA graph capture.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,16 +27,21 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-// The expand's grid covers N in blocks of 64 columns, at most 65535 of them.
+// The expand's grid covers N in blocks of 64 columns and the shrink's r in blocks of 16, at most 65535
+// of each.
 constexpr int64_t kMaxFeatures = 65535LL * 64;
+constexpr int64_t kMaxRank = 65535LL * 16;
 
 void composite(const at::Tensor& y, const at::Tensor& x, at::TensorList A, at::TensorList B,
                at::ArrayRef<double> scales, const at::Tensor& rows, const at::Tensor& tiles, const MultiDims& d) {
   const NoAutocast no_autocast;
+  // fp64 only: the plan is read on the host (a sync), so it is checked as on the CPU before y changes.
+  const at::Tensor tiles_cpu = tiles.cpu();
+  check_plan_values(rows.cpu(), tiles_cpu, d);
   const at::Tensor x2 = x.reshape({d.M, d.K});
   at::Tensor y2 = y.view({d.M, d.N});
-  for (const Group& g : groups_of(tiles.cpu())) {  // fp64 only: the host copy of the tiles is a sync
-    if (g.adapter < 0 || g.adapter >= d.n_adapters || A[g.adapter].size(0) == 0) continue;
+  for (const Group& g : groups_of(tiles_cpu)) {
+    if (A[g.adapter].size(0) == 0) continue;
     add_group_composite(y2, x2, A[g.adapter], B[g.adapter], scales[g.adapter], rows.narrow(0, g.start, g.count),
                         at::kDouble);
   }
@@ -48,8 +54,8 @@ void multi_lora_forward_cuda(const at::Tensor& y, const at::Tensor& x, at::Tenso
   bool fp64 = x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble;
   for (size_t i = 0; i < A.size(); ++i) fp64 = fp64 || A[i].scalar_type() == at::kDouble || B[i].scalar_type() == at::kDouble;
   if (fp64) return composite(y, x, A, B, scales, rows, tiles, d);
-  LORA_CHECK(d.N <= kMaxFeatures, "multi_lora_forward_: CUDA kernels take at most ", kMaxFeatures,
-             " output features, got ", d.N);
+  LORA_CHECK(d.N <= kMaxFeatures && d.r_max <= kMaxRank, "multi_lora_forward_: CUDA kernels take at most ",
+             kMaxFeatures, " output features and rank ", kMaxRank, ", got ", d.N, " and r = ", d.r_max);
   if (d.M == 0 || d.N == 0 || tiles.size(0) == 0 || d.r_max == 0) return;
 
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous();

@@ -10,7 +10,9 @@
 // Expand: 256 threads own 64 tile rows x 64 output columns (4 x 4 each); the reduction is over r.
 //
 // Bounds: a tile whose adapter, range or count is out of range, and a row outside [0, M), is
-// skipped, so a malformed plan can leave rows unchanged but never reads or writes out of bounds.
+// skipped, so a malformed plan never reads or writes out of bounds. A row listed twice, or a position
+// in two tiles, is a race on y (the CPU operator refuses both; here the result is undefined).
+// A tile of more than 64 rows is walked 64 rows at a time by its block.
 //
 // The host compiler also builds this file in tests/emulation (lora_gemm.cuh says what it maps).
 #pragma once

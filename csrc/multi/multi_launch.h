@@ -38,7 +38,7 @@ struct MultiLoraParams {
   void* y;  // M x N, contiguous: y += scale_a * x A_a^T B_a^T on each row of adapter a, rounded once
   DType y_dtype;
   const int64_t* rows;   // n_sorted entries, each a distinct row in [0, M)
-  const int32_t* tiles;  // n_tiles x 3: adapter, first sorted position, count (<= kTileRows)
+  const int32_t* tiles;  // n_tiles x 3: adapter, first sorted position, count (the plan's <= kTileRows)
   const AdapterRef* adapters;
   float* T;  // splits x n_sorted x r_max: the shrink's partial sums, one per K slice
   int64_t M, K, N, n_sorted, n_tiles, n_adapters, r_max;
