@@ -104,6 +104,11 @@ def extension():
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
     # Bit-exactness with bitsandbytes needs separately rounded multiply and add.
     cxx += ["-ffp-contract=off", "-fvisibility=hidden"]
+    # at::parallel_for is inline: without _OPENMP in our own translation units it runs every CPU kernel on
+    # one thread. Compile with OpenMP but do not link a runtime: the GOMP symbols resolve to the libgomp
+    # torch loads globally (libtorch_global_deps), so the process keeps one OpenMP thread pool.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx += ["-fopenmp"]
     define_macros = []
     if not WITH_CUDA:
         return CppExtension("lora_ext._C", cpp, include_dirs=[csrc],

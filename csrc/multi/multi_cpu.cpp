@@ -1,9 +1,9 @@
 // Mixed-batch LoRA on the CPU. Each adapter's rows form one group: a group of many rows (prefill)
 // goes through BLAS (multi_composite.h); the small groups (decode) go through the per-row kernel
 // below, all of them in two parallel passes: the shrink, one row at a time (T_i = x_i A^T, r dot
-// products over K), then the expand, one (group, column block) at a time, which transposes its block
-// of B once and adds s T_i B^T to every row of the group as axpys over the block. fp32 accumulation
-// (fp64 when any operand is fp64: BLAS), each updated row of y rounded once.
+// products over K), then the expand, one (group, column block) at a time: each output y_in is the dot
+// of T_i with row n of B (contiguous, r long), eight columns at a time with the eight sums reduced
+// together. fp32 accumulation (fp64 when any operand is fp64: BLAS), each updated row of y rounded once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,7 +23,7 @@ namespace {
 
 // Groups of at least this many rows take BLAS: below it, a GEMM call costs more than the rows' work.
 constexpr int64_t kBlasRows = 16;
-constexpr int64_t kColumnBlock = 256;
+constexpr int64_t kColumnBlock = 512;  // of y, per work item of the expand
 
 float dot_portable(const float* a, const float* b, int64_t n) {
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -34,8 +34,9 @@ float dot_portable(const float* a, const float* b, int64_t n) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-void axpy_portable(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+// out[l] = T . B[l * r ..] for the 8 rows of B from B (each r long).
+void dot8_portable(const float* T, const float* B, int64_t r, float out[8]) {
+  for (int l = 0; l < 8; ++l) out[l] = dot_portable(T, B + l * r, r);
 }
 
 #if defined(LORA_EXT_X86_SIMD)
@@ -56,11 +57,24 @@ __attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* 
   return out;
 }
 
-__attribute__((target("avx2,fma"))) void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
-  const __m256 a = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+// The 8 dots at once: eight accumulators over r, then one reduction tree for all eight (hadd and a
+// lane swap) instead of eight horizontal sums.
+__attribute__((target("avx2,fma"))) void dot8_avx2(const float* T, const float* B, int64_t r, float out[8]) {
+  __m256 acc[8];
+  for (int l = 0; l < 8; ++l) acc[l] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= r; j += 8) {
+    const __m256 t = _mm256_loadu_ps(T + j);
+    for (int l = 0; l < 8; ++l) acc[l] = _mm256_fmadd_ps(t, _mm256_loadu_ps(B + l * r + j), acc[l]);
+  }
+  const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  // lanes: s0123 = [0 1 2 3 | 0 1 2 3] halves, s4567 likewise: add the 128-bit halves across
+  const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+  for (; j < r; ++j)
+    for (int l = 0; l < 8; ++l) out[l] += T[j] * B[l * r + j];
 }
 #endif
 
@@ -80,18 +94,28 @@ float dot(const float* a, const float* b, int64_t n) {
   return dot_portable(a, b, n);
 }
 
-void axpy(float alpha, const float* x, float* y, int64_t n) {
+void dot8(const float* T, const float* B, int64_t r, float out[8]) {
 #if defined(LORA_EXT_X86_SIMD)
-  if (use_avx2_fma()) return axpy_avx2(alpha, x, y, n);
+  if (use_avx2_fma()) return dot8_avx2(T, B, r, out);
 #endif
-  axpy_portable(alpha, x, y, n);
+  dot8_portable(T, B, r, out);
+}
+
+// fp32 and contiguous: t itself (no dispatcher call: a decode step passes dozens of adapters per layer),
+// or a converted copy kept in `held`.
+const float* as_f32(const at::Tensor& t, at::Tensor& held) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.const_data_ptr<float>();
+  held = t.to(at::kFloat).contiguous();
+  return held.const_data_ptr<float>();
 }
 
 // An adapter as the per-row kernel reads it: fp32, A (r x K) and B (N x r) contiguous.
 struct Adapter32 {
-  at::Tensor A, B;
+  const float* A = nullptr;
+  const float* B = nullptr;
   int64_t r = 0;
   float scale = 0.0f;
+  at::Tensor held_A, held_B;
 };
 
 struct SmallGroup {
@@ -120,7 +144,7 @@ void small_groups(const at::Tensor& x2, at::Tensor& y2, const int64_t* rows, con
       const Adapter32& ad = adapters[g.adapter];
       const TX* xr = x + rows[g.start + items[it].second] * K;
       for (int64_t k = 0; k < K; ++k) xrow[k] = static_cast<float>(xr[k]);
-      const float* A = ad.A.const_data_ptr<float>();
+      const float* A = ad.A;
       float* t = T.data() + (g.t_offset + items[it].second) * r_max;
       for (int64_t j = 0; j < ad.r; ++j) t[j] = dot(xrow.data(), A + j * K, K);
     }
@@ -129,21 +153,23 @@ void small_groups(const at::Tensor& x2, at::Tensor& y2, const int64_t* rows, con
   const int64_t blocks = (N + kColumnBlock - 1) / kColumnBlock;
   const int64_t work = static_cast<int64_t>(groups.size()) * blocks;
   at::parallel_for(0, work, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> bt(static_cast<size_t>(r_max * kColumnBlock)), acc(static_cast<size_t>(kColumnBlock));
     for (int64_t w = b; w < e; ++w) {
       const SmallGroup& g = groups[w / blocks];
       const Adapter32& ad = adapters[g.adapter];
-      const int64_t n0 = (w % blocks) * kColumnBlock, nb = std::min(kColumnBlock, N - n0);
-      const float* B = ad.B.const_data_ptr<float>();
-      for (int64_t n = 0; n < nb; ++n)  // B's block, transposed: row j holds B[n0.., j]
-        for (int64_t j = 0; j < ad.r; ++j) bt[j * kColumnBlock + n] = B[(n0 + n) * ad.r + j];
-      for (int64_t i = 0; i < g.count; ++i) {
+      const int64_t n0 = (w % blocks) * kColumnBlock, n1 = std::min(N, n0 + kColumnBlock);
+      for (int64_t i = 0; i < g.count; ++i) {  // the block of B stays in cache for the group's rows
         const float* t = T.data() + (g.t_offset + i) * r_max;
-        std::fill(acc.begin(), acc.begin() + nb, 0.0f);
-        for (int64_t j = 0; j < ad.r; ++j) axpy(t[j], bt.data() + j * kColumnBlock, acc.data(), nb);
-        TY* yr = y + rows[g.start + i] * N + n0;
-        for (int64_t n = 0; n < nb; ++n) {
-          yr[n] = static_cast<TY>(add_rn(mul_rn(ad.scale, acc[n]), static_cast<float>(yr[n])));
+        TY* yr = y + rows[g.start + i] * N;
+        float acc[8];
+        int64_t n = n0;
+        for (; n + 8 <= n1; n += 8) {
+          dot8(t, ad.B + n * ad.r, ad.r, acc);
+          for (int l = 0; l < 8; ++l) {
+            yr[n + l] = static_cast<TY>(add_rn(mul_rn(ad.scale, acc[l]), static_cast<float>(yr[n + l])));
+          }
+        }
+        for (; n < n1; ++n) {
+          yr[n] = static_cast<TY>(add_rn(mul_rn(ad.scale, dot(t, ad.B + n * ad.r, ad.r)), static_cast<float>(yr[n])));
         }
       }
     }
@@ -174,9 +200,11 @@ void multi_lora_forward_cpu(const at::Tensor& y, const at::Tensor& x, at::Tensor
       continue;
     }
     Adapter32& ad = adapters[g.adapter];
-    if (!ad.A.defined()) {
-      ad = {A[g.adapter].to(at::kFloat).contiguous(), B[g.adapter].to(at::kFloat).contiguous(), A[g.adapter].size(0),
-            static_cast<float>(scales[g.adapter])};
+    if (ad.A == nullptr) {
+      ad.A = as_f32(A[g.adapter], ad.held_A);
+      ad.B = as_f32(B[g.adapter], ad.held_B);
+      ad.r = A[g.adapter].size(0);
+      ad.scale = static_cast<float>(scales[g.adapter]);
     }
     small.push_back({g.adapter, g.start, g.count, n_small});
     n_small += g.count;

@@ -5,7 +5,8 @@ one token each), with 1, 4, 16 and 64 distinct adapters (r = 16, rows spread ove
 - PEFT: the same call on PEFT's model (a Python loop over the adapters present, per layer);
 - the floors: the frozen base alone, and lora_ext with one adapter for the whole batch.
 lora_part_ms is a peer's time less the frozen base's; lora_part_vs_one_adapter divides it by the
-one-adapter batch's: what mixing adapters costs over serving one."""
+one-adapter batch's: what mixing adapters costs over serving one. lora_floor_ms is the least a mixed
+batch's LoRA part can take: the present adapters' A and B read once at the copy bandwidth of the run."""
 from __future__ import annotations
 
 import copy
@@ -64,18 +65,24 @@ def _work(shapes: list, seqs: int, tokens: int, n: int, dtype: torch.dtype) -> t
     x and y once."""
     size = dtype.itemsize
     weights = sum(k * m for k, m in shapes) * size
-    lora = min(n, seqs) * sum(R * (k + m) for k, m in shapes) * 4
+    lora = _lora_bytes(shapes, min(n, seqs))
     acts = tokens * sum(k + m for k, m in shapes) * size
     return weights + lora + acts, 2 * tokens * sum(k * m + R * (k + m) for k, m in shapes)
 
 
-def _case_rows(times: dict, case: dict, ceilings, nbytes: float, flops: float) -> list:
+def _lora_bytes(shapes: list, present: int) -> int:
+    """The bytes the LoRA part must read at least: every present adapter's A and B (fp32), once."""
+    return present * sum(R * (k + m) for k, m in shapes) * 4
+
+
+def _case_rows(times: dict, case: dict, ceilings, nbytes: float, flops: float, lora_bytes: int) -> list:
     base, one = times[BASE], times.get(ONE)
     rows = []
     for peer, s in times.items():
         part = s - base if peer != BASE else None
         rows.append({**case, "peer": peer, "ms": s * 1e3, **ceilings.of(s, nbytes, flops),
                      "lora_part_ms": None if part is None else part * 1e3,
+                     "lora_floor_ms": None if peer in (BASE, ONE) else lora_bytes / ceilings.copy_Bps * 1e3,
                      "lora_part_vs_one_adapter": part / (one - base) if part is not None and one and one > base
                      else None,
                      "speedup_vs_peft": times[PEFT] / s if PEFT in times else None})
@@ -113,6 +120,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
                     else:
                         times = {k: measure(fn, sets, device, **effort).median_s for k, fn in fns.items()}
                 case = {"layer": layer, "dtype": dtype_name(dtype), "mode": f"{mode} {seqs}x{tokens}", "adapters": n}
-                rows += _case_rows(times, case, ceilings, *_work(shapes, seqs, seqs * tokens, n, dtype))
+                rows += _case_rows(times, case, ceilings, *_work(shapes, seqs, seqs * tokens, n, dtype),
+                                   _lora_bytes(shapes, min(n, seqs)))
             del ours, theirs
     return {"rows": rows, "notes": notes}
