@@ -32,12 +32,16 @@ class MixedBatch:
         self._plans: dict = {}
         self._lists: dict = {}
 
+    def check_rows(self, rows: int) -> None:
+        """A layer's batch has a multiple of len(names) rows (beams, repeated prompts)."""
+        if rows % len(self.names):
+            raise ValueError(f"adapter_names has {len(self.names)} entries but a layer got a batch of {rows} "
+                             f"rows; give one name per row of the batch")
+
     def groups(self, rows: int) -> dict:
         """adapter -> row indices for a batch of `rows` (a multiple of len(names): beams, repeated prompts)."""
         if rows not in self._groups:
-            if rows % len(self.names):
-                raise ValueError(f"adapter_names has {len(self.names)} entries but a layer got a batch of {rows} "
-                                 f"rows; give one name per row of the batch")
+            self.check_rows(rows)
             per = rows // len(self.names)
             groups: dict = {}
             for i, name in enumerate(self.names):
@@ -50,7 +54,7 @@ class MixedBatch:
         key = (x.shape[:-1], x.device)
         if key not in self._plans:
             rows = x.shape[0]
-            self.groups(rows)  # the row-count check
+            self.check_rows(rows)
             per = rows // len(self.names)
             index = {n: i for i, n in enumerate(self.order)}
             per_row = torch.tensor([index.get(n, -1) for n in self.names]).repeat_interleave(per)
