@@ -1,5 +1,6 @@
 """LoraLinear: a frozen base (nn.Linear, or NF4Linear for QLoRA) plus a trainable low-rank update,
-y = base(x) + s * (dropout(x) A^T) B^T, with A (r x in) and B (out x r) shaped like PEFT's."""
+y = base(x) + s * (dropout(x) A^T) B^T, with A (r x in) and B (out x r) shaped like PEFT's; with
+use_dora=True, DoRA's magnitude and direction (lora_ext/dora.py)."""
 from __future__ import annotations
 
 import math
@@ -10,10 +11,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import mixed_batch, ops
+from . import dora, mixed_batch, ops
 from .inits import check_init_lora_weights, init_lora_, initialize_  # noqa: F401  (init_lora_: public here too)
-from .merge import merge_nf4
-from .nf4 import NF4Linear, NF4Weight, check_nf4_linear_args, is_conv1d, nf4_linear
+from .merge import MergeError, merge_nf4
+from .nf4 import NF4Linear, NF4Weight, check_nf4_linear_args, dequantize_nf4, is_conv1d, nf4_linear, quantize_nf4
 
 _SEED_RANGE = 2**62
 # LoRA layers by the base weight they wrap: a weight wrapped twice (tied) must not be merged twice.
@@ -87,8 +88,11 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
-                 adapter_dtype: torch.dtype = torch.float32, loftq_config: Optional[dict] = None):
+                 adapter_dtype: torch.dtype = torch.float32, loftq_config: Optional[dict] = None,
+                 use_dora: bool = False):
         super().__init__()
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
         if not isinstance(base, (nn.Linear, NF4Linear)) and not is_conv1d(base):
             raise TypeError(f"LoraLinear wraps an nn.Linear, an NF4Linear or a Hugging Face Conv1D, "
                             f"got {type(base).__name__}")
@@ -119,6 +123,15 @@ class LoraLinear(nn.Module):
         initialize_(self, init_lora_weights, loftq_config)
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
+        # DoRA: m = ||W + s B A|| per output row at initialisation (PEFT's lora_magnitude_vector).
+        self.use_dora = use_dora
+        self._dora_w_sq = None  # (weight version, ||W_i||^2): a constant of the frozen base
+        self._dora_merge_norm = None  # ||W + s B A|| of the unmerged weight, kept for unmerge (as PEFT)
+        magnitude = None
+        if use_dora:
+            magnitude = nn.Parameter(dora.init_magnitude(self._base_weight(), self.lora_A, self.lora_B, self.scaling,
+                                                         adapter_dtype))
+        self.register_parameter("lora_magnitude_vector", magnitude)
         _WEIGHT_USERS.setdefault(id(self.base_layer.weight), weakref.WeakSet()).add(self)
 
     def set_adapter_weights(self, A: torch.Tensor, B: torch.Tensor, lora_alpha: float, use_rslora: bool,
@@ -185,7 +198,9 @@ class LoraLinear(nn.Module):
             raise RuntimeError("LoraLinear.merge: the base weight's elements share memory (an expanded view), so "
                                "it cannot take a merged update in place; give the base a weight of its own "
                                "(base.weight.data = base.weight.data.clone())")
-        if isinstance(base, NF4Linear):
+        if self.use_dora:
+            self._merge_dora(safe_merge)
+        elif isinstance(base, NF4Linear):
             new, err = merge_nf4(base.qweight, self.lora_A, self.lora_B, self.scaling)
             if safe_merge and not torch.isfinite(new.dequantize(torch.float32)).all():
                 raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
@@ -222,13 +237,100 @@ class LoraLinear(nn.Module):
         if isinstance(base, NF4Linear):
             base._set_weight(self._unmerged_qweight)
             self._unmerged_qweight, self.merge_error = None, None
+        elif self.use_dora:
+            w = self._weight_out_in()
+            g = self.lora_magnitude_vector.detach().float() / self._dora_merge_norm
+            out = torch.empty_like(w)
+            for i0, i1 in dora.row_blocks(w):
+                out[i0:i1] = dora.unmerged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).to(w.dtype)
+            self._set_weight_out_in(out)
         elif is_conv1d(base):
             w = self._weight_out_in().clone()
             ops.unmerge_lora_(w, self.lora_A, self.lora_B, self.scaling)
             self._set_weight_out_in(w)
         else:
             ops.unmerge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
+        self._dora_merge_norm = None
         self.merged = False
+
+    def _base_weight(self) -> Union[torch.Tensor, NF4Weight]:
+        """The frozen weight as out x in: dense (a transposed view for Conv1D) or the NF4Weight."""
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            return base.qweight
+        return base.weight.detach().t() if is_conv1d(base) else base.weight.detach()
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output row (fp32, detached), ||W_i||^2 cached while the base weight is unchanged."""
+        weight = self._base_weight()
+        stored = weight.packed if isinstance(weight, NF4Weight) else weight
+        key = (stored.data_ptr(), stored._version, tuple(stored.shape))
+        if self._dora_w_sq is None or self._dora_w_sq[0] != key:
+            self._dora_w_sq = (key, dora.row_norms_squared(weight))
+        return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, self._dora_w_sq[1])
+
+    def _base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T without the bias (PEFT's base product on the dropped-out x)."""
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            return nf4_linear(x, base.qweight)
+        if is_conv1d(base):
+            return torch.matmul(x, base.weight.to(x.dtype))
+        return nn.functional.linear(x, base.weight)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        g = (self.lora_magnitude_vector / self.dora_weight_norm()).to(x.dtype)
+        bias = base.bias_for(x) if isinstance(base, NF4Linear) else base.bias
+        p, seed = _dropout_seed(self.lora_dropout, self.training)
+        if p == 0.0:
+            # g * (x W^T + s x A^T B^T) + bias: the adapted weight's product in one LoRA operator
+            if runs_as_one_op(base):
+                weight = base.qweight if isinstance(base, NF4Linear) else base.weight
+                z = _layer_op(x, weight, None, self.lora_A, self.lora_B, self.scaling, 0.0, 0)
+            else:
+                out = base(x)
+                z = ops.lora_forward(x, out - bias if bias is not None else out, self.lora_A, self.lora_B,
+                                     self.scaling, 0.0, 0)
+            return z * g + bias if bias is not None else z * g
+        # PEFT: base(x) + (g - 1) xd W^T + g s xd A^T B^T, xd the dropped-out x
+        xd = ops.lora_dropout(x, p, seed)
+        bl = self._base_linear(xd)
+        return base(x) + ops.lora_forward(xd, bl, self.lora_A, self.lora_B, self.scaling, 0.0, 0) * g - bl
+
+    @torch.no_grad()
+    def _merge_dora(self, safe_merge: bool) -> None:
+        """W' = g * (W + s B A), g = m / ||W + s B A|| of the unmerged W, each row rounded once from fp64; an NF4
+        base is requantized (the original kept for unmerge) and merge_error set."""
+        norm = self.dora_weight_norm()
+        g = self.lora_magnitude_vector.detach().float() / norm
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            old = base.qweight
+            w = old.dequantize(torch.float32)
+            merged = torch.empty_like(w)
+            for i0, i1 in dora.row_blocks(w):
+                merged[i0:i1] = dora.merged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).float()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
+                                 "the base weight was left unchanged")
+            new = quantize_nf4(merged.to(old.dtype), old.blocksize, old.double_quant, old.quant_storage)
+            err = dequantize_nf4(new, torch.float32).double() - merged.double()
+            change = (merged.double() - w.double()).norm().item()
+            self.merge_error = MergeError(err.abs().max().item() if err.numel() else 0.0,
+                                          err.norm().item() / change if change > 0 else 0.0)
+            self._unmerged_qweight = old
+            base._set_weight(new)
+        else:
+            w = self._weight_out_in()
+            merged = torch.empty_like(w)
+            for i0, i1 in dora.row_blocks(w):
+                merged[i0:i1] = dora.merged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).to(w.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
+                                 "the base weight was left unchanged")
+            self._set_weight_out_in(merged)
+        self._dora_merge_norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -239,6 +341,8 @@ class LoraLinear(nn.Module):
             return batch.lora_forward(self, x)
         if self.merged or self.lora_A is None:
             return base(x)
+        if self.use_dora:
+            return self._dora_forward(x)
         if runs_as_one_op(base):
             p, seed = _dropout_seed(self.lora_dropout, self.training)
             if isinstance(base, NF4Linear):
@@ -250,4 +354,5 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
-                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}")
+                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
+                + (", use_dora=True" if self.use_dora else ""))

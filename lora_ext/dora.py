@@ -1,0 +1,120 @@
+"""DoRA (Liu et al., 2024; PEFT's `use_dora=True`): the adapted weight W + s B A split into a magnitude
+m (one per output feature, PEFT's `lora_magnitude_vector`) and a direction, with PEFT's math:
+
+    y = base(x) + (g - 1) * (x W^T) + g * s * dropout(x) A^T B^T,   g = m / ||W + s B A||_row  (detached)
+
+and, with dropout active in training, x W^T taken on the dropped-out x as PEFT does. The row norms are
+computed without the out x in matrix PEFT builds at every forward:
+
+    ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i (A W_i^T) + s^2 B_i (A A^T) B_i^T
+
+||W_i||^2 is a constant of the frozen base (cached per weight version); A W^T is one pass over W (dense:
+row blocks in fp32; NF4: the fused 4-bit GEMV, which reads the packed weight and writes nothing of W's
+size). All in fp32, an r x out and an r x r matrix beside the adapter itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from . import ops
+from .nf4 import NF4Weight
+
+_ROW_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of W converted at a time (16 MiB)
+
+
+def _row_blocks(rows: int, cols: int):
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, cols))
+    return ((i, min(rows, i + step)) for i in range(0, rows, step))
+
+
+def _nf4_row_blocks(qw: NF4Weight):
+    """(i0, i1, dense fp32 rows i0..i1) of an NF4 weight, dequantized a block of rows at a time. A block starts on
+    an absmax block (and, double-quantized, on a nested block), so its bytes and scales are slices of qw's."""
+    rows, cols = qw.shape
+    unit = qw.blocksize * (qw.nested_blocksize if qw.double_quant else 1)  # elements per scale boundary
+    rows_unit = unit // math.gcd(unit, cols) if cols else 1
+    step = max(rows_unit, _ROW_BLOCK_ELEMENTS // max(1, cols) // rows_unit * rows_unit)
+    packed = qw.packed.reshape(-1)
+    for i0 in range(0, rows, step):
+        i1 = min(rows, i0 + step)
+        e0, e1 = i0 * cols, i1 * cols
+        b0, b1 = e0 // qw.blocksize, -(-e1 // qw.blocksize)
+        nested = ()
+        if qw.double_quant:
+            n0, n1 = b0 // qw.nested_blocksize, -(-b1 // qw.nested_blocksize)
+            nested = (qw.nested_absmax[n0:n1], qw.nested_code, qw.offset, qw.nested_blocksize)
+        yield i0, i1, ops.dequantize_nf4_packed(packed[e0 // 2:(e1 + 1) // 2].reshape(-1, 1), qw.absmax[b0:b1],
+                                                qw.blocksize, (i1 - i0, cols), torch.float32, *nested)
+
+
+@torch.no_grad()
+def row_norms_squared(weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
+    """||W_i||^2 in fp32 for a dense (out x in) or NF4 weight, a block of rows at a time: a constant of the
+    frozen base, which callers cache."""
+    out = torch.empty(weight.shape[0], dtype=torch.float32,
+                      device=weight.packed.device if isinstance(weight, NF4Weight) else weight.device)
+    if isinstance(weight, NF4Weight):
+        blocks = _nf4_row_blocks(weight)
+    else:
+        blocks = ((i0, i1, weight[i0:i1].float()) for i0, i1 in _row_blocks(*weight.shape))
+    for i0, i1, rows in blocks:
+        out[i0:i1] = rows.pow(2).sum(1)
+    return out
+
+
+@torch.no_grad()
+def a_times_w_t(A: torch.Tensor, weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
+    """A W^T (r x out) in fp32: dense W in row blocks, NF4 through the fused GEMV (no dequantized W)."""
+    A32 = A.detach().float()
+    if isinstance(weight, NF4Weight):
+        return ops.nf4_linear(A32, weight.packed, weight.absmax, weight.shape[0], weight.blocksize, None,
+                              weight.nested_absmax, weight.nested_code, weight.offset, weight.nested_blocksize,
+                              gemv_max_m=max(1, A32.shape[0]))
+    if weight.dtype == torch.float32:
+        return A32 @ weight.detach().t()
+    out = torch.empty(A32.shape[0], weight.shape[0], dtype=torch.float32, device=A32.device)
+    for i0, i1 in _row_blocks(*weight.shape):
+        out[:, i0:i1] = A32 @ weight[i0:i1].detach().float().t()
+    return out
+
+
+@torch.no_grad()
+def weight_norm(weight: Union[torch.Tensor, NF4Weight], A: torch.Tensor, B: torch.Tensor, scaling: float,
+                w_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """||W + s B A|| per output row (fp32, detached), from w_sq = ||W_i||^2 (row_norms_squared) when given."""
+    if w_sq is None:
+        w_sq = row_norms_squared(weight)
+    A32, B32 = A.detach().float(), B.detach().float()
+    cross = (B32 * a_times_w_t(A32, weight).t()).sum(1)
+    quad = ((B32 @ (A32 @ A32.t())) * B32).sum(1)
+    return (w_sq + 2.0 * scaling * cross + (scaling * scaling) * quad).clamp_min(0.0).sqrt()
+
+
+@torch.no_grad()
+def merged_rows(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor, i0: int,
+                i1: int) -> torch.Tensor:
+    """Rows [i0, i1) of the merged weight g * (W + s B A) in fp64, from the unmerged W's rows."""
+    w = weight[i0:i1].double()
+    w += scaling * (B[i0:i1].double() @ A.double())
+    return w * g[i0:i1, None].double()
+
+
+@torch.no_grad()
+def unmerged_rows(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor, i0: int,
+                  i1: int) -> torch.Tensor:
+    """Rows [i0, i1) of W = W' / g - s B A in fp64, from the merged W'."""
+    return weight[i0:i1].double() / g[i0:i1, None].double() - scaling * (B[i0:i1].double() @ A.double())
+
+
+def row_blocks(weight: torch.Tensor):
+    """Row ranges of W small enough for an fp64 copy (merges go a block at a time)."""
+    return _row_blocks(*weight.shape)
+
+
+def init_magnitude(weight: Union[torch.Tensor, NF4Weight], A: torch.Tensor, B: torch.Tensor, scaling: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """m at initialisation: ||W + s B A|| per row, as PEFT (= ||W_i|| with the default zero B)."""
+    return weight_norm(weight, A, B, scaling).to(dtype)

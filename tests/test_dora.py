@@ -1,0 +1,234 @@
+"""DoRA in one layer (LoraLinear(..., use_dora=True)): against PEFT's own DoRA layer (outputs and the gradients
+of A, B and the magnitude), against fp64 formulas (the row norms without the out x in matrix, dropout in
+training), gradcheck; no out x in tensor kept for backward (PEFT keeps one); merge keeps the function."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora_ext
+from lora_ext import dora
+from lora_ext import reference as R
+
+from conftest import requires_c
+
+pytestmark = requires_c
+peft = pytest.importorskip("peft")
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _pair(base: nn.Module, r=4, alpha=8, dropout=0.0, rslora=False):
+    """PEFT's DoRA layer over a copy of base (random B, as after training) and ours with the same A, B and a
+    magnitude moved off its initial value, so every term of the output counts."""
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_Holder(copy.deepcopy(base)), peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["proj"], use_dora=True, init_lora_weights=False, lora_dropout=dropout,
+        use_rslora=rslora)).base_model.model.proj
+    ours = lora_ext.LoraLinear(copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                               use_dora=True)
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        m = theirs.lora_magnitude_vector["default"].weight
+        torch.testing.assert_close(dora.init_magnitude(ours._base_weight(), ours.lora_A, ours.lora_B, ours.scaling,
+                                                       torch.float32), m, rtol=1e-5, atol=1e-6)
+        m.mul_(torch.linspace(0.5, 1.5, m.numel()))
+        ours.lora_magnitude_vector.copy_(m)
+    return ours, theirs
+
+
+def _grads(layer, names):
+    return [dict(layer.named_parameters())[n].grad for n in names]
+
+
+@pytest.mark.parametrize("kind", ["linear", "no bias", "rslora", "conv1d"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_layer_equals_peft(kind, mode):
+    """Outputs and the gradients of A, B and m equal PEFT's (train mode without dropout runs the same math)."""
+    if kind == "conv1d":
+        transformers = pytest.importorskip("transformers")
+        base = transformers.pytorch_utils.Conv1D(24, 40)  # (out, in): GPT-2's transposed weight
+        nn.init.normal_(base.weight)
+    else:
+        base = nn.Linear(40, 24, bias=kind != "no bias")
+    ours, theirs = _pair(base, rslora=kind == "rslora")
+    ours.train(mode == "train")
+    theirs.train(mode == "train")
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y_peft = ours(x), theirs(x2)
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_peft.backward(dy)
+    ours_g = _grads(ours, ["lora_A", "lora_B", "lora_magnitude_vector"])
+    theirs_g = _grads(theirs, ["lora_A.default.weight", "lora_B.default.weight",
+                               "lora_magnitude_vector.default.weight"])
+    for name, a, b in zip(("A", "B", "m"), ours_g, theirs_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_nf4_base_equals_peft_over_the_same_quantized_weight():
+    """QDoRA: ours over NF4Linear against PEFT's DoRA over an nn.Linear holding the dequantized weight."""
+    dense = nn.Linear(128, 48)
+    nf4 = lora_ext.NF4Linear.from_linear(dense, blocksize=64)
+    same = nn.Linear(128, 48)
+    with torch.no_grad():
+        same.weight.copy_(nf4.dequantize(torch.float32))
+        same.bias.copy_(dense.bias)
+    ours_ref, theirs = _pair(same)
+    ours = lora_ext.LoraLinear(nf4, r=4, lora_alpha=8, use_dora=True)
+    ours.load_state_dict({**ours_ref.state_dict(), **{f"base_layer.{k}": v for k, v in nf4.state_dict().items()}})
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    ours(x).sum().backward()
+    theirs(x).sum().backward()
+    torch.testing.assert_close(ours.lora_magnitude_vector.grad, theirs.lora_magnitude_vector["default"].weight.grad,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f, in_f, r", [(1, 1, 1), (37, 129, 5), (300, 70, 16)])
+def test_row_norms_without_the_matrix_against_fp64(dtype, out_f, in_f, r):
+    W = torch.randn(out_f, in_f).to(dtype)
+    A, B = torch.randn(r, in_f), torch.randn(out_f, r)
+    exact = (W.double() + 0.7 * B.double() @ A.double()).norm(dim=1)
+    torch.testing.assert_close(dora.weight_norm(W, A, B, 0.7).double(), exact, rtol=1e-5, atol=1e-5)
+    if in_f % 64 == 0 or out_f * in_f % 64 == 0:
+        qw = lora_ext.quantize_nf4(W, 64)
+        exact = (qw.dequantize(torch.float32).double() + 0.7 * B.double() @ A.double()).norm(dim=1)
+        torch.testing.assert_close(dora.weight_norm(qw, A, B, 0.7).double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_in_training_follows_peft_formula_in_fp64():
+    """With dropout active: base(x) + (g - 1) xd W^T + g s xd A^T B^T on the dropped-out xd (PEFT's form), with
+    our Philox mask (the seed drawn from torch's generator, as the layer draws it)."""
+    ours, _ = _pair(nn.Linear(40, 24), dropout=0.3)
+    ours.train()
+    x = torch.randn(6, 40)
+    torch.manual_seed(5)
+    y = ours(x)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    W, b = ours.base_layer.weight.double(), ours.base_layer.bias.double()
+    A, B, m = ours.lora_A.double(), ours.lora_B.double(), ours.lora_magnitude_vector.double()
+    xd = R.lora_dropout(x.double(), 0.3, seed)
+    g = m / (W + ours.scaling * B @ A).norm(dim=1)
+    exact = x.double() @ W.t() + b + (g - 1) * (xd @ W.t()) + g * ours.scaling * (xd @ A.t() @ B.t())
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_in_fp64():
+    """The layer's gradients in fp64, with the row norm held constant as DoRA detaches it (section 4.3)."""
+    layer = lora_ext.LoraLinear(nn.Linear(9, 7).double(), r=3, lora_alpha=6, use_dora=True,
+                                adapter_dtype=torch.float64, init_lora_weights=False)
+    norm = layer.dora_weight_norm().double()
+    layer.dora_weight_norm = lambda: norm  # the instance's norm: constant while gradcheck perturbs A and B
+
+    def f(x, A, B, m):
+        with torch.nn.utils.stateless._reparametrize_module(layer, {"lora_A": A, "lora_B": B,
+                                                                    "lora_magnitude_vector": m}):
+            return layer(x)
+
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True)
+              for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)]
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+class _NewTensors(TorchDispatchMode):
+    """The element count of every tensor an op creates (outputs that alias an input's storage are views)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.created.append((t.numel(), str(func)))
+        return out
+
+
+def _largest_new_tensor(fn):
+    with _NewTensors() as mode:
+        fn()
+    return max(mode.created)
+
+
+@pytest.mark.parametrize("base_kind", ["dense", "nf4"])
+def test_no_out_by_in_tensor_in_forward_or_backward(base_kind, monkeypatch):
+    """Forward and backward of 8 tokens through a 300 x 128 layer create no tensor of half its weight's elements
+    (the base's constant row norms are taken a block of rows at a time); PEFT's DoRA builds B A and W + s B A."""
+    monkeypatch.setattr(dora, "_ROW_BLOCK_ELEMENTS", 1024)
+    ours, theirs = _pair(nn.Linear(128, 300))
+    if base_kind == "nf4":  # double-quantized: its row blocks start on nested blocks, 128 rows here
+        ours.base_layer = lora_ext.NF4Linear.from_linear(ours.base_layer, blocksize=64)
+    x = torch.randn(8, 128, requires_grad=True)
+
+    def step(layer):
+        return lambda: layer(x).square().sum().backward()
+
+    ours_largest, op = _largest_new_tensor(step(ours))
+    assert ours_largest < 300 * 128 // 2, (ours_largest, op)
+    theirs_largest, _ = _largest_new_tensor(step(theirs))
+    assert theirs_largest >= 300 * 128  # the check can fail: PEFT's DoRA does create one
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4", "conv1d"])
+def test_merge_keeps_the_function_and_unmerge_restores(kind):
+    if kind == "conv1d":
+        transformers = pytest.importorskip("transformers")
+        base = transformers.pytorch_utils.Conv1D(24, 64)
+        nn.init.normal_(base.weight)
+    else:
+        base = nn.Linear(64, 24)
+        if kind == "nf4":
+            base = lora_ext.NF4Linear.from_linear(base, blocksize=64)
+    layer = lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(torch.linspace(0.8, 1.2, 24))
+    before_w = layer._weight_out_in().clone() if kind != "nf4" else base.weight.clone()
+    W0 = (base.dequantize(torch.float32) if kind == "nf4" else layer._weight_out_in()).double()
+    delta = layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    exact = (layer.lora_magnitude_vector.double() / (W0 + delta).norm(dim=1))[:, None] * (W0 + delta)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        merged = layer(x)
+        merged_w = layer._weight_out_in().clone() if kind != "nf4" else base.dequantize(torch.float32)
+        report = layer.merge_error
+        assert layer.merged
+        layer.unmerge()
+        back = layer(x)
+    if kind == "nf4":  # 4-bit requantization of the exact W': its error is what merge_error reports
+        err = (merged_w.double() - exact).abs().max().item()
+        assert err == pytest.approx(report.max_abs, rel=1e-3)
+        assert 0 < err < 0.2 * exact.abs().max().item()
+        assert torch.equal(base.weight, before_w)  # unmerge: the original packed bytes, exactly
+    else:
+        torch.testing.assert_close(merged_w.double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+        torch.testing.assert_close(merged, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+        torch.testing.assert_close(layer._weight_out_in(), before_w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(back, y, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_use_dora_is_refused():
+    with pytest.raises(TypeError, match="use_dora must be True or False"):
+        lora_ext.LoraLinear(nn.Linear(8, 8), r=2, use_dora="yes")
