@@ -32,7 +32,7 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
 # Keywords of Unsloth's and PEFT's get_peft_model that lora_ext accepts only with these values (they ask
 # for nothing); any other unknown keyword, or one of these with another value, is an error that names it.
-_NEUTRAL_KEYWORDS = {"layers_pattern": None, "use_dora": False, "qat_scheme": None, "ensure_weight_tying": False}
+_NEUTRAL_KEYWORDS = {"layers_pattern": None, "qat_scheme": None, "ensure_weight_tying": False}
 
 
 def _is_target(name: str, targets, layers) -> bool:
@@ -103,7 +103,7 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
                    quant_storage: torch.dtype = torch.uint8, use_gradient_checkpointing: Union[bool, str] = False,
                    loftq_config: Optional[dict] = None, max_seq_length: Optional[int] = None,
                    rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
-                   **other_keywords) -> "LoraModel":
+                   use_dora: bool = False, **other_keywords) -> "LoraModel":
     """Freeze `model`, put LoRA on the targeted Linear layers (optionally their frozen bases in NF4,
     packed bytes viewed as `quant_storage`).
 
@@ -118,7 +118,8 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
     lora_keywords = dict(target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                          use_rslora=use_rslora, init_lora_weights=init_lora_weights,
                          layers_to_transform=layers_to_transform, modules_to_save=modules_to_save,
-                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, loftq_config=loftq_config)
+                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, loftq_config=loftq_config,
+                         use_dora=use_dora)
     _check_other_keywords(other_keywords)
     if is_config_object(r):
         given = sorted(k for k, v in lora_keywords.items() if not _same_value(v, _lora_defaults()[k]))
@@ -136,6 +137,8 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {lora_keywords['bias']!r}")
     if quantize_base not in (None, "nf4"):
         raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
+    if not isinstance(lora_keywords["use_dora"], bool):
+        raise TypeError(f"use_dora must be True or False, got {lora_keywords['use_dora']!r}")
     checkpointing.check(model, use_gradient_checkpointing)
     _check_max_seq_length(model, max_seq_length)
     targets = lora_keywords["target_modules"]
@@ -157,7 +160,7 @@ def _lora_defaults() -> dict:
     params = inspect.signature(get_peft_model).parameters
     return {k: params[k].default for k in ("target_modules", "lora_alpha", "lora_dropout", "bias", "use_rslora",
                                            "init_lora_weights", "layers_to_transform", "modules_to_save",
-                                           "rank_pattern", "alpha_pattern", "loftq_config")}
+                                           "rank_pattern", "alpha_pattern", "loftq_config", "use_dora")}
 
 
 def _same_value(a, b) -> bool:
@@ -284,7 +287,8 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
         for name in targets:
             layer = LoraLinear(model.get_submodule(name), config.r_for(name), config.alpha_for(name),
                                config.lora_dropout, config.use_rslora, init,
-                               loftq_config=(config.loftq_config or None) if initialize else None)
+                               loftq_config=(config.loftq_config or None) if initialize else None,
+                               use_dora=config.use_dora)
             base = layer.base_layer
             if isinstance(base, NF4Linear) and base.quant_storage != config.quant_storage:  # LoftQ's new base
                 base._set_weight(base.qweight.with_storage(config.quant_storage))
@@ -383,6 +387,9 @@ class LoraModel(nn.Module):
         for path, (A, B) in pairs.items():
             state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = A, B
         config, model = self.peft_config[adapter_name], self.base_model.model
+        if config.use_dora:  # a DoRA adapter is always the active one (a model holds one: _check_dora)
+            state.update({f"{path}.lora_magnitude_vector": model.get_submodule(path).lora_magnitude_vector
+                          for path in pairs})
         state.update(_bias_params(model, config.bias, list(pairs), self.saved_modules()))
         for path, wrapper in self.saved_modules().items():
             if adapter_name in wrapper.modules_to_save:
@@ -466,6 +473,8 @@ class LoraModel(nn.Module):
             r = config.r_for(name)
             expected[f"{name}.lora_A.weight"] = (r, in_f)
             expected[f"{name}.lora_B.weight"] = (out_f, r)
+            if config.use_dora:  # PEFT's key on disk (in memory: lora_magnitude_vector.<adapter>.weight)
+                expected[f"{name}.lora_magnitude_vector"] = (out_f,)
         expected.update({k: tuple(p.shape) for k, p in _bias_params(model, config.bias, names, saved).items()})
         expected.update(saved_module_shapes(model, saved))
         missing = sorted(set(expected) - set(weights))
@@ -505,6 +514,16 @@ class LoraModel(nn.Module):
             raise ValueError(f"{origin}: bias='all' together with modules_to_save (in another adapter of this model) "
                              f"is not supported; use bias='lora_only'")
 
+    def _check_dora(self, config: LoraConfig, adapter_name: str, in_place: bool, origin: str) -> None:
+        """A model holds one DoRA adapter and nothing beside it (its magnitudes live in the layers; adapters kept
+        beside the layers are (A, B) pairs): loading one in place of itself is the only change allowed."""
+        others = set(self.peft_config) - {adapter_name}
+        dora = config.use_dora or any(c.use_dora for c in self.peft_config.values())
+        if dora and (others or not in_place):
+            raise NotImplementedError(f"{origin}: DoRA adapters beside other adapters, or replacing one of another "
+                                      f"kind or shape, are not supported yet (a model holds one DoRA adapter); "
+                                      f"adapters: {sorted(self.peft_config)}")
+
     def _check_unmerged(self, origin: str) -> None:
         if any(layer.merged for layer in self.lora_layers().values()):
             raise RuntimeError(f"{origin}: the active adapter is merged into the base; call unmerge_adapter() first")
@@ -528,7 +547,8 @@ class LoraModel(nn.Module):
             self._check_unmerged(f"load_adapter({directory!r}, {adapter_name!r})")
         layers = self.lora_layers()
         in_place = active and sorted(self._pairs(adapter_name)) == sorted(names) and \
-            all(config.r_for(n) == layers[n].r for n in names)
+            all(config.r_for(n) == layers[n].r and config.use_dora == layers[n].use_dora for n in names)
+        self._check_dora(config, adapter_name, in_place, f"load_adapter({directory!r}, {adapter_name!r})")
         previous = self.peft_config.get(adapter_name)
         if previous is not None:  # the biases it trained are no longer its own unless the new one says so
             for p in _bias_params(model, previous.bias, list(self._pairs(adapter_name)), self.saved_modules()).values():
@@ -590,6 +610,7 @@ class LoraModel(nn.Module):
                             fan_in_fan_out=active.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
                             alpha_pattern=dict(alpha_pattern or {}))
         check_patterns(config, f"add_adapter({adapter_name!r})")
+        self._check_dora(config, adapter_name, False, f"add_adapter({adapter_name!r})")
         targets = sorted(self._pairs(self.active_adapter))  # the modules the active adapter targets
         _check_ranks(self.base_model.model, config, targets)
         saved = _saved_paths(self.base_model.model, config, targets)
@@ -642,6 +663,9 @@ class LoraModel(nn.Module):
             for name, (A, B) in pairs.items():
                 copy_full_into(A, weights[f"{name}.lora_A.weight"])
                 copy_full_into(B, weights[f"{name}.lora_B.weight"])
+                if config.use_dora:
+                    copy_full_into(model.get_submodule(name).lora_magnitude_vector,
+                                   weights[f"{name}.lora_magnitude_vector"])
         for key, p in _bias_params(model, config.bias, list(pairs), self.saved_modules()).items():
             copy_full_into(p, weights[key])
         for path, wrapper in self.saved_modules().items():

@@ -17,7 +17,7 @@ CONFIG_NAME = "adapter_config.json"
 # Fields of PEFT's LoraConfig that lora_ext takes, and those that only describe the file or are
 # derived from the model (task type, fan_in_fan_out). Any other field must keep PEFT's default.
 _TAKEN = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "init_lora_weights",
-          "layers_to_transform", "modules_to_save", "rank_pattern", "alpha_pattern", "loftq_config")
+          "layers_to_transform", "modules_to_save", "rank_pattern", "alpha_pattern", "loftq_config", "use_dora")
 _BOOKKEEPING = ("peft_type", "task_type", "base_model_name_or_path", "revision", "fan_in_fan_out", "auto_mapping",
                 "runtime_config", "peft_version", "inference_mode")
 # PEFT LoraConfig fields whose default is not None/False/empty, for when peft itself is not installed.
@@ -41,6 +41,7 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict)  # module-name pattern -> r (PEFT's rule: pattern_key)
     alpha_pattern: dict = field(default_factory=dict)  # module-name pattern -> lora_alpha
     loftq_config: dict = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": N} with init "loftq"
+    use_dora: bool = False  # DoRA: a magnitude per output feature beside A and B (lora_ext/dora.py)
 
     def r_for(self, module_name: str) -> int:
         """The rank of the layer at `module_name`: rank_pattern's first matching key, else r."""
@@ -60,7 +61,7 @@ class LoraConfig:
                 "layers_pattern": None, "modules_to_save": self.modules_to_save,
                 "fan_in_fan_out": self.fan_in_fan_out, "rank_pattern": dict(self.rank_pattern),
                 "alpha_pattern": dict(self.alpha_pattern), "loftq_config": dict(self.loftq_config),
-                "use_dora": False, "lora_bias": False, "inference_mode": True, "revision": None}
+                "use_dora": self.use_dora, "lora_bias": False, "inference_mode": True, "revision": None}
 
     @classmethod
     def from_peft(cls, cfg: dict, path: str = CONFIG_NAME) -> "LoraConfig":
@@ -82,7 +83,7 @@ class LoraConfig:
                      layers_to_transform=cfg.get("layers_to_transform"), modules_to_save=cfg.get("modules_to_save"),
                      rank_pattern=dict(cfg.get("rank_pattern") or {}),
                      alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-                     loftq_config=dict(cfg.get("loftq_config") or {}))
+                     loftq_config=dict(cfg.get("loftq_config") or {}), use_dora=bool(cfg.get("use_dora")))
         check_patterns(config, path)
         return config
 

@@ -232,3 +232,85 @@ def test_merge_keeps_the_function_and_unmerge_restores(kind):
 def test_bad_use_dora_is_refused():
     with pytest.raises(TypeError, match="use_dora must be True or False"):
         lora_ext.LoraLinear(nn.Linear(8, 8), r=2, use_dora="yes")
+
+
+# ---------------------------------------------------------------- models: get_peft_model, PEFT's format both ways
+
+transformers = pytest.importorskip("transformers")
+from hf_models import llama  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _ids(rows=3):
+    return torch.randint(0, 96, (rows, 9), generator=torch.Generator().manual_seed(rows))
+
+
+def _train_a_step(model):
+    """One optimizer step, so B and the magnitude are not at their initial values."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = _ids(4)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_peft_reads_our_dora_adapter_and_we_read_peft(tmp_path):
+    torch.manual_seed(0)
+    ours = lora_ext.get_peft_model(llama(), r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    _train_a_step(ours)
+    ours.eval()
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "ours")).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    # and the other way: PEFT's DoRA adapter (from a LoraConfig object), trained, saved, loaded by us
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              use_dora=True, init_lora_weights=False))
+    _train_a_step(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    loaded = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    layer = loaded.lora_layers()["model.layers.0.self_attn.q_proj"]
+    assert layer.use_dora and layer.lora_magnitude_vector.requires_grad
+
+
+def test_a_peft_lora_config_object_with_use_dora():
+    model = lora_ext.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    assert all(m.use_dora for m in model.lora_layers().values())
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_magnitude_vector"}
+
+
+def test_qdora_over_nf4_equals_peft_over_the_same_dequantized_base(tmp_path):
+    torch.manual_seed(0)
+    ours = lora_ext.get_peft_model(llama(), r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                   quantize_base="nf4")
+    _train_a_step(ours)
+    ours.eval()
+    ours.save_pretrained(str(tmp_path))
+    dense = llama()
+    dense.load_state_dict(ours.base_state_dict())  # the 4-bit weights, dequantized
+    theirs = peft.PeftModel.from_pretrained(dense, str(tmp_path)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+        expected = ours(ids).logits
+        merged = ours.merge_and_unload(dequantize=True)
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_beside_other_adapters_is_refused_before_anything_changes(tmp_path):
+    model = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, use_dora=True)
+    with pytest.raises(NotImplementedError, match="a model holds one DoRA adapter"):
+        model.add_adapter("second", r=4)
+    plain = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS)
+    plain.save_pretrained(str(tmp_path))
+    with pytest.raises(NotImplementedError, match="a model holds one DoRA adapter"):
+        model.load_adapter(str(tmp_path), "second")
+    assert sorted(model.peft_config) == ["default"]
+    with pytest.raises(TypeError, match="use_dora must be True or False"):
+        lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, use_dora=1)

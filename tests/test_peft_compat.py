@@ -148,7 +148,6 @@ def test_peft_lora_config_object_gives_what_the_keywords_give():
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(use_dora=True), "use_dora=True"),
     (dict(layers_pattern="layers", layers_to_transform=[0]), "layers_pattern='layers'"),
     (dict(lora_bias=True), "lora_bias=True"),
     (dict(inference_mode=True), "inference_mode=True"),

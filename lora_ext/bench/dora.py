@@ -1,0 +1,82 @@
+"""The `dora` section: DoRA forward + backward, one square layer and the seven projections of a Llama block:
+ours (DoRA; QDoRA over NF4) against our LoRA on the same layers and PEFT's DoRA, with peak memory on the
+GPU. PEFT builds B A and W + s B A (out x in) at every forward to take the row norms; ours takes them from
+r x out and r x r products and a cached ||W_i||^2."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..model import get_peft_model
+from . import adapters, peers, work
+from .decoder_block import DIMS as BLOCK_DIMS, TARGETS as BLOCK_TARGETS, Block
+from .fwd_bwd import fwd_bwd_step, inputs
+from .timing import EFFORT
+
+CASES = {  # (layer, r, M tokens)
+    ("cuda", "full"): [("square", 16, 4096), ("block", 16, 4096)],
+    ("cuda", "quick"): [("square", 16, 4096), ("block", 16, 4096)],
+    ("cpu", "full"): [("square", 16, 512), ("block", 16, 256)],
+    ("cpu", "quick"): [("square", 16, 256), ("block", 16, 128)],
+}
+SQUARE = {"cuda": 4096, "cpu": 2048, "tiny": 64}
+TINY = [("square", 4, 16), ("block", 4, 16)]
+
+
+class _Square(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.proj = nn.Linear(n, n, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _builders(dense: nn.Module, targets: list, r: int, notes: list) -> dict:
+    def ours(use_dora, quantize_base=None):
+        return lambda: get_peft_model(copy.deepcopy(dense), r=r, lora_alpha=2 * r, target_modules=targets,
+                                      init_lora_weights=False, use_dora=use_dora, quantize_base=quantize_base)
+
+    out = {"frozen base": lambda: copy.deepcopy(dense), "lora_ext LoRA": ours(False), "lora_ext DoRA": ours(True),
+           "lora_ext QDoRA": ours(True, "nf4")}
+    peft = peers.peft(notes)
+    if peft is not None:
+        def peft_dora():
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False,
+                                  use_dora=True)
+            return peft.get_peft_model(copy.deepcopy(dense), cfg)
+
+        out["PEFT DoRA"] = peft_dora
+    return out
+
+
+def run(device: torch.device, ceilings, scale: str) -> dict:
+    notes, rows = [], []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as lora_layer: fp32 on the CPU
+    kind = "tiny" if scale == "tiny" else device.type
+    for layer, r, M in TINY if scale == "tiny" else CASES[device.type, scale]:
+        if layer == "square":
+            n = SQUARE[kind]
+            dense, targets, name, outs = _Square(n), ["proj"], f"{n}x{n}", [n]
+        else:
+            hidden, kv, mlp = BLOCK_DIMS[kind]
+            dense, targets, name = Block(hidden, kv, mlp), BLOCK_TARGETS, f"llama block {hidden}/{kv}/{mlp}"
+            outs = [hidden, kv, kv]  # the block's outputs: h, k, v
+        dense = dense.to(device=device, dtype=dtype).requires_grad_(False)
+        shapes = [(n, n)] if layer == "square" else dense.shapes()
+        sets = inputs(M, shapes[0][0], outs, device, dtype)
+        res = adapters.run_peers(_builders(dense, targets, r, notes), fwd_bwd_step, sets, device, EFFORT[scale], notes)
+        times = {k: v["s"] for k, v in res.items()}
+        for peer, v in res.items():
+            # the LoRA layer's bytes and FLOPs; DoRA adds r x out and r x r products per layer (ours)
+            per_layer = [work.lora_fwd_bwd(M, k, o, None if peer == "frozen base" else r, dtype, peer == "lora_ext QDoRA")
+                         for k, o in shapes]
+            nbytes, flops = (sum(w[i] for w in per_layer) for i in (0, 1))
+            rows.append({"layer": name, "dtype": str(dtype).replace("torch.", ""), "r": r, "M": M, "peer": peer,
+                         "ms": v["s"] * 1e3, **ceilings.of(v["s"], nbytes, flops),
+                         "x_our_lora": v["s"] / times["lora_ext LoRA"],
+                         "speedup_vs_peft_dora": times["PEFT DoRA"] / v["s"] if "PEFT DoRA" in times else None,
+                         "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"]})
+    return {"rows": rows, "notes": notes}
