@@ -263,6 +263,9 @@ class LoraLinear(nn.Module):
     def dora_weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row (fp32, detached), ||W_i||^2 cached while the base weight is unchanged."""
         weight = self._base_weight()
+        if torch.compiler.is_compiling():  # a traced graph cannot compare data pointers: the cache as it is
+            w_sq = self._dora_w_sq[1] if self._dora_w_sq is not None else dora.row_norms_squared(weight)
+            return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
         stored = weight.packed if isinstance(weight, NF4Weight) else weight
         key = (stored.data_ptr(), stored._version, tuple(stored.shape))
         if self._dora_w_sq is None or self._dora_w_sq[0] != key:
@@ -280,7 +283,7 @@ class LoraLinear(nn.Module):
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        g = (self.lora_magnitude_vector / self.dora_weight_norm()).to(x.dtype)
+        g = self.lora_magnitude_vector / self.dora_weight_norm()  # in the output's dtype below (autocast)
         bias = base.bias_for(x) if isinstance(base, NF4Linear) else base.bias
         p, seed = _dropout_seed(self.lora_dropout, self.training)
         if p == 0.0:
@@ -290,13 +293,15 @@ class LoraLinear(nn.Module):
                 z = _layer_op(x, weight, None, self.lora_A, self.lora_B, self.scaling, 0.0, 0)
             else:
                 out = base(x)
-                z = ops.lora_forward(x, out - bias if bias is not None else out, self.lora_A, self.lora_B,
-                                     self.scaling, 0.0, 0)
-            return z * g + bias if bias is not None else z * g
+                z = ops.lora_forward(x, out - bias.to(out.dtype) if bias is not None else out, self.lora_A,
+                                     self.lora_B, self.scaling, 0.0, 0)
+            z = z * g.to(z.dtype)
+            return z + bias.to(z.dtype) if bias is not None else z
         # PEFT: base(x) + (g - 1) xd W^T + g s xd A^T B^T, xd the dropped-out x
         xd = ops.lora_dropout(x, p, seed)
         bl = self._base_linear(xd)
-        return base(x) + ops.lora_forward(xd, bl, self.lora_A, self.lora_B, self.scaling, 0.0, 0) * g - bl
+        out = base(x)
+        return out + ops.lora_forward(xd, bl, self.lora_A, self.lora_B, self.scaling, 0.0, 0) * g.to(out.dtype) - bl
 
     @torch.no_grad()
     def _merge_dora(self, safe_merge: bool) -> None:
