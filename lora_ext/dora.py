@@ -97,8 +97,8 @@ def weight_norm(weight: Union[torch.Tensor, NF4Weight], A: torch.Tensor, B: torc
 def merged_rows(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor, i0: int,
                 i1: int) -> torch.Tensor:
     """Rows [i0, i1) of the merged weight g * (W + s B A) in fp64, from the unmerged W's rows."""
-    w = weight[i0:i1].double()
-    w += scaling * (B[i0:i1].double() @ A.double())
+    # (not in place: .double() of an fp64 weight is the weight itself)
+    w = weight[i0:i1].double() + scaling * (B[i0:i1].double() @ A.double())
     return w * g[i0:i1, None].double()
 
 

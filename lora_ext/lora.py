@@ -283,7 +283,9 @@ class LoraLinear(nn.Module):
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        g = self.lora_magnitude_vector / self.dora_weight_norm()  # in the output's dtype below (autocast)
+        # g stays fp32 (PEFT's): in fp16 an m / ||W + s B A|| past 65504 would be Inf, and Inf * 0 NaN. The products
+        # below are taken in fp32 and rounded once to the output's dtype (which autocast decides).
+        g = self.lora_magnitude_vector / self.dora_weight_norm()
         bias = base.bias_for(x) if isinstance(base, NF4Linear) else base.bias
         p, seed = _dropout_seed(self.lora_dropout, self.training)
         if p == 0.0:
@@ -295,13 +297,15 @@ class LoraLinear(nn.Module):
                 out = base(x)
                 z = ops.lora_forward(x, out - bias.to(out.dtype) if bias is not None else out, self.lora_A,
                                      self.lora_B, self.scaling, 0.0, 0)
-            z = z * g.to(z.dtype)
-            return z + bias.to(z.dtype) if bias is not None else z
-        # PEFT: base(x) + (g - 1) xd W^T + g s xd A^T B^T, xd the dropped-out x
+            y = z * g
+            return (y + bias if bias is not None else y).to(z.dtype)
+        # PEFT: base(x) + (g - 1) xd W^T + g s xd A^T B^T, xd the dropped-out x, summed as PEFT does (grouped as
+        # g (xd W^T + s xd A^T B^T) - xd W^T, an Inf input gave NaN where PEFT's sum is Inf)
         xd = ops.lora_dropout(x, p, seed)
         bl = self._base_linear(xd)
         out = base(x)
-        return out + ops.lora_forward(xd, bl, self.lora_A, self.lora_B, self.scaling, 0.0, 0) * g.to(out.dtype) - bl
+        lora = ops.lora_forward(xd, bl.new_zeros(()).expand(bl.shape), self.lora_A, self.lora_B, self.scaling, 0.0, 0)
+        return (out + (g - 1) * bl + g * lora).to(out.dtype)
 
     @torch.no_grad()
     def _merge_dora(self, safe_merge: bool) -> None:
@@ -316,10 +320,11 @@ class LoraLinear(nn.Module):
             merged = torch.empty_like(w)
             for i0, i1 in dora.row_blocks(w):
                 merged[i0:i1] = dora.merged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).float()
-            if safe_merge and not torch.isfinite(merged).all():
+            source = merged.to(old.dtype)  # (what is quantized: finite in fp32 may be Inf in fp16)
+            if safe_merge and not torch.isfinite(source).all():
                 raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
                                  "the base weight was left unchanged")
-            new = quantize_nf4(merged.to(old.dtype), old.blocksize, old.double_quant, old.quant_storage)
+            new = quantize_nf4(source, old.blocksize, old.double_quant, old.quant_storage)
             err = dequantize_nf4(new, torch.float32).double() - merged.double()
             change = (merged.double() - w.double()).norm().item()
             self.merge_error = MergeError(err.abs().max().item() if err.numel() else 0.0,
@@ -328,6 +333,8 @@ class LoraLinear(nn.Module):
             base._set_weight(new)
         else:
             w = self._weight_out_in()
+            if not w.is_floating_point():  # (merged_rows(...).to(w.dtype) would truncate W' to integers)
+                raise TypeError(f"LoraLinear.merge: the base weight must be floating point, got {w.dtype}")
             merged = torch.empty_like(w)
             for i0, i1 in dora.row_blocks(w):
                 merged[i0:i1] = dora.merged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).to(w.dtype)

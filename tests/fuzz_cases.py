@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 import lora_ext
 from lora_ext import reference as R
 from lora_ext.lora import _dropout_seed
-from lora_ext.merge import merge_nf4_reference
+from lora_ext.merge import MergeError, merge_nf4_reference
 
 OPS = torch.ops.lora_ext
 NAN, INF = float("nan"), float("inf")
@@ -1177,6 +1177,12 @@ def _multi_lora_linear_public_ref(a):
 # ---------------------------------------------------------------- LoraLinear: construct, forward, merge, unmerge
 
 
+# DoRA (use_dora=True): the magnitude drawn positive (abs) with SPECIALS, times one of these (1e30: g overflows
+# fp16 decisively, 1e-30: the merged fp16 weight underflows); use_dora must be a bool, anything else a TypeError.
+DORA_M_SCALES = (1.0, 1.0, 1e-30, 1e30)
+BAD_USE_DORA = st.sampled_from((1, 0, "yes", None, 1.0))
+
+
 @st.composite
 def _lora_layer_args(draw, dims, device):
     lead = draw(shapes(dims, 0, 2))
@@ -1188,11 +1194,14 @@ def _lora_layer_args(draw, dims, device):
                 use_rslora=draw(st.booleans()), init=draw(st.sampled_from((True, False, "gaussian"))),
                 A=draw(tensor((r, K), ("float32",))), B=draw(tensor((N, r), ("float32",))),
                 x=draw(tensor((*lead, K), (dt,))), training=draw(st.booleans()), rng=draw(st.integers(0, 99)),
-                safe_merge=draw(st.booleans()))
+                safe_merge=draw(st.booleans()), use_dora=draw(st.booleans()))
+    if args["use_dora"]:  # the magnitude to set after A and B (None: the layer's initial ||W + s B A||), times m_scale
+        args.update(magnitude=draw(tensor((N,), ("float32",), "c", "abs")) if draw(st.integers(0, 3)) else None,
+                    m_scale=draw(st.sampled_from(DORA_M_SCALES)))
     rules = dict(r=st.sampled_from((0, -1, 10**6, 2.5, True, "8", None)),
                  lora_alpha=st.sampled_from((-1.0, NAN, -INF, "8")), lora_dropout=BAD_P,
                  init=st.sampled_from(("bogus", 3, None)), x=Rule((dt,)),
-                 weight=Rule((dt,), contiguous=True, reshape=False))
+                 weight=Rule((dt,), contiguous=True, reshape=False), use_dora=BAD_USE_DORA)
     return args, rules, True
 
 
@@ -1233,7 +1242,8 @@ def run_lora_layer(case: Case) -> None:
     """LoraLinear over nn.Linear or NF4Linear: construction (a refusal leaves the base as it was), scaling,
     forward against the reference, merge (dense: merge_lora_'s reference bits; NF4: merge_nf4_reference's;
     safe_merge refuses exactly when the merged weight is not finite) and unmerge (dense: unmerge's bits; NF4:
-    the original packed weight)."""
+    the original packed weight). With use_dora (a bool, anything else a TypeError), a drawn magnitude and DoRA's
+    fp64 oracle (_dora_forward_ref, _dora_merge)."""
     a = materialize(case)
     base = _linear(a["weight"], a["bias"])
     try:
@@ -1243,17 +1253,29 @@ def run_lora_layer(case: Case) -> None:
         refused(case, e, a, "NF4 base")
         return
     before = _module_state(base)
+    dora = {"use_dora": a["use_dora"]} if "use_dora" in a else {}  # (cases kept from before DoRA have no use_dora)
     try:
         lora = lora_ext.LoraLinear(base, r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
-                                   use_rslora=a["use_rslora"], init_lora_weights=a["init"])
+                                   use_rslora=a["use_rslora"], init_lora_weights=a["init"], **dora)
     except ERRORS as e:
         _assert_state(base, before, "after a refused LoraLinear(...)")
         refused(case, e, a, "LoraLinear")
+        if not isinstance(dora.get("use_dora", False), bool):
+            _bad_use_dora_refused(a, base, before, e)
         return
+    assert isinstance(dora.get("use_dora", False), bool), f"LoraLinear accepted use_dora={a['use_dora']!r}"
     assert lora.scaling == _scaling(a) == lora_ext.lora_scaling(a["r"], a["lora_alpha"], a["use_rslora"])
+    m = lora.lora_magnitude_vector
+    if a.get("use_dora"):
+        assert lora.use_dora is True and isinstance(m, nn.Parameter) and m.requires_grad, "no trainable magnitude"
+        assert (m.shape, m.dtype) == ((a["weight"].shape[0],), torch.float32), f"magnitude {m.shape} {m.dtype}"
+    else:
+        assert lora.use_dora is False and m is None, "a LoRA layer without DoRA holds a magnitude"
     with torch.no_grad():
         lora.lora_A.copy_(a["A"])
         lora.lora_B.copy_(a["B"])
+        if a.get("magnitude") is not None and m.device.type == "cpu":
+            m.copy_(a["magnitude"] * a["m_scale"])
     lora.train(a["training"])
     base_state = {k: t.detach().clone() for k, t in base.named_parameters()}
     _layer_forward(case, a, lora, base_state)
@@ -1261,8 +1283,71 @@ def run_lora_layer(case: Case) -> None:
         _layer_merge(case, a, lora, base_state)
 
 
+def _bad_use_dora_refused(a, base, before, e) -> None:
+    """A use_dora that is not a bool is refused with a TypeError that names it, unless another argument is at fault
+    too (then the same layer with use_dora=False is refused as well)."""
+    if isinstance(e, TypeError) and "use_dora" in str(e):
+        return
+    try:
+        lora_ext.LoraLinear(base, r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
+                            use_rslora=a["use_rslora"], init_lora_weights=a["init"], use_dora=False)
+    except ERRORS:
+        _assert_state(base, before, "after a refused LoraLinear(...)")
+        return
+    raise AssertionError(f"use_dora={a['use_dora']!r} was refused without a TypeError that names it: "
+                         f"{type(e).__name__}: {e}")
+
+
+# DoRA's fp64 oracle. g = m / ||W + s B A|| per output row (W dense, or the NF4 base dequantized), in fp64. The
+# layer takes the norm in fp32 as ||W_i||^2 + 2 s B_i A W_i^T + s^2 B_i A A^T B_i^T, which cancels: its error is
+# about eps32 * M_i, M_i = || |W_i| + |s| |B_i| |A| ||^2, so g may be off by about |g| M_i / ||W_i + s B_i A||^2
+# relative; the bounds below (close's magnitude) take |g| (1 + M_i / norm^2) for g.
+
+
+def _dora_weight64(a, lora, base_state, qweight=None) -> torch.Tensor:
+    """The base weight (out x in) in fp64: dense as it was before the forward, or the NF4 weight dequantized."""
+    if not a["nf4"]:
+        return d64(base_state["weight"])
+    q = lora.base_layer.qweight if qweight is None else qweight
+    return R.dequantize_nf4(q.packed, q.absmax, q.blocksize, q.shape, torch.float64, q.nested_absmax, q.nested_code,
+                            q.offset, q.nested_blocksize, compute_dtype=torch.float64)
+
+
+def _dora_g(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, m: torch.Tensor) -> tuple:
+    """(g, a bound on |g| and its error, W + s B A), all fp64."""
+    V = W + s * (B @ A)
+    n = V.norm(dim=1)
+    g = m / n
+    M = (W.abs() + abs(s) * (B.abs() @ A.abs())).norm(dim=1).square()
+    return g, g.abs() * (1 + M / n.square()), V
+
+
+def _dora_forward_ref(a, lora, base_state, m: torch.Tensor, bound: bool = False) -> torch.Tensor:
+    """Without dropout: g (x W^T + s x A^T B^T) + bias; with it: x W^T + bias + (g - 1) xd W^T + g s xd A^T B^T,
+    xd the dropped-out x (PEFT's). bound: the same over absolute values, with g's bound (close's magnitude)."""
+    torch.manual_seed(a["rng"])
+    p, seed = _dropout_seed(a["lora_dropout"], a["training"])
+    x, bias = d64(a["x"]), base_state.get("bias")
+    bias = None if bias is None else bias.to(a["x"].dtype).double()
+    W, A, B = _dora_weight64(a, lora, base_state), d64(a["A"]), d64(a["B"])
+    g, g_bound, _ = _dora_g(W, A, B, _scaling(a), m.double())
+    s = kernel_scale(_scaling(a), a["x"], a["A"])
+    if bound:
+        x, W, A, B, s, g = x.abs(), W.abs(), A.abs(), B.abs(), abs(s), g_bound
+        bias = None if bias is None else bias.abs()
+    xd = x if p == 0.0 else R.lora_dropout(x, p, seed)
+    base, lora_out = xd @ W.t(), s * ((xd @ A.t()) @ B.t())
+    if p == 0.0:
+        y = g * (base + lora_out)
+    else:
+        y = x @ W.t() + (g + 1 if bound else g - 1) * base + g * lora_out
+    y = y if bias is None else y + bias
+    return y if bound else y.to(a["x"].dtype)
+
+
 def _layer_forward(case, a, lora, base_state) -> None:
     before = _module_state(lora)
+    m = lora.lora_magnitude_vector.detach().clone() if a.get("use_dora") else None
     torch.manual_seed(a["rng"])
     try:
         y = lora(a["x"])
@@ -1272,12 +1357,17 @@ def _layer_forward(case, a, lora, base_state) -> None:
         return
     devices = {a["x"].device.type, a["weight"].device.type}
     assert devices == {y.device.type}, f"a forward over tensors on {sorted(devices)} gave a {y.device} output"
-    if devices == {"cpu"}:
+    if devices == {"cpu"} and a.get("use_dora"):
+        close(y.detach(), _dora_forward_ref(a, lora, base_state, m), a,
+              lambda: _dora_forward_ref(a, lora, base_state, m, bound=True))
+    elif devices == {"cpu"}:
         close(y.detach(), _layer_forward_ref(a, lora, base_state), a,
               lambda: _layer_forward_ref(magnitudes(a), lora, magnitudes(base_state)))
 
 
 def _layer_merge(case, a, lora, base_state) -> None:
+    if a.get("use_dora"):
+        return _dora_merge(case, a, lora, base_state)
     base = lora.base_layer
     q0 = base.qweight if a["nf4"] else None
     scaling = _scaling(a)
@@ -1311,6 +1401,72 @@ def _layer_merge(case, a, lora, base_state) -> None:
         exact(base.weight.detach(), merged, a)
 
 
+def _dora_merge(case, a, lora, base_state) -> None:
+    """merge(): dense W' = g (W + s B A) rounded once to W's dtype; NF4: a new NF4 weight of W' and merge_error;
+    safe_merge refuses exactly when W' in the weight's dtype is not finite. unmerge(): dense W back within the
+    tolerance where the merge kept it (g finite and not 0, W' finite); NF4: the original packed weight exactly."""
+    base = lora.base_layer
+    q0 = base.qweight if a["nf4"] else None
+    s, dt = _scaling(a), a["weight"].dtype
+    if not a["nf4"] and not dt.is_floating_point:  # (outside the contract: W' has no place in such a weight)
+        before = _module_state(lora)
+        try:
+            lora.merge(safe_merge=a["safe_merge"])
+        except ERRORS as e:
+            check_error(e, ["safe_merge", *a])
+            _assert_state(lora, before, "after a refused merge")
+            return
+        raise AssertionError(f"merged into a {dt} weight")
+    W, A, B = _dora_weight64(a, lora, base_state, q0), d64(a["A"]), d64(a["B"])
+    g, g_bound, V = _dora_g(W, A, B, s, lora.lora_magnitude_vector.detach().double())
+    merged64 = g[:, None] * V
+    merged = merged64.to(dt)
+    bound = g_bound[:, None] * (W.abs() + abs(s) * (B.abs() @ A.abs()))  # (close's magnitude for W')
+    unsafe = a["safe_merge"] and not torch.isfinite(merged).all()
+    before = _module_state(lora)
+    try:
+        lora.merge(safe_merge=a["safe_merge"])
+    except ERRORS as e:
+        check_error(e, ["safe_merge", *a])
+        _assert_state(lora, before, "after a refused merge")
+        assert not lora.merged and lora.merge_error is None, "a refused merge left the layer marked merged"
+        assert unsafe or not case.valid, f"refused a merge: {type(e).__name__}: {e}"
+        return
+    assert not unsafe, "safe_merge let a non-finite weight through"
+    assert lora.merged, "merge() did not mark the layer merged"
+    if a["nf4"]:
+        q = base.qweight
+        assert q.packed.data_ptr() != q0.packed.data_ptr(), "merge() kept the NF4 weight"
+        assert (q.shape, q.dtype, q.blocksize, q.double_quant, q.quant_storage) == \
+            (q0.shape, q0.dtype, q0.blocksize, q0.double_quant, q0.quant_storage), "merge() changed the NF4 format"
+        err = lora.merge_error
+        assert isinstance(err, MergeError), f"merge_error is {err!r}"
+        if torch.isfinite(merged).all():  # W' requantized: merge_error says how far from W' (and stays in bounds)
+            got = (_dora_weight64(a, lora, base_state, q) - merged64).abs().max().item()
+            slack = TOL[torch.float32] * (merged64.abs().max().item() + bound.max().item())
+            assert abs(err.max_abs - got) <= slack, f"merge_error.max_abs {err.max_abs:.6g}, the oracle's {got:.6g}"
+            rounding = (merged.double() - merged64).abs().max().item()  # (W' in the weight's dtype, quantized)
+            assert got <= 0.2 * merged64.abs().max().item() + rounding + slack, f"NF4 W' off by {got:.3g}"
+        lora.unmerge()
+        exact((base.qweight.packed, base.qweight.absmax, base.qweight.nested_absmax, base.qweight.offset),
+              (q0.packed, q0.absmax, q0.nested_absmax, q0.offset), a)
+        assert lora.merge_error is None and not lora.merged
+        return
+    # Where W_i + s B_i A holds an Inf its norm is Inf, g_i 0 and W'_i has NaN (0 Inf); the layer's fp32 norm
+    # (Inf - Inf) may be NaN instead, which makes all of W'_i NaN: those rows need only be non-finite.
+    inf_norm = ~torch.isfinite(V.norm(dim=1))
+    w = base.weight.detach()
+    assert not torch.isfinite(w[inf_norm]).all(1).any(), "a row of W + s B A with an Inf merged to finite values"
+    close(w[~inf_norm], merged[~inf_norm], a, lambda: bound[~inf_norm])
+    lora.unmerge()
+    assert not lora.merged
+    # Rows the merge lost cannot come back (W' / g - s B A): g 0, Inf or NaN, or W' not finite in the weight's dtype.
+    kept = torch.isfinite(g) & (g != 0) & torch.isfinite(merged).all(1)
+    tiny = torch.finfo(dt).tiny / g.abs()  # (W' below the normal range: its absolute rounding, divided by g)
+    close(base.weight.detach()[kept], base_state["weight"][kept], a,
+          lambda: (W.abs() + abs(s) * (B.abs() @ A.abs()) + tiny[:, None])[kept])
+
+
 # ---------------------------------------------------------------- targets
 
 
@@ -1342,7 +1498,7 @@ TARGETS.update(
                              _compare_fields_exact_y_close),
     merge_nf4_public=_public("merge_nf4_public", _merge_nf4_public_args, _merge_nf4_public, _merge_nf4_public_ref,
                              ci_examples=100),
-    lora_layer=Target(as_cases("lora_layer", _lora_layer_args), run_lora_layer, 160),
+    lora_layer=Target(as_cases("lora_layer", _lora_layer_args), run_lora_layer, 240),  # (half with DoRA)
     multi_lora_linear_public=_public("multi_lora_linear_public", _multi_lora_linear_public_args,
                                      _multi_lora_linear_public, _multi_lora_linear_public_ref, close),
 )
@@ -1362,6 +1518,9 @@ _CODE = T((256,), fill="dynmap")
 _LORA = dict(A=T((2, 3)), B=T((4, 2)), scale=1.0, dropout_p=0.0, seed=0)
 _MULTI = dict(weight=T((1, 1)), base="weight", bias=None, blocksize=64, double_quant=False, scaling=1.0,
               indices="list", mode="no_grad")
+_DORA = dict(bias=None, nf4=False, blocksize=64, r=1, lora_alpha=1, lora_dropout=0.0, use_rslora=False, init=True,
+             A=T((1, 2)), B=T((2, 1)), training=False, rng=0, safe_merge=False, use_dora=True, magnitude=None,
+             m_scale=1.0)
 REGRESSIONS = {
     "double_quant": (
         # reference: nan_to_num clamped an Inf absmax to 3.4e38 (bitsandbytes and the kernels keep Inf)
@@ -1456,6 +1615,34 @@ REGRESSIONS = {
         # an int32 bias: at::linear took it for this 3-D input (matmul + add); it refuses it for 2-D ones (addmm)
         Case.of("multi_lora_linear_public", False, **dict(_MULTI, bias=T((1,), "int32")), x=T((2, 1, 1), layout="x"),
                 A0=T((1, 1)), B0=T((1, 1)), runs=((0, 1),)),
+    ),
+    "lora_layer": (
+        # DoRA forward (lora.py): g = m / ||W + s B A|| cast to fp16 became Inf past 65504, so y = g z gave NaN where
+        # z is 0 (here x is) and Inf where g z is representable; with dropout in training too (xd all dropped)
+        Case.of("lora_layer", True, **dict(_DORA, weight=T((2, 2), "float16"), x=T((2,), "float16", special="zero"),
+                                            magnitude=T((2,), fill="abs"), m_scale=1e30)),
+        Case.of("lora_layer", True, **dict(_DORA, weight=T((2, 2), "float16"), x=T((2,), "float16"), lora_dropout=0.999,
+                                            training=True, magnitude=T((2,), fill="abs"), m_scale=1e30)),
+        # DoRA forward with dropout (lora.py): summed as g (xd W^T + s xd A^T B^T) - xd W^T, an Inf in x gave NaN
+        # where PEFT's x W^T + (g - 1) xd W^T + g s xd A^T B^T is Inf
+        Case.of("lora_layer", True, **dict(_DORA, weight=T((3, 1), seed=1), A=T((1, 1)), B=T((3, 1), seed=1),
+                                            x=T((1,), special="inf"), lora_dropout=0.1, training=True,
+                                            magnitude=T((3,), fill="abs"))),
+        # DoRA merge over NF4 (lora.py): safe_merge checked W' in fp32, but what is quantized is W' in the weight's
+        # dtype, Inf in fp16 here: a non-finite 4-bit weight got through
+        Case.of("lora_layer", True, **dict(_DORA, weight=T((2, 32), "float16"), nf4=True, A=T((1, 32)),
+                                            x=T((32,), "float16"), safe_merge=True, magnitude=T((2,), fill="abs"),
+                                            m_scale=1e30)),
+        # DoRA merge (lora.py): an int32 base weight took W' truncated to integers (the LoRA merge refuses it)
+        Case.of("lora_layer", False, **dict(_DORA, weight=T((1, 1), "int32"), A=T((1, 1)), B=T((1, 1)), x=T((1,)))),
+        # DoRA merge (dora.merged_rows): W += s B A in place on weight.double(), which is W itself in fp64, so a
+        # merge refused by safe_merge changed the base
+        Case.of("lora_layer", False, **dict(_DORA, weight=T((1, 1), "float64"), A=T((1, 1)), B=T((1, 1), special="nan"),
+                                             x=T((1,)), safe_merge=True)),
+        # reference: where W + s B A holds an Inf (here from A) the layer's fp32 row norm may be NaN (Inf - Inf), not
+        # Inf: W'_i is non-finite either way (0 Inf), and the forward's y_i NaN
+        Case.of("lora_layer", True, **dict(_DORA, weight=T((1, 2)), A=T((1, 2), special="inf"), B=T((1, 1)),
+                                            x=T((2,)))),
     ),
 }
 for _name, _cases in REGRESSIONS.items():

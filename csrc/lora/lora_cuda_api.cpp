@@ -10,23 +10,13 @@
 #include <string>
 
 #include "lora/lora_composite.h"
+#include "lora/lora_dtype.h"
 #include "lora/lora_launch.h"
 #include "lora/lora_plan.h"
 
 namespace lora_ext {
 namespace lora {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    case at::kFloat: return DType::kFloat32;
-    default: TORCH_CHECK(false, "lora_ext: lora_dropout: input must be floating point, got ", t);
-  }
-  return DType::kFloat32;
-}
 
 at::Tensor dropout_cuda_impl(const at::Tensor& x, const DropoutSpec& spec) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -41,6 +31,7 @@ at::Tensor dropout_cuda_impl(const at::Tensor& x, const DropoutSpec& spec) {
 
 at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
   LORA_CHECK(p >= 0.0 && p < 1.0, "lora_dropout: p must be in [0, 1), got ", p);
+  LORA_CHECK(at::isFloatingType(x.scalar_type()), "lora_dropout: input must be floating point, got ", x.scalar_type());
   return dropout_cuda_impl(x.contiguous(), dropout_spec(p, static_cast<uint64_t>(seed))).view(x.sizes());
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/no_autocast.h"
+#include "lora/lora_dtype.h"
 #include "multi/multi_checks.h"
 #include "multi/multi_composite.h"
 #include "multi/multi_launch.h"
@@ -17,15 +18,6 @@
 namespace lora_ext {
 namespace multi {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default: return DType::kFloat32;
-  }
-}
 
 // The expand's grid covers N in blocks of 64 columns and the shrink's r in blocks of 16, at most 65535
 // of each.
@@ -78,9 +70,9 @@ void multi_lora_forward_cuda(const at::Tensor& y, const at::Tensor& x, at::Tenso
 
   MultiLoraParams p{};
   p.x = x2.const_data_ptr();
-  p.x_dtype = to_dtype(x.scalar_type());
+  p.x_dtype = lora::to_dtype(x.scalar_type());
   p.y = y.data_ptr();
-  p.y_dtype = to_dtype(y.scalar_type());
+  p.y_dtype = lora::to_dtype(y.scalar_type());
   p.rows = rows_c.const_data_ptr<int64_t>();
   p.tiles = tiles_c.const_data_ptr<int32_t>();
   p.adapters = reinterpret_cast<const AdapterRef*>(table_dev.const_data_ptr());

@@ -13,6 +13,7 @@ from ..model import get_peft_model
 from . import adapters, peers, work
 from .decoder_block import DIMS as BLOCK_DIMS, TARGETS as BLOCK_TARGETS, Block
 from .fwd_bwd import fwd_bwd_step, inputs
+from .lora_layer import _Holder
 from .timing import EFFORT
 
 CASES = {  # (layer, r, M tokens)
@@ -25,13 +26,8 @@ SQUARE = {"cuda": 4096, "cpu": 2048, "tiny": 64}
 TINY = [("square", 4, 16), ("block", 4, 16)]
 
 
-class _Square(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.proj = nn.Linear(n, n, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
+def _square(n: int) -> nn.Module:
+    return _Holder(nn.Linear(n, n, bias=False))
 
 
 def _builders(dense: nn.Module, targets: list, r: int, notes: list) -> dict:
@@ -59,7 +55,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
     for layer, r, M in TINY if scale == "tiny" else CASES[device.type, scale]:
         if layer == "square":
             n = SQUARE[kind]
-            dense, targets, name, outs = _Square(n), ["proj"], f"{n}x{n}", [n]
+            dense, targets, name, outs = _square(n), ["proj"], f"{n}x{n}", [n]
         else:
             hidden, kv, mlp = BLOCK_DIMS[kind]
             dense, targets, name = Block(hidden, kv, mlp), BLOCK_TARGETS, f"llama block {hidden}/{kv}/{mlp}"

@@ -18,6 +18,7 @@ from ..model import get_peft_model
 from ..nf4 import dtype_name
 from . import peers
 from .decoder_block import DIMS as BLOCK_DIMS, TARGETS as BLOCK_TARGETS, Block
+from .lora_layer import _Holder
 from .timing import EFFORT, measure, measure_interleaved, rotation
 
 R = 16
@@ -35,13 +36,8 @@ MODES = {
 OURS, PEFT, ONE, BASE = "lora_ext adapter_names", "PEFT adapter_names", "lora_ext one adapter", "frozen base"
 
 
-class _Square(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.proj = nn.Linear(n, n, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
+def _square(n: int) -> nn.Module:
+    return _Holder(nn.Linear(n, n, bias=False))
 
 
 def _ours(dense: nn.Module, targets: list, n: int) -> nn.Module:
@@ -96,7 +92,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
     square = SQUARE["tiny" if scale == "tiny" else device.type]
     hidden, kv, mlp = BLOCK_DIMS["tiny" if scale == "tiny" else device.type]
     block = Block(hidden, kv, mlp)
-    layers = {f"{square}x{square}": (_Square(square), ["proj"], [(square, square)]),
+    layers = {f"{square}x{square}": (_square(square), ["proj"], [(square, square)]),
               f"llama block {hidden}/{kv}/{mlp}": (block, BLOCK_TARGETS, block.shapes())}
     peft = peers.peft(notes)
     effort = EFFORT[scale]
