@@ -1383,9 +1383,7 @@ def _layer_merge(case, a, lora, base_state) -> None:
     try:
         lora.merge(safe_merge=a["safe_merge"])
     except ERRORS as e:
-        check_error(e, ["safe_merge", *a])
-        _assert_state(lora, before, "after a refused merge")
-        assert unsafe or not case.valid, f"refused a merge: {type(e).__name__}: {e}"
+        _refused_merge(case, a, lora, before, e, unsafe)
         return
     assert not unsafe, "safe_merge let a non-finite weight through"
     if a["nf4"]:
@@ -1399,6 +1397,14 @@ def _layer_merge(case, a, lora, base_state) -> None:
         lora.unmerge()
         R.unmerge_lora_(merged, a["A"], a["B"], scaling)
         exact(base.weight.detach(), merged, a)
+
+
+def _refused_merge(case, a, lora, before, e, unsafe: bool) -> None:
+    """A merge that raised: a clear error, the layer as it was (not marked merged), and a reason to refuse."""
+    check_error(e, ["safe_merge", *a])
+    _assert_state(lora, before, "after a refused merge")
+    assert not lora.merged and lora.merge_error is None, "a refused merge left the layer marked merged"
+    assert unsafe or not case.valid, f"refused a merge: {type(e).__name__}: {e}"
 
 
 def _dora_merge(case, a, lora, base_state) -> None:
@@ -1427,10 +1433,7 @@ def _dora_merge(case, a, lora, base_state) -> None:
     try:
         lora.merge(safe_merge=a["safe_merge"])
     except ERRORS as e:
-        check_error(e, ["safe_merge", *a])
-        _assert_state(lora, before, "after a refused merge")
-        assert not lora.merged and lora.merge_error is None, "a refused merge left the layer marked merged"
-        assert unsafe or not case.valid, f"refused a merge: {type(e).__name__}: {e}"
+        _refused_merge(case, a, lora, before, e, unsafe)
         return
     assert not unsafe, "safe_merge let a non-finite weight through"
     assert lora.merged, "merge() did not mark the layer merged"
