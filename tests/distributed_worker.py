@@ -13,7 +13,7 @@ from lora_ext.distributed import fully_shard_lora, rank_bytes
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 SCENARIOS = ["ddp-lora", "ddp-qlora", "ddp-qlora-checkpointing", "fsdp2-lora", "fsdp2-qlora",
-             "fsdp2-qlora-bf16storage", "fsdp2-refuses-cast"]
+             "fsdp2-qlora-bf16storage", "ddp-dora", "fsdp2-qdora", "fsdp2-refuses-cast"]
 
 
 def build(scenario: str, adapter_seed: int = 0):
@@ -22,9 +22,10 @@ def build(scenario: str, adapter_seed: int = 0):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     storage = torch.bfloat16 if "bf16storage" in scenario or "refuses" in scenario else torch.uint8
+    four_bit = any(k in scenario for k in ("qlora", "qdora", "refuses"))
     return lora_ext.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=adapter_seed,
-                                   quantize_base="nf4" if "qlora" in scenario or "refuses" in scenario else None,
-                                   quant_storage=storage)
+                                   quantize_base="nf4" if four_bit else None, quant_storage=storage,
+                                   use_dora="dora" in scenario)
 
 
 def batches():

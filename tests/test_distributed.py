@@ -56,8 +56,12 @@ def test_two_ranks_train_what_one_process_trains(two_ranks, scenario):
 
     saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
     layers = reference.lora_layers()
-    assert len(saved) == 2 * len(layers)
+    dora = "dora" in scenario
+    assert len(saved) == (3 if dora else 2) * len(layers)
     for name, layer in layers.items():
+        if dora:  # the magnitude, trained and gathered from its shards as A and B are
+            torch.testing.assert_close(saved[f"base_model.model.{name}.lora_magnitude_vector"],
+                                       layer.lora_magnitude_vector.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(saved[f"base_model.model.{name}.lora_A.weight"], layer.lora_A.detach(),
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(saved[f"base_model.model.{name}.lora_B.weight"], layer.lora_B.detach(),
@@ -78,7 +82,7 @@ def test_fsdp2_shards_the_base_and_reloads_onto_shards(two_ranks, scenario):
         assert b["base_total"] / 2 <= b["base_local"] <= b["base_total"] / 2 + 4096, b
         assert b["adapter_local"] * 2 == b["adapter_total"], b
         assert r[scenario]["sharded_reload_max_diff"] <= 1e-6
-    if "qlora" in scenario:
+    if "qlora" in scenario or "qdora" in scenario:
         dense = ranks[0]["fsdp2-lora"]["bytes"]["base_total"]
         assert ranks[0][scenario]["bytes"]["base_total"] < dense / 3  # 4-bit (+ embeddings) against fp32
 
