@@ -338,3 +338,33 @@ def test_dora_layer_compiles_checkpoints_and_autocasts():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=3e-2 * y_ref.abs().max().item())
+
+
+def test_qdora_equals_peft_over_bitsandbytes_4bit():
+    """PEFT's DoRA over a bitsandbytes Linear4bit holding the same quantized weight (both quantize bit for bit
+    alike). The rows are a multiple of the blocksize: bitsandbytes' CPU dequant is right only there (README)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lora_ext.bench.peers import bnb_linear4bit
+
+    dense = nn.Linear(128, 48)
+    l4 = bnb_linear4bit(bnb, dense)
+    ours = lora_ext.LoraLinear(lora_ext.NF4Linear.from_linear(dense, blocksize=64), r=4, lora_alpha=8, use_dora=True)
+    assert torch.equal(ours.base_layer.qweight.packed.view(-1), l4.weight.data.view(-1))
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_Holder(l4), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                              use_dora=True, init_lora_weights=False))
+    layer = theirs.base_model.model.proj
+    with torch.no_grad():
+        ours.lora_A.copy_(layer.lora_A["default"].weight)
+        ours.lora_B.copy_(layer.lora_B["default"].weight)
+        m0 = dora.init_magnitude(ours._base_weight(), ours.lora_A, ours.lora_B, ours.scaling, torch.float32)
+        torch.testing.assert_close(m0, layer.lora_magnitude_vector["default"].weight, rtol=1e-5, atol=1e-5)
+        ours.lora_magnitude_vector.copy_(layer.lora_magnitude_vector["default"].weight.mul_(1.2))
+    x = torch.randn(6, 128)
+    y, y_peft = ours(x), theirs(x)
+    torch.testing.assert_close(y, y_peft, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    y_peft.square().sum().backward()
+    torch.testing.assert_close(ours.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-4)
