@@ -153,6 +153,21 @@ class LoraLinear(nn.Module):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         return old
 
+    def set_magnitude(self, magnitude: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+        """Make `magnitude` (out_features,) this layer's DoRA magnitude, None for plain LoRA, and return the
+        previous one: with set_adapter_weights, how LoraModel swaps a DoRA adapter in. Nothing is copied."""
+        if self.merged:
+            raise RuntimeError("set_magnitude: the current adapter is merged; unmerge it first")
+        if magnitude is not None and tuple(magnitude.shape) != (self.out_features,):
+            raise ValueError(f"a DoRA magnitude must have shape ({self.out_features},), got {tuple(magnitude.shape)}")
+        old = self.lora_magnitude_vector
+        if magnitude is not None and not isinstance(magnitude, nn.Parameter):
+            trainable = self.lora_A.requires_grad if self.lora_A is not None else self._trainable
+            magnitude = nn.Parameter(magnitude, requires_grad=trainable)
+        self.lora_magnitude_vector = magnitude
+        self.use_dora = magnitude is not None
+        return old
+
     def clear_adapter(self) -> tuple:
         """No adapter here (the active one does not target this layer, when a model's adapters target
         different modules): the layer runs its base alone. Returns the previous (lora_A, lora_B)."""
@@ -162,6 +177,7 @@ class LoraLinear(nn.Module):
         if self.lora_A is not None:
             self._trainable = self.lora_A.requires_grad
         self.lora_A = self.lora_B = None
+        self.set_magnitude(None)
         self.r, self.lora_alpha, self.scaling = 0, 0.0, 0.0
         return old
 

@@ -150,6 +150,10 @@ def adapter_names(model, names, rows: Optional[int] = None, beams: int = 1):
     if unknown:
         raise ValueError(f"adapter_names names adapters this model does not have: {unknown}; adapters: "
                          f"{sorted(model.peft_config)} (and '{BASE}' for the base model alone)")
+    dora = sorted({n for n in names if n != BASE and model.peft_config[n].use_dora})
+    if dora:
+        raise ValueError(f"adapter_names: mixed-adapter batches do not take DoRA adapters (PEFT refuses them too), "
+                         f"got {dora}; run them one at a time with set_adapter")
     if rows is not None and rows != len(names):
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {rows} rows; give one per row")
     if current() is not None:

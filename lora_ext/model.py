@@ -19,10 +19,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import checkpointing, mixed_batch
+from . import checkpointing, dora, mixed_batch
 from .atomic import atomic_directory, existing, fresh
 from .distributed import copy_full_into, full_tensor, rank
-from .lora import LoraLinear, _in_out, init_lora_, is_conv1d
+from .lora import LoraLinear, _in_out, init_lora_, is_conv1d, lora_scaling
 from .nf4 import NF4Linear
 from .peft_config import (BIAS_MODES, DEFAULT_TARGETS, LoraConfig, as_dict, check_patterns,  # noqa: F401
                           is_config_object, kwargs_from_config_object)
@@ -326,6 +326,7 @@ class LoraModel(nn.Module):
         self.peft_config = {adapter_name: config}
         self.active_adapter = adapter_name
         self._stored: dict = {}  # inactive adapters: name -> {module path: (A, B)}
+        self._stored_magnitudes: dict = {}  # inactive DoRA adapters: name -> {module path: magnitude}
 
     def __getattr__(self, name):
         try:
@@ -360,6 +361,13 @@ class LoraModel(nn.Module):
             return {n: (m.lora_A, m.lora_B) for n, m in self.lora_layers().items() if m.lora_A is not None}
         return self._stored[adapter_name]
 
+    def _magnitudes(self, adapter_name: str) -> dict:
+        """{path: lora_magnitude_vector} of a DoRA adapter where it lives ({} for a plain LoRA adapter)."""
+        if adapter_name == self.active_adapter:
+            return {n: m.lora_magnitude_vector for n, m in self.lora_layers().items()
+                    if m.lora_A is not None and m.use_dora}
+        return self._stored_magnitudes.get(adapter_name, {})
+
     def get_nb_trainable_parameters(self) -> tuple:
         # Packed NF4 counts its weights, two a byte of storage (as PEFT counts Params4bit).
         packed = {id(m.weight) for m in self.modules() if isinstance(m, NF4Linear)}
@@ -387,9 +395,7 @@ class LoraModel(nn.Module):
         for path, (A, B) in pairs.items():
             state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = A, B
         config, model = self.peft_config[adapter_name], self.base_model.model
-        if config.use_dora:  # a DoRA adapter is always the active one (a model holds one: _check_dora)
-            state.update({f"{path}.lora_magnitude_vector": model.get_submodule(path).lora_magnitude_vector
-                          for path in pairs})
+        state.update({f"{path}.lora_magnitude_vector": m for path, m in self._magnitudes(adapter_name).items()})
         state.update(_bias_params(model, config.bias, list(pairs), self.saved_modules()))
         for path, wrapper in self.saved_modules().items():
             if adapter_name in wrapper.modules_to_save:
@@ -514,16 +520,6 @@ class LoraModel(nn.Module):
             raise ValueError(f"{origin}: bias='all' together with modules_to_save (in another adapter of this model) "
                              f"is not supported; use bias='lora_only'")
 
-    def _check_dora(self, config: LoraConfig, adapter_name: str, in_place: bool, origin: str) -> None:
-        """A model holds one DoRA adapter and nothing beside it (its magnitudes live in the layers; adapters kept
-        beside the layers are (A, B) pairs): loading one in place of itself is the only change allowed."""
-        others = set(self.peft_config) - {adapter_name}
-        dora = config.use_dora or any(c.use_dora for c in self.peft_config.values())
-        if dora and (others or not in_place):
-            raise NotImplementedError(f"{origin}: DoRA adapters beside other adapters, or replacing one of another "
-                                      f"kind or shape, are not supported yet (a model holds one DoRA adapter); "
-                                      f"adapters: {sorted(self.peft_config)}")
-
     def _check_unmerged(self, origin: str) -> None:
         if any(layer.merged for layer in self.lora_layers().values()):
             raise RuntimeError(f"{origin}: the active adapter is merged into the base; call unmerge_adapter() first")
@@ -548,7 +544,6 @@ class LoraModel(nn.Module):
         layers = self.lora_layers()
         in_place = active and sorted(self._pairs(adapter_name)) == sorted(names) and \
             all(config.r_for(n) == layers[n].r and config.use_dora == layers[n].use_dora for n in names)
-        self._check_dora(config, adapter_name, in_place, f"load_adapter({directory!r}, {adapter_name!r})")
         previous = self.peft_config.get(adapter_name)
         if previous is not None:  # the biases it trained are no longer its own unless the new one says so
             for p in _bias_params(model, previous.bias, list(self._pairs(adapter_name)), self.saved_modules()).values():
@@ -569,6 +564,9 @@ class LoraModel(nn.Module):
                 _set_module(model, name, LoraLinear.without_adapter(model.get_submodule(name)))
         self._stored[adapter_name] = {n: (weights[f"{n}.lora_A.weight"].to(like), weights[f"{n}.lora_B.weight"].to(like))
                                       for n in names}
+        self._stored_magnitudes.pop(adapter_name, None)
+        if config.use_dora:
+            self._stored_magnitudes[adapter_name] = {n: weights[f"{n}.lora_magnitude_vector"].to(like) for n in names}
         if active:
             self._install(adapter_name)
         self._copy_in(weights, adapter_name, config)  # biases and modules_to_save copies
@@ -583,18 +581,20 @@ class LoraModel(nn.Module):
     def _install(self, adapter_name: str) -> None:
         """Move `adapter_name` from beside the layers into them (the layers it does not target hold none)."""
         incoming = self._stored.pop(adapter_name)
+        magnitudes = self._stored_magnitudes.pop(adapter_name, {})
         cfg = self.peft_config[adapter_name]
         for name, layer in self.lora_layers().items():
             if name in incoming:
                 A, B = incoming[name]
                 layer.set_adapter_weights(A, B, cfg.alpha_for(name), cfg.use_rslora, cfg.lora_dropout)
+                layer.set_magnitude(magnitudes.get(name))
             else:
                 layer.clear_adapter()
 
     def add_adapter(self, adapter_name: str, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
                     modules_to_save: Optional[list] = None, rank_pattern: Optional[dict] = None,
-                    alpha_pattern: Optional[dict] = None) -> None:
+                    alpha_pattern: Optional[dict] = None, use_dora: bool = False) -> None:
         """A new adapter on the same modules, initialised like PEFT's; activate it with set_adapter.
         modules_to_save gives it its own fresh copies of those modules (from the frozen originals). The
         inits that change the base weight (PiSSA, OLoRA, LoftQ) are for get_peft_model: the base is shared."""
@@ -608,9 +608,12 @@ class LoraModel(nn.Module):
         config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
                             init_lora_weights, active.layers_to_transform, modules_to_save,
                             fan_in_fan_out=active.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
-                            alpha_pattern=dict(alpha_pattern or {}))
+                            alpha_pattern=dict(alpha_pattern or {}), use_dora=use_dora)
         check_patterns(config, f"add_adapter({adapter_name!r})")
-        self._check_dora(config, adapter_name, False, f"add_adapter({adapter_name!r})")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"add_adapter: use_dora must be True or False, got {use_dora!r}")
+        if use_dora:  # its magnitudes start at the row norms of the unmerged base
+            self._check_unmerged(f"add_adapter({adapter_name!r}, use_dora=True)")
         targets = sorted(self._pairs(self.active_adapter))  # the modules the active adapter targets
         _check_ranks(self.base_model.model, config, targets)
         saved = _saved_paths(self.base_model.model, config, targets)
@@ -622,8 +625,13 @@ class LoraModel(nn.Module):
             B = torch.empty(layer.out_features, rank, dtype=like.dtype, device=like.device)
             init_lora_(A, B, init_lora_weights)
             stored[name] = (A, B)
+        magnitudes = {name: dora.init_magnitude(layers[name]._base_weight(), A, B,
+                                                lora_scaling(A.shape[0], config.alpha_for(name), use_rslora), like.dtype)
+                      for name, (A, B) in stored.items()} if use_dora else {}
         _add_saved_copies(self.base_model.model, saved, adapter_name, self.active_adapter)
         self._stored[adapter_name] = stored
+        if magnitudes:
+            self._stored_magnitudes[adapter_name] = magnitudes
         self.peft_config[adapter_name] = config
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -634,7 +642,10 @@ class LoraModel(nn.Module):
             return
         self._check_unmerged(f"set_adapter({adapter_name!r})")
         previous = {n: (A, B) for n, (A, B) in self._pairs(self.active_adapter).items()}
+        previous_magnitudes = self._magnitudes(self.active_adapter)
         self._install(adapter_name)
+        if previous_magnitudes:
+            self._stored_magnitudes[self.active_adapter] = previous_magnitudes
         for wrapper in self.saved_modules().values():
             wrapper.active_adapter = adapter_name
             for name, copy in wrapper.modules_to_save.items():
@@ -649,6 +660,7 @@ class LoraModel(nn.Module):
             raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         del self.peft_config[adapter_name]
         self._stored.pop(adapter_name, None)
+        self._stored_magnitudes.pop(adapter_name, None)
         for wrapper in self.saved_modules().values():
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]

@@ -303,15 +303,43 @@ def test_qdora_over_nf4_equals_peft_over_the_same_dequantized_base(tmp_path):
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_dora_beside_other_adapters_is_refused_before_anything_changes(tmp_path):
-    model = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, use_dora=True)
-    with pytest.raises(NotImplementedError, match="a model holds one DoRA adapter"):
-        model.add_adapter("second", r=4)
-    plain = lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS)
-    plain.save_pretrained(str(tmp_path))
-    with pytest.raises(NotImplementedError, match="a model holds one DoRA adapter"):
-        model.load_adapter(str(tmp_path), "second")
-    assert sorted(model.peft_config) == ["default"]
+def test_lora_and_dora_adapters_side_by_side(tmp_path):
+    """PEFT's LoRA and DoRA adapters loaded beside each other: set_adapter switches with PEFT's logits, both
+    save in PEFT's format, a new DoRA adapter starts as the base, mixed batches refuse DoRA names, deletes."""
+    for seed, (name, use_dora) in enumerate([("plain", False), ("dora", True)]):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(llama(), peft.LoraConfig(r=4 + 2 * seed, lora_alpha=8, target_modules=TARGETS,
+                                                             use_dora=use_dora, init_lora_weights=False))
+        _train_a_step(model)
+        model.save_pretrained(str(tmp_path / name))
+    theirs = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "plain"), adapter_name="plain")
+    theirs.load_adapter(str(tmp_path / "dora"), "dora")
+    theirs.eval()
+    ours = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "plain"), adapter_name="plain")
+    ours.load_adapter(str(tmp_path / "dora"), "dora")
+    ours.eval()
+    ids = _ids()
+    with torch.no_grad():
+        for name in ("dora", "plain", "dora"):
+            ours.set_adapter(name)
+            theirs.set_adapter(name)
+            torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        assert all(m.use_dora for m in ours.lora_layers().values())
+        ours.save_pretrained(str(tmp_path / "ours"))  # default name absent: each adapter in its own folder
+        for name in ("plain", "dora"):
+            reread = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "ours" / name)).eval()
+            theirs.set_adapter(name)
+            torch.testing.assert_close(reread(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"do not take DoRA adapters .*\['dora'\]"):
+            ours(ids, adapter_names=["plain", "dora", "__base__"])
+        ours.set_adapter("plain")
+        ours.add_adapter("fresh", r=2, use_dora=True)  # B = 0 and m = ||W||: the base's output
+        ours.set_adapter("fresh")
+        with ours.disable_adapter():
+            base_logits = ours(ids).logits
+        torch.testing.assert_close(ours(ids).logits, base_logits, rtol=1e-5, atol=1e-5)
+    ours.delete_adapter("dora")
+    assert sorted(ours.peft_config) == ["fresh", "plain"] and "dora" not in ours._stored_magnitudes
     with pytest.raises(TypeError, match="use_dora must be True or False"):
         lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, use_dora=1)
 
