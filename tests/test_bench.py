@@ -4,6 +4,7 @@ these tests check what the bench reports, never how fast anything is."""
 import argparse
 import json
 import math
+import os
 import struct
 import sys
 
@@ -88,6 +89,19 @@ def test_json_has_every_section_and_each_row_its_fraction_of_ceiling(tiny_run):
                 assert frac >= by_matmul * (1 - 1e-9), (name, row)
                 if row["bound"] == "matmul":
                     assert frac == pytest.approx(by_matmul, rel=1e-9), (name, row)
+
+
+def test_the_run_says_which_cpu_it_measured(tiny_run):
+    """The CPU's model, threads, torch's dispatch level and the features that pick code paths, as /proc/cpuinfo
+    and torch report them (so a reader can tell which machine a number came from)."""
+    from lora_ext.bench import machine
+
+    cpu = tiny_run[1]["cpu"]
+    assert cpu["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu["threads"] == torch.get_num_threads()
+    if os.path.exists("/proc/cpuinfo"):
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+        assert cpu["features"] == [f for f in machine.FLAGS if f in flags]
 
 
 def test_every_installed_peer_is_in_the_run(tiny_run):

@@ -45,7 +45,7 @@ def run(args, scale: str | None = None) -> int:
     code runs)."""
     import torch
 
-    from . import ceilings, report
+    from . import ceilings, machine, report
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda requested but no CUDA device is visible", file=sys.stderr)
@@ -57,7 +57,8 @@ def run(args, scale: str | None = None) -> int:
     device = torch.device(args.device)
     ceil = ceilings.measure(device, scale)
     results = {"torch": torch.__version__, "device": args.device, "quick": args.quick, "scale": scale,
-               "ceilings": ceil.as_dict()}
+               "ceilings": ceil.as_dict(), "cpu": machine.cpu()}
+    print(f"## cpu: {machine.describe(results['cpu'])}")
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(0)
     print(f"## ceilings on {device.type}: {ceil.describe()}; fraction_of_ceiling is against the roofline they draw")
