@@ -25,7 +25,8 @@ from .nf4 import NF4Weight
 _ROW_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of W converted at a time (16 MiB)
 
 
-def _row_blocks(rows: int, cols: int):
+def row_blocks(rows: int, cols: int):
+    """Ranges of rows of an out x in weight small enough to convert (fp32, or fp64 for merges) a block at a time."""
     step = max(1, _ROW_BLOCK_ELEMENTS // max(1, cols))
     return ((i, min(rows, i + step)) for i in range(0, rows, step))
 
@@ -59,7 +60,7 @@ def row_norms_squared(weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
     if isinstance(weight, NF4Weight):
         blocks = _nf4_row_blocks(weight)
     else:
-        blocks = ((i0, i1, weight[i0:i1].float()) for i0, i1 in _row_blocks(*weight.shape))
+        blocks = ((i0, i1, weight[i0:i1].float()) for i0, i1 in row_blocks(*weight.shape))
     for i0, i1, rows in blocks:
         out[i0:i1] = rows.pow(2).sum(1)
     return out
@@ -76,7 +77,7 @@ def a_times_w_t(A: torch.Tensor, weight: Union[torch.Tensor, NF4Weight]) -> torc
     if weight.dtype == torch.float32:
         return A32 @ weight.detach().t()
     out = torch.empty(A32.shape[0], weight.shape[0], dtype=torch.float32, device=A32.device)
-    for i0, i1 in _row_blocks(*weight.shape):
+    for i0, i1 in row_blocks(*weight.shape):
         out[:, i0:i1] = A32 @ weight[i0:i1].detach().float().t()
     return out
 
@@ -93,25 +94,33 @@ def weight_norm(weight: Union[torch.Tensor, NF4Weight], A: torch.Tensor, B: torc
     return (w_sq + 2.0 * scaling * cross + (scaling * scaling) * quad).clamp_min(0.0).sqrt()
 
 
-@torch.no_grad()
-def merged_rows(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor, i0: int,
-                i1: int) -> torch.Tensor:
-    """Rows [i0, i1) of the merged weight g * (W + s B A) in fp64, from the unmerged W's rows."""
-    # (not in place: .double() of an fp64 weight is the weight itself)
-    w = weight[i0:i1].double() + scaling * (B[i0:i1].double() @ A.double())
-    return w * g[i0:i1, None].double()
+def _by_row_blocks(weight: torch.Tensor, rows_fn, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of weight's shape in `dtype`, filled a block of rows at a time from rows_fn(i0, i1) (fp64)."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for i0, i1 in row_blocks(*weight.shape):
+        out[i0:i1] = rows_fn(i0, i1).to(dtype)
+    return out
 
 
 @torch.no_grad()
-def unmerged_rows(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor, i0: int,
-                  i1: int) -> torch.Tensor:
-    """Rows [i0, i1) of W = W' / g - s B A in fp64, from the merged W'."""
-    return weight[i0:i1].double() / g[i0:i1, None].double() - scaling * (B[i0:i1].double() @ A.double())
+def merged(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor,
+           dtype: torch.dtype) -> torch.Tensor:
+    """The merged weight g * (W + s B A), each element rounded once from fp64 to `dtype`."""
+    def rows(i0, i1):  # (not in place: .double() of an fp64 weight is the weight itself)
+        w = weight[i0:i1].double() + scaling * (B[i0:i1].double() @ A.double())
+        return w * g[i0:i1, None].double()
+
+    return _by_row_blocks(weight, rows, dtype)
 
 
-def row_blocks(weight: torch.Tensor):
-    """Row ranges of W small enough for an fp64 copy (merges go a block at a time)."""
-    return _row_blocks(*weight.shape)
+@torch.no_grad()
+def unmerged(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, g: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    """W = W' / g - s B A from the merged W', each element rounded once from fp64 to `dtype`."""
+    def rows(i0, i1):
+        return weight[i0:i1].double() / g[i0:i1, None].double() - scaling * (B[i0:i1].double() @ A.double())
+
+    return _by_row_blocks(weight, rows, dtype)
 
 
 def init_magnitude(weight: Union[torch.Tensor, NF4Weight], A: torch.Tensor, B: torch.Tensor, scaling: float,

@@ -68,6 +68,13 @@ def lora_linear(x: torch.Tensor, weight: Union[torch.Tensor, NF4Weight], lora_A:
     return _layer_op(x, weight, bias, lora_A, lora_B, scaling, p, seed)
 
 
+def _check_finite_merge(merged: torch.Tensor, safe_merge: bool) -> None:
+    """safe_merge: refuse a merged weight with NaN or Inf before it replaces the base's."""
+    if safe_merge and not torch.isfinite(merged).all():
+        raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
+                         "the base weight was left unchanged")
+
+
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = tuple(f"_global{h}" for h in _HOOKS)
 
@@ -218,18 +225,14 @@ class LoraLinear(nn.Module):
             self._merge_dora(safe_merge)
         elif isinstance(base, NF4Linear):
             new, err = merge_nf4(base.qweight, self.lora_A, self.lora_B, self.scaling)
-            if safe_merge and not torch.isfinite(new.dequantize(torch.float32)).all():
-                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
-                                 "the base weight was left unchanged")
+            _check_finite_merge(new.dequantize(torch.float32), safe_merge)
             self._unmerged_qweight = base.qweight
             base._set_weight(new)
             self.merge_error = err
         elif safe_merge or is_conv1d(base):
             merged = self._weight_out_in().clone()
             ops.merge_lora_(merged, self.lora_A, self.lora_B, self.scaling)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
-                                 "the base weight was left unchanged")
+            _check_finite_merge(merged, safe_merge)
             self._set_weight_out_in(merged)
         else:
             ops.merge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
@@ -256,10 +259,7 @@ class LoraLinear(nn.Module):
         elif self.use_dora:
             w = self._weight_out_in()
             g = self.lora_magnitude_vector.detach().float() / self._dora_merge_norm
-            out = torch.empty_like(w)
-            for i0, i1 in dora.row_blocks(w):
-                out[i0:i1] = dora.unmerged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).to(w.dtype)
-            self._set_weight_out_in(out)
+            self._set_weight_out_in(dora.unmerged(w, self.lora_A, self.lora_B, self.scaling, g, w.dtype))
         elif is_conv1d(base):
             w = self._weight_out_in().clone()
             ops.unmerge_lora_(w, self.lora_A, self.lora_B, self.scaling)
@@ -281,12 +281,13 @@ class LoraLinear(nn.Module):
         weight = self._base_weight()
         if torch.compiler.is_compiling():  # a traced graph cannot compare data pointers: the cache as it is
             w_sq = self._dora_w_sq[1] if self._dora_w_sq is not None else dora.row_norms_squared(weight)
-            return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
-        stored = weight.packed if isinstance(weight, NF4Weight) else weight
-        key = (stored.data_ptr(), stored._version, tuple(stored.shape))
-        if self._dora_w_sq is None or self._dora_w_sq[0] != key:
-            self._dora_w_sq = (key, dora.row_norms_squared(weight))
-        return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, self._dora_w_sq[1])
+        else:
+            stored = weight.packed if isinstance(weight, NF4Weight) else weight
+            key = (stored.data_ptr(), stored._version, tuple(stored.shape))
+            if self._dora_w_sq is None or self._dora_w_sq[0] != key:
+                self._dora_w_sq = (key, dora.row_norms_squared(weight))
+            w_sq = self._dora_w_sq[1]
+        return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
 
     def _base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T without the bias (PEFT's base product on the dropped-out x)."""
@@ -333,13 +334,9 @@ class LoraLinear(nn.Module):
         if isinstance(base, NF4Linear):
             old = base.qweight
             w = old.dequantize(torch.float32)
-            merged = torch.empty_like(w)
-            for i0, i1 in dora.row_blocks(w):
-                merged[i0:i1] = dora.merged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).float()
+            merged = dora.merged(w, self.lora_A, self.lora_B, self.scaling, g, torch.float32)
             source = merged.to(old.dtype)  # (what is quantized: finite in fp32 may be Inf in fp16)
-            if safe_merge and not torch.isfinite(source).all():
-                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
-                                 "the base weight was left unchanged")
+            _check_finite_merge(source, safe_merge)
             new = quantize_nf4(source, old.blocksize, old.double_quant, old.quant_storage)
             err = dequantize_nf4(new, torch.float32).double() - merged.double()
             change = (merged.double() - w.double()).norm().item()
@@ -349,14 +346,10 @@ class LoraLinear(nn.Module):
             base._set_weight(new)
         else:
             w = self._weight_out_in()
-            if not w.is_floating_point():  # (merged_rows(...).to(w.dtype) would truncate W' to integers)
+            if not w.is_floating_point():  # (W' rounded to w.dtype would truncate it to integers)
                 raise TypeError(f"LoraLinear.merge: the base weight must be floating point, got {w.dtype}")
-            merged = torch.empty_like(w)
-            for i0, i1 in dora.row_blocks(w):
-                merged[i0:i1] = dora.merged_rows(w, self.lora_A, self.lora_B, self.scaling, g, i0, i1).to(w.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError("LoraLinear.merge(safe_merge=True): the merged weight has NaN or Inf; "
-                                 "the base weight was left unchanged")
+            merged = dora.merged(w, self.lora_A, self.lora_B, self.scaling, g, w.dtype)
+            _check_finite_merge(merged, safe_merge)
             self._set_weight_out_in(merged)
         self._dora_merge_norm = norm
 

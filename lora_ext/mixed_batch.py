@@ -53,13 +53,11 @@ class MixedBatch:
         """The plan for x's rows (leading dims flattened: a batch row's tokens share its adapter)."""
         key = (x.shape[:-1], x.device)
         if key not in self._plans:
-            rows = x.shape[0]
-            self.check_rows(rows)
-            per = rows // len(self.names)
+            self.check_rows(x.shape[0])
             index = {n: i for i, n in enumerate(self.order)}
-            per_row = torch.tensor([index.get(n, -1) for n in self.names]).repeat_interleave(per)
-            tokens = x.shape[:-1].numel() // max(rows, 1)
-            self._plans[key] = multi_lora.plan(per_row.repeat_interleave(tokens), len(self.order), x.device)
+            per_name = x.shape[:-1].numel() // len(self.names)  # each name's rows (beams) times their tokens
+            per_row = torch.tensor([index.get(n, -1) for n in self.names]).repeat_interleave(per_name)
+            self._plans[key] = multi_lora.plan(per_row, len(self.order), x.device)
         return self._plans[key]
 
     def adapter_lists(self, layer, x: torch.Tensor, out: torch.Tensor) -> tuple:

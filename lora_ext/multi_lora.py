@@ -51,18 +51,9 @@ def plan(adapter_indices, n_adapters: int, device=None) -> MultiLoraPlan:
     if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n_adapters):
         raise ValueError(f"adapter_indices must be in [-1, {n_adapters}) for {n_adapters} adapters, got values in "
                          f"[{int(idx.min())}, {int(idx.max())}]")
-    if idx.numel() <= 512:  # a decode step's batch: Python lists cost less than a handful of tensor ops
-        values = idx.tolist()
-        order_list = sorted((i for i, a in enumerate(values) if a >= 0), key=values.__getitem__)  # stable
-        rows = torch.tensor(order_list, dtype=torch.int64)
-        counts = [0] * n_adapters
-        for a in values:
-            if a >= 0:
-                counts[a] += 1
-    else:
-        rows = torch.nonzero(idx >= 0).flatten()
-        rows = rows[torch.argsort(idx[rows], stable=True)]
-        counts = torch.bincount(idx[rows], minlength=n_adapters).tolist()
+    rows = torch.nonzero(idx >= 0).flatten()
+    rows = rows[torch.argsort(idx[rows], stable=True)]
+    counts = torch.bincount(idx[rows], minlength=n_adapters).tolist()
     tiles, start = [], 0
     for adapter, count in enumerate(counts):
         for first in range(start, start + count, TILE_ROWS):

@@ -1379,13 +1379,8 @@ def _layer_merge(case, a, lora, base_state) -> None:
         merged = base_state["weight"].clone()
         R.merge_lora_(merged, a["A"], a["B"], scaling)
     unsafe = a["safe_merge"] and not torch.isfinite(merged).all()
-    before = _module_state(lora)
-    try:
-        lora.merge(safe_merge=a["safe_merge"])
-    except ERRORS as e:
-        _refused_merge(case, a, lora, before, e, unsafe)
+    if not _merged(case, a, lora, unsafe):
         return
-    assert not unsafe, "safe_merge let a non-finite weight through"
     if a["nf4"]:
         q = base.qweight
         exact((q.packed, q.absmax, q.nested_absmax, q.offset), expected, a)
@@ -1399,12 +1394,20 @@ def _layer_merge(case, a, lora, base_state) -> None:
         exact(base.weight.detach(), merged, a)
 
 
-def _refused_merge(case, a, lora, before, e, unsafe: bool) -> None:
-    """A merge that raised: a clear error, the layer as it was (not marked merged), and a reason to refuse."""
-    check_error(e, ["safe_merge", *a])
-    _assert_state(lora, before, "after a refused merge")
-    assert not lora.merged and lora.merge_error is None, "a refused merge left the layer marked merged"
-    assert unsafe or not case.valid, f"refused a merge: {type(e).__name__}: {e}"
+def _merged(case, a, lora, unsafe: bool) -> bool:
+    """merge(): True when it merged (never an unsafe weight under safe_merge); False when it refused with a clear
+    error, the layer as it was (not marked merged), and a reason to refuse."""
+    before = _module_state(lora)
+    try:
+        lora.merge(safe_merge=a["safe_merge"])
+    except ERRORS as e:
+        check_error(e, ["safe_merge", *a])
+        _assert_state(lora, before, "after a refused merge")
+        assert not lora.merged and lora.merge_error is None, "a refused merge left the layer marked merged"
+        assert unsafe or not case.valid, f"refused a merge: {type(e).__name__}: {e}"
+        return False
+    assert not unsafe, "safe_merge let a non-finite weight through"
+    return True
 
 
 def _dora_merge(case, a, lora, base_state) -> None:
@@ -1429,13 +1432,8 @@ def _dora_merge(case, a, lora, base_state) -> None:
     merged = merged64.to(dt)
     bound = g_bound[:, None] * (W.abs() + abs(s) * (B.abs() @ A.abs()))  # (close's magnitude for W')
     unsafe = a["safe_merge"] and not torch.isfinite(merged).all()
-    before = _module_state(lora)
-    try:
-        lora.merge(safe_merge=a["safe_merge"])
-    except ERRORS as e:
-        _refused_merge(case, a, lora, before, e, unsafe)
+    if not _merged(case, a, lora, unsafe):
         return
-    assert not unsafe, "safe_merge let a non-finite weight through"
     assert lora.merged, "merge() did not mark the layer merged"
     if a["nf4"]:
         q = base.qweight

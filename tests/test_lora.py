@@ -614,12 +614,17 @@ def test_cuda_ops_name_a_tensor_on_another_device():
     with pytest.raises(RuntimeError, match="grad_x_base must be on cuda:0, got cpu"):
         torch.ops.lora_ext.lora_backward(base_out, x, T, A, B, 1.0, 0.0, 0, x.cpu())
 
-def test_compile_checkpoint_autocast(device):
-    layer = lora_ext.LoraLinear(nn.Linear(64, 48), r=8, lora_alpha=16, init_lora_weights=False).to(device)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_compile_checkpoint_autocast(device, use_dora):
+    """torch.compile(fullgraph=True), both checkpointing modes and bf16 autocast give the eager layer's output
+    and gradients (x, A, and with DoRA also B and the magnitude)."""
+    layer = lora_ext.LoraLinear(nn.Linear(64, 48), r=8, lora_alpha=16, init_lora_weights=False,
+                                use_dora=use_dora).to(device)
     x = torch.randn(5, 64, device=device, requires_grad=True)
+    checked = [x, layer.lora_A] + ([layer.lora_B, layer.lora_magnitude_vector] if use_dora else [])
     y_ref = layer(x)
     y_ref.sum().backward()
-    g_ref, gA_ref = x.grad.clone(), layer.lora_A.grad.clone()
+    refs = [t.grad.clone() for t in checked]
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     for run in (lambda x: compiled(x),
                 lambda x: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True),
@@ -629,8 +634,8 @@ def test_compile_checkpoint_autocast(device):
         y = run(x)
         y.sum().backward()
         torch.testing.assert_close(y, y_ref)
-        torch.testing.assert_close(x.grad, g_ref)
-        torch.testing.assert_close(layer.lora_A.grad, gA_ref)
+        for t, ref in zip(checked, refs):
+            torch.testing.assert_close(t.grad, ref)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16

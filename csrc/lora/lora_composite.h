@@ -21,6 +21,15 @@
 namespace lora_ext {
 namespace lora {
 
+// base + scale * (a b), as the CUDA kernels (and the reference) compute it whatever the scale. BLAS does not: it
+// skips the product when alpha is 0 (also a scale that rounds to 0 in fp32), dropping the branch's NaN/Inf, and a
+// NaN or Inf alpha reaches the output or not depending on the shape. Only a finite, nonzero scale takes addmm.
+inline at::Tensor add_scaled_product(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b, double scale) {
+  const float scale32 = static_cast<float>(scale);
+  return std::isfinite(scale32) && scale32 != 0.0f ? at::addmm(base, a, b, 1.0, scale)
+                                                   : base.add(at::mm(a, b).mul_(scale));
+}
+
 // DropoutFn: at::Tensor(const at::Tensor& contiguous_2d, const DropoutSpec&)
 template <typename DropoutFn>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A,
@@ -33,12 +42,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   if (dropout_p > 0.0) xd = dropout(xd.contiguous(), dropout_spec(dropout_p, static_cast<uint64_t>(seed)));
   const at::Tensor T = at::mm(xd, A.to(cdt).t());
   const at::Tensor base = base_out.reshape({d.M, d.N}).to(cdt);
-  // The CUDA kernels (and the reference) compute scale * (T B^T) whatever the scale. BLAS does not: it skips the
-  // product when alpha is 0 (also a scale that rounds to 0 in fp32), dropping the branch's NaN/Inf, and a NaN or
-  // Inf alpha reaches the output or not depending on the shape. Only a finite, nonzero scale takes addmm.
-  const float scale32 = static_cast<float>(scale);
-  const at::Tensor y = std::isfinite(scale32) && scale32 != 0.0f ? at::addmm(base, T, B.to(cdt).t(), 1.0, scale)
-                                                                  : base.add(at::mm(T, B.to(cdt).t()).mul_(scale));
+  const at::Tensor y = add_scaled_product(base, T, B.to(cdt).t(), scale);
   return {y.to(base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
 }
 

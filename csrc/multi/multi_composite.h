@@ -5,7 +5,9 @@
 
 #include <ATen/ATen.h>
 
-#include <cmath>
+#include <vector>
+
+#include "lora/lora_composite.h"
 
 namespace lora_ext {
 namespace multi {
@@ -14,12 +16,7 @@ namespace multi {
 inline void add_group_composite(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
                                 double scale, const at::Tensor& idx, at::ScalarType cdt) {
   const at::Tensor T = at::mm(x2.index_select(0, idx).to(cdt), A.to(cdt).t());
-  const at::Tensor base = y2.index_select(0, idx).to(cdt);
-  // addmm skips the product when alpha is 0 (or rounds to 0), dropping NaN/Inf from the branch; the
-  // kernels compute scale * (T B^T) whatever the scale (as lora_composite.h).
-  const float scale32 = static_cast<float>(scale);
-  const at::Tensor yg = std::isfinite(scale32) && scale32 != 0.0f ? at::addmm(base, T, B.to(cdt).t(), 1.0, scale)
-                                                                   : base.add(at::mm(T, B.to(cdt).t()).mul_(scale));
+  const at::Tensor yg = lora::add_scaled_product(y2.index_select(0, idx).to(cdt), T, B.to(cdt).t(), scale);
   y2.index_copy_(0, idx, yg.to(y2.scalar_type()));
 }
 
