@@ -1,4 +1,4 @@
-"""A tiny LoRA forward and backward, and a mixed-adapter batch, for compute-sanitizer's racecheck
+"""A tiny LoRA and DoRA forward and backward, and a mixed-adapter batch, for compute-sanitizer's racecheck
 (bench/gpu_check.sh): shared memory hazards in the low-rank kernels, tensor-core and CUDA-core, and in the
 mixed-batch kernels, on ragged shapes with split-K."""
 import os
@@ -20,6 +20,9 @@ def main() -> int:
             A, B = torch.randn(r, K, device="cuda") / K ** 0.5, torch.randn(N, r, device="cuda") / r ** 0.5
             y, T = torch.ops.lora_ext.lora_forward(x, base, A, B, 0.5, 0.2, 3)
             torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 0.5, 0.2, 3, torch.randn_like(x))
+            g, bias = torch.rand(N, device="cuda"), torch.randn(N, device="cuda")  # DoRA: epilogue, column dots
+            y, T = torch.ops.lora_ext.dora_forward(x, base, A, B, g, bias, 0.5)
+            torch.ops.lora_ext.dora_backward(dy, x, base, T, A, B, g, 0.5, torch.randn_like(x))
     from lora_ext import multi_lora
     ranks = [5, 0, 33]
     As = [torch.randn(r, 520, device="cuda") for r in ranks]

@@ -120,6 +120,24 @@ def main() -> int:
         for name, a, b in zip(("y", "dx", "dA", "dB"), outs[1], outs[0]):
             if not _close(a, b, 1e-4 if a.dtype == torch.float32 else 3e-2):
                 failures.append(("layer op", kind, name))
+    # DoRA: g and the bias in y's epilogue, the backward on g * B and the column dots, against the CPU
+    # operator (g with zeros; split rows for the column dots; bf16 and fp32 on the tensor-core path).
+    for M, K, N, r, dtype in [(1030, 72, 70, 16, torch.bfloat16), (37, 40, 23, 5, torch.float32),
+                              (300, 33, 90, 80, torch.float16)]:
+        x, base, dy = torch.randn(M, K).to(dtype), torch.randn(M, N).to(dtype), torch.randn(M, N).to(dtype)
+        A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5
+        g, bias, dx_base = torch.rand(N) + 0.5, torch.randn(N).to(dtype), torch.randn(M, K).to(dtype)
+        g[::5] = 0
+        cpu_args = (x, base, A, B, g)
+        y, T = torch.ops.lora_ext.dora_forward(*cpu_args, bias, 0.7)
+        grads = torch.ops.lora_ext.dora_backward(dy, x, base, T, A, B, g, 0.7, dx_base)
+        gpu_args = tuple(t.cuda() for t in cpu_args)
+        y_g, T_g = torch.ops.lora_ext.dora_forward(*gpu_args, bias.cuda(), 0.7)
+        grads_g = torch.ops.lora_ext.dora_backward(dy.cuda(), x.cuda(), base.cuda(), T_g, A.cuda(), B.cuda(),
+                                                   g.cuda(), 0.7, dx_base.cuda())
+        for name, a, b in [("y", y_g, y), ("T", T_g, T)] + list(zip(("dx", "dA", "dB", "dg"), grads_g, grads)):
+            if not _close(a, b, 1e-5 if a.dtype == torch.float32 and name != "y" else 1e-2):
+                failures.append(("dora kernels", name, M, K, N, r, dtype))
     # Merge: fp64 delta, one rounding; the CUDA bits equal the CPU's.
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         W = torch.randn(37, 301).to(dtype)

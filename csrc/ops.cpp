@@ -60,6 +60,23 @@ TORCH_LIBRARY(lora_ext, m) {
         "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor A, Tensor B, "
         "float scale, float dropout_p, int seed) -> (Tensor y, Tensor T)");
 
+  // DoRA (PEFT's use_dora) with the per-feature scale g = m / ||W + s B A|| (detached norm) given:
+  // y = g * (base_out + scale * (x A^T) B^T) + bias, rounded once; base_out = x W^T without the bias.
+  // -> (y, T = x A^T). No dropout: PEFT's DoRA with dropout needs two base products (lora_ext/lora.py).
+  m.def("dora_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, Tensor g, Tensor? bias, float scale) -> "
+        "(Tensor y, Tensor T)");
+  // Its gradients (dx, dA, dB, dg) without a division by g; grad_x_base (the base's dx, (g dy) W) is
+  // added into dx before its one rounding.
+  m.def("dora_backward(Tensor grad_y, Tensor x, Tensor base_out, Tensor T, Tensor A, Tensor B, Tensor g, "
+        "float scale, Tensor? grad_x_base=None) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_g)");
+  // The whole DoRA layer over a frozen base, one autograd node -> (y, T, base_out), base_out = x W^T
+  // (kept for dg). W, the NF4 state and bias get no gradient.
+  m.def("dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor g, float scale) -> "
+        "(Tensor y, Tensor T, Tensor base_out)");
+  m.def("dora_nf4_linear(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, Tensor? bias, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor A, Tensor B, "
+        "Tensor g, float scale) -> (Tensor y, Tensor T, Tensor base_out)");
+
   // Merge: W += scale * B A in place (unmerge: -=), delta accumulated in fp64, W rounded once;
   // W (d x k) is read and written once, B A never materialized.
   m.def("merge_lora_(Tensor(a!) W, Tensor A, Tensor B, float scale) -> ()");

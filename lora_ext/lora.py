@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import dora, mixed_batch, ops
+from . import dora, dora_ops, mixed_batch, ops
 from .inits import check_init_lora_weights, init_lora_, initialize_  # noqa: F401  (init_lora_: public here too)
 from .merge import MergeError, merge_nf4
 from .nf4 import NF4Linear, NF4Weight, check_nf4_linear_args, dequantize_nf4, is_conv1d, nf4_linear, quantize_nf4
@@ -306,16 +306,13 @@ class LoraLinear(nn.Module):
         bias = base.bias_for(x) if isinstance(base, NF4Linear) else base.bias
         p, seed = _dropout_seed(self.lora_dropout, self.training)
         if p == 0.0:
-            # g * (x W^T + s x A^T B^T) + bias: the adapted weight's product in one LoRA operator
+            # g * (x W^T + s x A^T B^T) + bias: one operator, g and the bias in the LoRA kernel's epilogue
             if runs_as_one_op(base):
                 weight = base.qweight if isinstance(base, NF4Linear) else base.weight
-                z = _layer_op(x, weight, None, self.lora_A, self.lora_B, self.scaling, 0.0, 0)
-            else:
-                out = base(x)
-                z = ops.lora_forward(x, out - bias.to(out.dtype) if bias is not None else out, self.lora_A,
-                                     self.lora_B, self.scaling, 0.0, 0)
-            y = z * g
-            return (y + bias if bias is not None else y).to(z.dtype)
+                return dora_ops.dora_layer(x, weight, bias, self.lora_A, self.lora_B, g, self.scaling)
+            out = base(x)
+            return dora_ops.dora_forward(x, out - bias.to(out.dtype) if bias is not None else out, self.lora_A,
+                                         self.lora_B, g, bias, self.scaling)
         # PEFT: base(x) + (g - 1) xd W^T + g s xd A^T B^T, xd the dropped-out x, summed as PEFT does (grouped as
         # g (xd W^T + s xd A^T B^T) - xd W^T, an Inf input gave NaN where PEFT's sum is Inf)
         xd = ops.lora_dropout(x, p, seed)

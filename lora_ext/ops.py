@@ -301,10 +301,10 @@ if HAS_C:
     torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
 
     # lora_linear / lora_nf4_linear: the base is computed inside the op, so it must be frozen.
-    def _refuse_trainable_base(frozen):
+    def _refuse_trainable_base(frozen, op="lora_linear", branch="lora_forward"):
         if any(t is not None and t.requires_grad for t in frozen):
-            raise RuntimeError("lora_linear: the base weight and bias are frozen here (they get no gradient); set "
-                               "requires_grad=False on them, or add lora_forward to the base layer's own output")
+            raise RuntimeError(f"{op}: the base weight and bias are frozen here (they get no gradient); set "
+                               f"requires_grad=False on them, or add {branch} to the base layer's own output")
 
     def _lora_linear_setup(ctx, inputs, output):
         x, weight, bias, A, B, scale, dropout_p, seed = inputs

@@ -236,6 +236,41 @@ def lora_nf4_linear(x, packed, absmax, out_features: int, blocksize: int, bias, 
     return lora_forward(x, base, A, B, scale, dropout_p, seed)
 
 
+def dora_forward(x, base_out, A, B, g, bias, scale: float):
+    """(y, T): DoRA's y = g * (base_out + scale T B^T) + bias (base_out = x W^T, no bias), T = x A^T."""
+    T = _rows(x).to(A.dtype) @ A.t()
+    z = base_out.reshape(T.shape[0], B.shape[0]).to(A.dtype) + (T @ B.t()) * scale
+    y = z * g.to(z.dtype) + (0 if bias is None else bias.to(z.dtype))
+    return y.to(base_out.dtype).reshape(base_out.shape), T
+
+
+def dora_backward(grad_y, x, base_out, T, A, B, g, scale: float, grad_x_base=None):
+    """(dx, dA, dB, dg) of dora_forward, associated as the kernels do (so NaN and Inf land where theirs do):
+    lora_backward on g * B gives dx, dA and dB / g; dB = g * (dB / g); dg_j = sum_i dy_ij base_ij +
+    sum_k (dB / g)_jk B_jk, which is sum_i dy_ij (base + s T B^T)_ij. (The tests also check these against
+    autograd through dora_forward.)"""
+    gB = B * g.to(B.dtype)[:, None]
+    dx, dA, dB_over_g = lora_backward(grad_y, x, T, A, gB, scale, grad_x_base=grad_x_base)
+    n = B.shape[0]
+    m = math.prod(x.shape[:-1])
+    dg = (grad_y.reshape(m, n).to(A.dtype) * base_out.reshape(m, n).to(A.dtype)).sum(0) + (dB_over_g * B).sum(1)
+    return dx, dA, dB_over_g * g.to(B.dtype)[:, None], dg.to(g.dtype)
+
+
+def dora_linear(x, weight, bias, A, B, g, scale: float):
+    """(y, T, base_out) of the DoRA layer over a dense base: base_out = x W^T, then dora_forward."""
+    base = torch.nn.functional.linear(x, weight)
+    return (*dora_forward(x, base, A, B, g, bias, scale), base)
+
+
+def dora_nf4_linear(x, packed, absmax, out_features: int, blocksize: int, bias, nested_absmax, nested_code, offset,
+                    nested_blocksize: int, A, B, g, scale: float):
+    """(y, T, base_out) of the DoRA layer over an NF4 base: nf4_linear without the bias, then dora_forward."""
+    base = nf4_linear(x, packed, absmax, out_features, blocksize, None, nested_absmax, nested_code, offset,
+                      nested_blocksize)
+    return (*dora_forward(x, base, A, B, g, bias, scale), base)
+
+
 def multi_lora_forward(y, x, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float],
                        adapter_indices) -> torch.Tensor:
     """A new y: each row i of x with adapter a = adapter_indices[i] (-1: none) gets y_i + scales[a] x_i A[a]^T B[a]^T,

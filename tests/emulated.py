@@ -28,7 +28,9 @@ SIGNATURES = {
     "emu_merge_nf4": (None, [c_ptr] + SCALES + [c_int, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_f64, c_ptr, c_ptr]),
     "emu_dropout": (None, [c_ptr, c_ptr, c_i64, c_f64, ctypes.c_uint64, c_int]),
     "emu_lora_forward": (c_int, [c_ptr, c_int, c_ptr, c_ptr, c_ptr, c_int, c_ptr, c_ptr] + [c_i64] * 4
-                         + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
+                         + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64, c_ptr, c_ptr]),
+    "emu_column_dots": (c_int, [c_ptr, c_ptr, c_int, c_ptr, c_i64, c_i64, c_i64]),
+    "emu_column_dot_splits": (c_int, [c_i64] * 3),
     "emu_lora_backward": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 8 + [c_i64] * 4
                           + [ctypes.c_float, c_f64, ctypes.c_uint64, c_i64]),
     "emu_multi_lora": (c_int, [c_ptr, c_int, c_ptr, c_int] + [c_ptr] * 7 + [c_i64] * 7 + [c_int]),

@@ -638,6 +638,48 @@ def _lora_shapes(a, out_shape, out_dtype):
 
 
 @st.composite
+def _dora_args(draw, dims, device, base="forward"):
+    """_lora_args without dropout, plus DoRA's g (N,) and, forward, an optional bias; backward: base_out too."""
+    args, rules, valid = draw(_lora_args(dims, device, base))
+    for k in ("dropout_p", "seed"):
+        args.pop(k)
+        rules.pop(k)
+    lead, N = args["x"].shape[:-1], args["B"].shape[0]
+    args["g"] = draw(tensor((N,), FLOATS64, device=device))
+    rules["g"] = Rule(FLOATS64)
+    if base == "forward":
+        args["bias"] = draw(st.none() | tensor((N,), FLOATS64, device=device))
+        rules["bias"] = Rule(FLOATS64, optional=True)
+    else:
+        args["base_out"] = draw(tensor((*lead, N), FLOATS64, device=device))
+        rules["base_out"] = Rule(FLOATS64)
+    return args, rules, valid
+
+
+def _dora64(a) -> tuple:
+    scale = kernel_scale(a["scale"], *(a.get(k) for k in ("x", "A", "base_out", "grad_y")))
+    return d64(a["A"]), d64(a["B"]), d64(a["g"]), scale
+
+
+def _dora_forward_ref(a):
+    A, B, g, scale = _dora64(a)
+    y, t = R.dora_forward(d64(a["x"]), d64(a["base_out"]), A, B, g, d64(a["bias"]), scale)
+    return y.to(_dt(a, "base_out")), t.to(_dt(a, "A"))
+
+
+def _dora_backward(a):
+    return OPS.dora_backward(a["grad_y"], a["x"], a["base_out"], a["T"], a["A"], a["B"], a["g"], a["scale"],
+                             a["grad_x_base"])
+
+
+def _dora_backward_ref(a):
+    A, B, g, scale = _dora64(a)
+    grads = R.dora_backward(d64(a["grad_y"]), d64(a["x"]), d64(a["base_out"]), d64(a["T"]), A, B, g, scale,
+                            d64(a["grad_x_base"]))
+    return tuple(t.to(_dt(a, k)) for t, k in zip(grads, ("x", "A", "B", "g")))
+
+
+@st.composite
 def _merge_args(draw, dims, device, nf4=False):
     d, k, r = draw(st.sampled_from(dims)), draw(st.sampled_from(dims)), draw(st.sampled_from(RANKS))
     args = dict(A=draw(tensor((r, k), FLOATS64, device=device)), B=draw(tensor((d, r), FLOATS64, device=device)),
@@ -847,6 +889,11 @@ OPERATORS = [
        lambda a: _lora_shapes(a, (*a["x"].shape[:-1], a["weight"].shape[0]), a["x"].dtype)),
     Op("lora_nf4_linear", lambda dims, device: _lora_args(dims, device, "nf4"), _lora_nf4, _lora_nf4_ref, close,
        lambda a: _lora_shapes(a, (*a["x"].shape[:-1], a["out_features"]), a["x"].dtype)),
+    Op("dora_forward", _dora_args,
+       lambda a: OPS.dora_forward(a["x"], a["base_out"], a["A"], a["B"], a["g"], a["bias"], a["scale"]),
+       _dora_forward_ref, close, lambda a: _lora_shapes(a, a["base_out"].shape, a["base_out"].dtype)),
+    Op("dora_backward", lambda dims, device: _dora_args(dims, device, "backward"), _dora_backward, _dora_backward_ref,
+       close, lambda a: tuple(_like(a[k].shape, a[k].dtype) for k in ("x", "A", "B", "g"))),
     Op("merge_lora_", _merge_args, _merge, _merge_ref, exact, lambda a: a["W"], mutable=("W",)),
     Op("merge_nf4", lambda dims, device: _merge_args(dims, device, nf4=True), _merge_nf4, _merge_nf4_ref, exact,
        lambda a: _nf4_out_shapes(math.prod(a["shape"]), a["blocksize"])),

@@ -64,15 +64,17 @@ class tensor_cores:
 H200_BLOCKS = 2 * 132  # the plan's target block count on an H200: the K splits the GPU would use
 
 
-def forward(emulated, x, base_out, A, B, scale, p, seed, x_offset=0, target_blocks=H200_BLOCKS):
+def forward(emulated, x, base_out, A, B, scale, p, seed, x_offset=0, target_blocks=H200_BLOCKS, g=None, bias=None):
     """lora_cuda_api.cpp's forward: lora_plan.h's products, emulated, on guarded buffers (x starting
-    x_offset elements past an aligned address)."""
+    x_offset elements past an aligned address). With g and bias: DoRA's (dora_cuda_api.cpp)."""
     M, K, r, N = x.numel() // x.shape[-1], x.shape[-1], A.shape[0], B.shape[0]
     gx, gbase = Guarded(x.reshape(M, K), x_offset), Guarded(base_out.reshape(M, N))
     gA, gB = Guarded(A.float()), Guarded(B.float())
+    gg, gbias = (None if v is None else Guarded(v.float()) for v in (g, bias))
     T, y = Guarded(torch.empty(M, r)), Guarded(torch.empty(M, N, dtype=base_out.dtype))
     ok = emulated.emu_lora_forward(ptr(gx.t), code(x.dtype), ptr(gA.t), ptr(gB.t), ptr(gbase.t), code(base_out.dtype),
-                                   ptr(T.t), ptr(y.t), M, K, N, r, scale, p, seed, target_blocks)
+                                   ptr(T.t), ptr(y.t), M, K, N, r, scale, p, seed, target_blocks,
+                                   None if gg is None else ptr(gg.t), None if gbias is None else ptr(gbias.t))
     assert ok == 1
     return y.check().view(base_out.shape), T.check().to(A.dtype)
 

@@ -61,14 +61,14 @@ inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
 }
 
 // The base layer's own input gradient, which lora_backward adds into dx.
-inline void check_grad_x_base(const c10::optional<at::Tensor>& grad_x_base, const at::Tensor& x, const LoraDims& d) {
+inline void check_grad_x_base(const c10::optional<at::Tensor>& grad_x_base, const at::Tensor& x, const LoraDims& d,
+                              const char* op = "lora_backward") {
   if (!grad_x_base.has_value()) return;
   const at::Tensor& g = *grad_x_base;
-  LORA_CHECK(g.numel() == d.M * d.K, "lora_backward: grad_x_base must have the input's ", d.M * d.K,
-             " elements, got ", g.sizes());
-  LORA_CHECK(is_float_or_double(g.scalar_type()), "lora_backward: grad_x_base must be floating point, got ",
-             g.scalar_type());
-  check_same_device(g, x, "lora_backward: grad_x_base");
+  LORA_CHECK(g.numel() == d.M * d.K, op, ": grad_x_base must have the input's ", d.M * d.K, " elements, got ",
+             g.sizes());
+  LORA_CHECK(is_float_or_double(g.scalar_type()), op, ": grad_x_base must be floating point, got ", g.scalar_type());
+  LORA_CHECK(g.device() == x.device(), op, ": grad_x_base must be on ", x.device(), ", got ", g.device());
 }
 
 // The dtype the low-rank products are computed in: fp32 (whatever the activations and adapters are

@@ -28,5 +28,11 @@ LORA_HD float dropout_with_draw(float v, uint32_t draw, const DropoutSpec& d) {
   return static_cast<uint64_t>(draw) < d.keep_threshold ? mul_rn(v, d.inv_keep) : 0.0f;
 }
 
+// DoRA's output column j: v * g_j + bias_j (either may be absent), each step rounded on its own.
+LORA_HD float column_epilogue(float v, const float* scale, const float* bias, int64_t j) {
+  if (scale != nullptr) v = mul_rn(v, scale[j]);
+  return bias != nullptr ? add_rn(v, bias[j]) : v;
+}
+
 }  // namespace lora
 }  // namespace lora_ext

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "lora/lora_composite.h"
+#include "lora/lora_cuda_glue.h"
 #include "lora/lora_dtype.h"
 #include "lora/lora_launch.h"
 #include "lora/lora_plan.h"
@@ -44,13 +45,6 @@ void check_features(const LoraDims& d) {
              kMaxFeatures, " in and out features and rank, got ", d.K, ", ", d.N, " and r = ", d.r);
 }
 
-// The dx epilogue reads grad_x_base in x's dtype, so it may take it only when that cast is exact (the
-// same dtype, or 16-bit into fp32); otherwise the composite adds it before dx's one rounding.
-bool addend_cast_exact(const c10::optional<at::Tensor>& grad_x_base, at::ScalarType x_dtype) {
-  if (!grad_x_base.has_value() || grad_x_base->scalar_type() == x_dtype) return true;
-  return x_dtype == at::kFloat && is_float_type(grad_x_base->scalar_type());
-}
-
 // bf16 mma needs sm_80 code, which tensor_core_kernels_built() checks for the current GPU (a pre-sm_80
 // GPU has none). LORA_EXT_TENSOR_CORES=0 keeps every product on the CUDA-core kernel, to compare the
 // two (read at each call, so a benchmark can switch it).
@@ -79,49 +73,45 @@ void run(LowRankGemmParams p, const at::Tensor& like) {
 
 int64_t target_blocks() { return 2LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& base_out,
-                                                     const at::Tensor& A, const at::Tensor& B, double scale,
-                                                     double dropout_p, int64_t seed) {
-  const auto d = check_forward_args(x, base_out, A, B, dropout_p);  // first: a CPU x must get its message
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (!is_float_type(x.scalar_type()) || !is_float_type(base_out.scalar_type()) || !is_float_type(A.scalar_type())) {
-    return forward_impl(x, base_out, A, B, scale, dropout_p, seed, dropout_cuda_impl);
-  }
+}  // namespace
+
+bool addend_cast_exact(const c10::optional<at::Tensor>& grad_x_base, at::ScalarType x_dtype) {
+  if (!grad_x_base.has_value() || grad_x_base->scalar_type() == x_dtype) return true;
+  return x_dtype == at::kFloat && is_float_type(grad_x_base->scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_forward_cuda(const LoraDims& d, const at::Tensor& x,
+                                                        const at::Tensor& base_out, const at::Tensor& A32,
+                                                        const at::Tensor& B32, double scale, double dropout_p,
+                                                        int64_t seed, const at::Tensor& g32, const at::Tensor& bias32) {
   check_features(d);
   const at::Tensor x2 = x.reshape({d.M, d.K}).contiguous(), base2 = base_out.reshape({d.M, d.N}).contiguous();
-  const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
   at::Tensor T = at::empty({d.M, d.r}, x.options().dtype(at::kFloat));
   at::Tensor y = at::empty({d.M, d.N}, base_out.options());
   const Shapes s{d.M, d.K, d.N, d.r, to_dtype(x.scalar_type()), to_dtype(base_out.scalar_type())};
   const ForwardPlan plan =
       forward_plan(s, x2.const_data_ptr(), A32.const_data_ptr<float>(), B32.const_data_ptr<float>(),
                    base2.const_data_ptr(), T.data_ptr<float>(), y.data_ptr(), static_cast<float>(scale),
-                   dropout_spec(dropout_p, static_cast<uint64_t>(seed)), dropout_p > 0.0, target_blocks());
+                   dropout_spec(dropout_p, static_cast<uint64_t>(seed)), dropout_p > 0.0, target_blocks(),
+                   g32.defined() ? g32.const_data_ptr<float>() : nullptr,
+                   bias32.defined() ? bias32.const_data_ptr<float>() : nullptr);
   run(plan.down, x);
   run(plan.up, x);
-  return {y.view(base_out.sizes()), T.to(A.scalar_type())};
+  return {y.view(base_out.sizes()), T};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                  const at::Tensor& T, const at::Tensor& A,
-                                                                  const at::Tensor& B, double scale, double dropout_p,
-                                                                  int64_t seed,
-                                                                  const c10::optional<at::Tensor>& grad_x_base) {
-  const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);  // first: a CPU x must get its message
-  check_grad_x_base(grad_x_base, x, d);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (!is_float_type(grad_y.scalar_type()) || !is_float_type(x.scalar_type()) || !is_float_type(A.scalar_type()) ||
-      !addend_cast_exact(grad_x_base, x.scalar_type())) {
-    return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base, dropout_cuda_impl);
-  }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_backward_cuda(const LoraDims& d, const at::Tensor& grad_y,
+                                                                     const at::Tensor& x, const at::Tensor& T,
+                                                                     const at::Tensor& A, const at::Tensor& B32,
+                                                                     double scale, double dropout_p, int64_t seed,
+                                                                     const c10::optional<at::Tensor>& grad_x_base) {
   check_features(d);
   const at::Tensor dy = grad_y.reshape({d.M, d.N}).contiguous(), x2 = x.reshape({d.M, d.K}).contiguous();
-  const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
-  const at::Tensor T32 = T.to(at::kFloat).contiguous();
+  const at::Tensor A32 = A.to(at::kFloat).contiguous(), T32 = T.to(at::kFloat).contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dT = at::empty({d.M, d.r}, f32), dB = at::empty({d.N, d.r}, f32), dAt = at::empty({d.K, d.r}, f32);
   at::Tensor dx = at::empty({d.M, d.K}, x.options());
-  // The dx epilogue's addend: x's dtype (an exact cast, above), contiguous M x K.
+  // The dx epilogue's addend: x's dtype (an exact cast, addend_cast_exact), contiguous M x K.
   const at::Tensor dx_base = grad_x_base.has_value()
                                  ? grad_x_base->reshape({d.M, d.K}).to(x.scalar_type()).contiguous()
                                  : at::Tensor();
@@ -137,7 +127,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   run(plan.dAt, x);
   run(plan.dx, x);
   // dA in A's layout and dtype, in one copy (to() of the transposed view would keep it a view for fp32)
-  return {dx.view(x.sizes()), at::empty_like(A, at::MemoryFormat::Contiguous).copy_(dAt.t()), dB.to(B.scalar_type())};
+  return {dx.view(x.sizes()), at::empty_like(A, at::MemoryFormat::Contiguous).copy_(dAt.t()), dB};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& base_out,
+                                                     const at::Tensor& A, const at::Tensor& B, double scale,
+                                                     double dropout_p, int64_t seed) {
+  const auto d = check_forward_args(x, base_out, A, B, dropout_p);  // first: a CPU x must get its message
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (!is_float_type(x.scalar_type()) || !is_float_type(base_out.scalar_type()) || !is_float_type(A.scalar_type())) {
+    return forward_impl(x, base_out, A, B, scale, dropout_p, seed, dropout_cuda_impl);
+  }
+  const auto [y, T] = lowrank_forward_cuda(d, x, base_out, A.to(at::kFloat).contiguous(),
+                                           B.to(at::kFloat).contiguous(), scale, dropout_p, seed);
+  return {y, T.to(A.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                  const at::Tensor& T, const at::Tensor& A,
+                                                                  const at::Tensor& B, double scale, double dropout_p,
+                                                                  int64_t seed,
+                                                                  const c10::optional<at::Tensor>& grad_x_base) {
+  const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);  // first: a CPU x must get its message
+  check_grad_x_base(grad_x_base, x, d);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (!is_float_type(grad_y.scalar_type()) || !is_float_type(x.scalar_type()) || !is_float_type(A.scalar_type()) ||
+      !addend_cast_exact(grad_x_base, x.scalar_type())) {
+    return backward_impl(grad_y, x, T, A, B, scale, dropout_p, seed, grad_x_base, dropout_cuda_impl);
+  }
+  const auto [dx, dA, dB] = lowrank_backward_cuda(d, grad_y, x, T, A, B.to(at::kFloat).contiguous(), scale,
+                                                  dropout_p, seed, grad_x_base);
+  return {dx, dA, dB.to(B.scalar_type())};
 }
 
 }  // namespace

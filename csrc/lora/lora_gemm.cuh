@@ -34,8 +34,9 @@ static_assert(kBM * kBK == 4 * kThreads, "each thread stages 4 elements of the A
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The one rounding of an output value: alpha * acc, dropout (dx), + addend (base output). `draw` is
-// element e's Philox word when the caller drew it for a group of four (`drawn`).
+// The one rounding of an output value: alpha * acc, dropout (dx), + addend (base output), then DoRA's
+// column scale and bias (y). `draw` is element e's Philox word when the caller drew it for a group of
+// four (`drawn`).
 template <typename TC>
 __device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int64_t e, bool drawn, uint32_t draw) {
   float v = mul_rn(p.alpha, acc);
@@ -43,6 +44,7 @@ __device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int6
     v = dropout_with_draw(v, drawn ? draw : dropout_draw(static_cast<uint64_t>(e), p.dropout.seed), p.dropout);
   }
   if (p.addend != nullptr) v = add_rn(v, to_float(static_cast<const TC*>(p.addend)[e]));
+  if (p.col_scale != nullptr || p.col_bias != nullptr) v = column_epilogue(v, p.col_scale, p.col_bias, e % p.N);
   return from_float<TC>(v);
 }
 

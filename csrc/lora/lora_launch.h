@@ -42,6 +42,10 @@ struct LowRankGemmParams {
   bool dropout_a;    // a's elements dropped by their offset in a (a is x: the element index of x)
   bool dropout_out;  // alpha * acc dropped by its index i * N + j in out (out is dx)
   DropoutSpec dropout;
+  // DoRA's y: the finished value times col_scale[j] (g = m / ||W + s B A||), plus col_bias[j]; each
+  // fp32, N long, or null (no scale, no bias).
+  const float* col_scale;
+  const float* col_bias;
   bool tensor_cores;  // the GPU has bf16 mma (sm_80+) and they are not turned off: see lora_gemm_tc.cuh
   void* b_parts;      // lowrank_b_parts_size(p) bf16 elements of workspace when that is not 0
 };

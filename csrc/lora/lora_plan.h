@@ -31,9 +31,14 @@ struct Epilogue {
   const void* addend = nullptr;  // out's shape and dtype
   bool dropout_a = false, dropout_out = false;
   DropoutSpec dropout{};
+  const float* col_scale = nullptr;  // DoRA's y: times g_j, plus bias_j (LowRankGemmParams)
+  const float* col_bias = nullptr;
 };
 
-inline Epilogue scaled(float alpha, const void* addend = nullptr) { return {alpha, addend, false, false, {}}; }
+inline Epilogue scaled(float alpha, const void* addend = nullptr, const float* col_scale = nullptr,
+                       const float* col_bias = nullptr) {
+  return {alpha, addend, false, false, {}, col_scale, col_bias};
+}
 // x's dropout on the a operand (x itself), or on the output (dx, then + addend); `on` false: no dropout.
 inline Epilogue dropout_on_a(const DropoutSpec& d, bool on) { return {1.0f, nullptr, on, false, d}; }
 inline Epilogue dropout_on_out(const DropoutSpec& d, bool on, const void* addend = nullptr) {
@@ -63,6 +68,8 @@ inline LowRankGemmParams gemm_params(const Operand& a, const Operand& b, void* o
   p.dropout_a = ep.dropout_a;
   p.dropout_out = ep.dropout_out;
   p.dropout = ep.dropout;
+  p.col_scale = ep.col_scale;
+  p.col_bias = ep.col_bias;
   const int64_t tiles = std::max<int64_t>(1, lowrank_gemm_tiles(p.M, p.N));
   const int64_t splits = std::clamp<int64_t>((target_blocks + tiles - 1) / tiles, 1, std::max<int64_t>(1, p.K / 512));
   // Drop the slices that k_slice_length's rounding leaves empty (from the smaller count it gives the
@@ -81,16 +88,17 @@ struct Shapes {
 
 struct ForwardPlan {
   LowRankGemmParams down;  // T = dropout(x) A^T
-  LowRankGemmParams up;    // y = base + s T B^T
+  LowRankGemmParams up;    // y = base + s T B^T; DoRA's: g * (base + s T B^T) + bias
 };
 
+// g and bias (fp32, N long, or null): DoRA's column scale and bias, applied in y's epilogue.
 inline ForwardPlan forward_plan(const Shapes& s, const void* x, const float* A32, const float* B32, const void* base,
                                 float* T, void* y, float scale, const DropoutSpec& dropout, bool use_dropout,
-                                int64_t target_blocks) {
+                                int64_t target_blocks, const float* g = nullptr, const float* bias = nullptr) {
   return {gemm_params(as_is(x, s.x_dtype, s.M, s.K), transposed(A32, DType::kFloat32, s.r, s.K), T,
                       DType::kFloat32, dropout_on_a(dropout, use_dropout), target_blocks),
           gemm_params(as_is(T, DType::kFloat32, s.M, s.r), transposed(B32, DType::kFloat32, s.N, s.r), y, s.y_dtype,
-                      scaled(scale, base), target_blocks)};
+                      scaled(scale, base, g, bias), target_blocks)};
 }
 
 struct BackwardPlan {

@@ -26,7 +26,9 @@ void emu_merge_nf4(const uint8_t*, const float*, const uint8_t*, const float*, c
                    const double*, const double*, int64_t, int64_t, int64_t, double, uint8_t*, float*);
 void emu_dropout(const void*, void*, int64_t, double, uint64_t, int);
 int emu_lora_forward(const void*, int, const float*, const float*, const void*, int, float*, void*, int64_t, int64_t,
-                     int64_t, int64_t, float, double, uint64_t, int64_t);
+                     int64_t, int64_t, float, double, uint64_t, int64_t, const float*, const float*);
+int emu_column_dots(const void*, const void*, int, float*, int64_t, int64_t, int64_t);
+int emu_column_dot_splits(int64_t, int64_t, int64_t);
 int emu_lora_backward(const void*, int, const void*, int, const float*, const float*, const float*, float*, float*,
                       float*, void*, const void*, int64_t, int64_t, int64_t, int64_t, float, double, uint64_t,
                       int64_t);
@@ -133,7 +135,7 @@ int main() {
     const auto A32 = values(rank * K, 7), B32 = values(N * rank, 9);
     std::vector<float> T(M * rank), yl(M * N), dT(M * rank), dB(N * rank), dAt(K * rank), dx(M * K);
     emu_lora_forward(xl.data(), kF32, A32.data(), B32.data(), base.data(), kF32, T.data(), yl.data(), M, K, N, rank,
-                     1.5f, 0.2, 9, 264);
+                     1.5f, 0.2, 9, 264, nullptr, nullptr);
     emu_lora_backward(dy.data(), kF32, xl.data(), kF32, A32.data(), B32.data(), T.data(), dT.data(), dB.data(),
                       dAt.data(), dx.data(), dx_base.data(), M, K, N, rank, 1.5f, 0.2, 9, 264);
     // bf16 activations on a GPU with bf16 mma: T, dT, dB and dA^T on the tensor-core kernel
@@ -141,10 +143,27 @@ int main() {
     std::vector<uint16_t> yb(M * N), dxb(M * K);
     emu_set_tensor_cores(1);
     emu_lora_forward(xb.data(), kBF16, A32.data(), B32.data(), baseb.data(), kBF16, T.data(), yb.data(), M, K, N,
-                     rank, 1.5f, 0.2, 9, 264);
+                     rank, 1.5f, 0.2, 9, 264, nullptr, nullptr);
     emu_lora_backward(dyb.data(), kBF16, xb.data(), kBF16, A32.data(), B32.data(), T.data(), dT.data(), dB.data(),
                       dAt.data(), dxb.data(), nullptr, M, K, N, rank, 1.5f, 0.2, 9, 264);
     emu_set_tensor_cores(0);
+  }
+  // DoRA: the forward with g and the bias in y's epilogue (fp32 y; bf16 y with g alone), N = 21 ragged, and
+  // the column dots over 1030 rows, cut in row slices (bf16 and fp32).
+  {
+    const int64_t M = 1030, K = 36, N = 21, rank = 12;
+    const auto xl = values(M * K, 11), base = values(M * N, 5), A32 = values(rank * K, 7), B32 = values(N * rank, 9);
+    const auto g = values(N, 4), bias = values(N, 3);
+    std::vector<float> T(M * rank), yl(M * N);
+    emu_lora_forward(xl.data(), kF32, A32.data(), B32.data(), base.data(), kF32, T.data(), yl.data(), M, K, N, rank,
+                     1.5f, 0.0, 0, 264, g.data(), bias.data());
+    const auto xb = bf16_values(M * K, 11), baseb = bf16_values(M * N, 5), dyb = bf16_values(M * N, 3);
+    std::vector<uint16_t> yb(M * N);
+    emu_lora_forward(xb.data(), kBF16, A32.data(), B32.data(), baseb.data(), kBF16, T.data(), yb.data(), M, K, N,
+                     rank, 1.5f, 0.0, 0, 264, g.data(), nullptr);
+    std::vector<float> partial(static_cast<size_t>(emu_column_dot_splits(M, N, 264)) * N);
+    emu_column_dots(dyb.data(), baseb.data(), kBF16, partial.data(), M, N, 264);
+    emu_column_dots(base.data(), base.data(), kF32, partial.data(), M, N, 264);
   }
   // Mixed-adapter batch: 80 rows, 70 of them with an adapter (ranks 5, 0 and 20), one adapter's run a
   // full tile of 64 plus a tile of 2; 70 output columns (two column tiles); K = 520 in two slices.

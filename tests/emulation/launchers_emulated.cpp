@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cuda_emulation.h"  // the wmma call counter
+#include "dora/dora_launch.h"
 #include "lora/lora_launch.h"
 #include "lora/lora_plan.h"
 #include "merge/merge_launch.h"
@@ -128,14 +129,28 @@ int emu_lowrank_gemm(const void* a, int64_t a_stride_m, int64_t a_stride_k, int 
 void emu_set_tensor_cores(int on) { tensor_cores = on != 0; }
 uint64_t emu_mma_calls() { return nvcuda::wmma::mma_calls.load(); }
 
-// The LoRA branch's plan (lora_plan.h), launched product by product as lora_cuda_api.cpp does.
+// The LoRA branch's plan (lora_plan.h), launched product by product as lora_cuda_api.cpp does; with g
+// and bias (fp32, N long; null for none), DoRA's forward (dora_cuda_api.cpp).
 int emu_lora_forward(const void* x, int x_dtype, const float* A32, const float* B32, const void* base, int y_dtype,
                      float* T, void* y, int64_t M, int64_t K, int64_t N, int64_t r, float scale, double dropout_p,
-                     uint64_t seed, int64_t target_blocks) {
+                     uint64_t seed, int64_t target_blocks, const float* g, const float* bias) {
   const lora::Shapes s{M, K, N, r, static_cast<lora::DType>(x_dtype), static_cast<lora::DType>(y_dtype)};
   const auto plan = lora::forward_plan(s, x, A32, B32, base, T, y, scale, lora::dropout_spec(dropout_p, seed),
-                                       dropout_p > 0.0, target_blocks);
+                                       dropout_p > 0.0, target_blocks, g, bias);
   return run(plan.down) && run(plan.up) ? 1 : 0;
+}
+
+// DoRA's column dots (dora_cuda_api.cpp's column_dots_cuda before its sum of the slices): partial is
+// splits x N floats, the split count the glue's (column_dot_splits) for target_blocks.
+int emu_column_dots(const void* a, const void* b, int dtype, float* partial, int64_t M, int64_t N,
+                    int64_t target_blocks) {
+  const dora::ColumnDotParams p{a, b, static_cast<dora::DType>(dtype), partial, M, N,
+                                dora::column_dot_splits(M, N, target_blocks)};
+  return dora::launch_column_dots(p, nullptr) ? 1 : 0;
+}
+
+int emu_column_dot_splits(int64_t M, int64_t N, int64_t target_blocks) {
+  return dora::column_dot_splits(M, N, target_blocks);
 }
 
 int emu_lora_backward(const void* dy, int y_dtype, const void* x, int x_dtype, const float* A32, const float* B32,

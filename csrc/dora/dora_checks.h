@@ -1,0 +1,60 @@
+// Argument rules of the DoRA operators, shared by the CPU and CUDA glue: the LoRA branch's (lora_checks.h)
+// plus DoRA's column scale g and bias.
+#pragma once
+
+#include "lora/lora_checks.h"
+
+namespace lora_ext {
+namespace dora {
+
+using lora::LoraDims;
+
+// A per-output-feature vector (g, bias): N floating-point values on x's device.
+inline void check_column_vector(const char* op, const at::Tensor& v, const at::Tensor& x, int64_t N,
+                                const char* what) {
+  LORA_CHECK(v.dim() == 1 && v.size(0) == N && is_float_or_double(v.scalar_type()), op, ": ", what,
+             " must be a floating-point vector of the ", N, " output features, got ", v.scalar_type(), " of shape ",
+             v.sizes());
+  LORA_CHECK(v.device() == x.device(), op, ": ", what, " must be on ", x.device(), ", got ", v.device());
+}
+
+// base_out: x W^T without the bias, the input's leading dims and N features, on x's device.
+inline void check_base_out(const char* op, const at::Tensor& base_out, const at::Tensor& x, const LoraDims& d) {
+  LORA_CHECK(base_out.dim() == x.dim() && base_out.size(-1) == d.N && base_out.numel() == d.M * d.N, op,
+             ": base output must have the input's leading dims and ", d.N, " features, got ", base_out.sizes(),
+             " for input ", x.sizes());
+  LORA_CHECK(is_float_or_double(base_out.scalar_type()), op, ": base output must be floating point, got ",
+             base_out.scalar_type());
+  LORA_CHECK(base_out.device() == x.device(), op, ": base output must be on ", x.device(), ", got ",
+             base_out.device());
+}
+
+inline LoraDims check_forward_args(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A,
+                                   const at::Tensor& B, const at::Tensor& g, const c10::optional<at::Tensor>& bias) {
+  const char* op = "dora_forward";
+  const LoraDims d = lora::check_lora_args(op, x, A, B, 0.0);
+  check_base_out(op, base_out, x, d);
+  check_column_vector(op, g, x, d.N, "g (magnitude / weight norm)");
+  if (bias.has_value()) check_column_vector(op, *bias, x, d.N, "bias");
+  return d;
+}
+
+inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& base_out,
+                                    const at::Tensor& T, const at::Tensor& A, const at::Tensor& B, const at::Tensor& g,
+                                    const c10::optional<at::Tensor>& grad_x_base) {
+  const char* op = "dora_backward";
+  const LoraDims d = lora::check_lora_args(op, x, A, B, 0.0);
+  LORA_CHECK(grad_y.numel() == d.M * d.N && is_float_or_double(grad_y.scalar_type()), op,
+             ": grad_output must be floating point with ", d.M * d.N, " elements, got ", grad_y.scalar_type(),
+             " of shape ", grad_y.sizes());
+  LORA_CHECK(grad_y.device() == x.device(), op, ": grad_output must be on ", x.device(), ", got ", grad_y.device());
+  check_base_out(op, base_out, x, d);
+  LORA_CHECK(T.dim() == 2 && T.size(0) == d.M && T.size(1) == d.r && T.device() == x.device(), op, ": T must be (",
+             d.M, ", ", d.r, ") on ", x.device(), ", got ", T.sizes(), " on ", T.device());
+  check_column_vector(op, g, x, d.N, "g (magnitude / weight norm)");
+  lora::check_grad_x_base(grad_x_base, x, d, op);
+  return d;
+}
+
+}  // namespace dora
+}  // namespace lora_ext

@@ -1,0 +1,63 @@
+// DoRA's forward and backward built from BLAS (MKL / cuBLAS) and a column-dot function: the CPU
+// operators, and the CUDA ones for fp64. The semantics of the CUDA path (dora_cuda_api.cpp): products
+// in fp32 (fp64 if any operand is fp64) from the stored values, each output rounded once to its dtype.
+//
+// forward:  T = x A^T, y = g * (base_out + s T B^T) + bias          (base_out = x W^T, no bias)
+// backward: with B_g = g * B (row j times g_j), the LoRA backward on dy and B_g:
+//           dT = s dy B_g, dB' = s dy^T T, dA = dT^T x, dx = dT A [+ grad_x_base];
+//           dB = g * dB', dg_j = sum_i dy_ij base_ij + sum_k dB'_jk B_jk   (= sum_i dy_ij (base + s T B^T)_ij)
+// No division by g anywhere: a zero magnitude keeps finite gradients.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common/no_autocast.h"
+#include "dora/dora_checks.h"
+#include "lora/lora_composite.h"
+
+namespace lora_ext {
+namespace dora {
+
+inline std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& base_out,
+                                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& g,
+                                                       const c10::optional<at::Tensor>& bias, double scale) {
+  const NoAutocast no_autocast;
+  const LoraDims d = check_forward_args(x, base_out, A, B, g, bias);
+  const at::ScalarType cdt = lora::compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
+  const at::Tensor T = at::mm(x.reshape({d.M, d.K}).to(cdt), A.to(cdt).t());
+  at::Tensor z = lora::add_scaled_product(base_out.reshape({d.M, d.N}).to(cdt), T, B.to(cdt).t(), scale);
+  z.mul_(g.to(cdt));  // (add_scaled_product's result is a new tensor)
+  if (bias.has_value()) z.add_(bias->to(cdt));
+  return {z.to(base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
+}
+
+// ColumnDots: at::Tensor(const at::Tensor& a, const at::Tensor& b), a and b M x N: the fp32 sums over rows of
+// a * b (N values); used when the products are fp32 (fp64 sums in ATen).
+template <typename ColumnDots>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& T,
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& g, double scale,
+    const c10::optional<at::Tensor>& grad_x_base, ColumnDots column_dots) {
+  const NoAutocast no_autocast;
+  const LoraDims d = check_backward_args(grad_y, x, base_out, T, A, B, g, grad_x_base);
+  const at::ScalarType cdt =
+      lora::compute_dtype({grad_y.scalar_type(), x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
+  const at::Tensor dy = grad_y.reshape({d.M, d.N}).to(cdt), gc = g.to(cdt).unsqueeze(1), Bc = B.to(cdt);
+  const at::Tensor dT = at::mm(dy, Bc * gc).mul_(scale);
+  const at::Tensor dB = at::mm(dy.t(), T.to(cdt)).mul_(scale);  // dB' = dB / g, never divided
+  const at::Tensor dA = at::mm(dT.t(), x.reshape({d.M, d.K}).to(cdt));
+  const at::Tensor dx = grad_x_base.has_value()
+                            ? at::addmm(grad_x_base->reshape({d.M, d.K}).to(cdt), dT, A.to(cdt))
+                            : at::mm(dT, A.to(cdt));
+  const at::Tensor base2 = base_out.reshape({d.M, d.N});
+  const at::Tensor base_dots = cdt == at::kDouble ? (dy * base2.to(cdt)).sum(0)
+                                                  : column_dots(grad_y.reshape({d.M, d.N}), base2).to(cdt);
+  const at::Tensor dg = base_dots + (dB * Bc).sum(1);
+  return {dx.to(x.scalar_type()).view(x.sizes()), dA.to(A.scalar_type()), (dB * gc).to(B.scalar_type()),
+          dg.to(g.scalar_type())};
+}
+
+}  // namespace dora
+}  // namespace lora_ext

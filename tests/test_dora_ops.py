@@ -1,0 +1,218 @@
+"""DoRA's operators (csrc/dora): dora_forward / dora_backward and the layer ops dora_linear /
+dora_nf4_linear, against lora_ext.reference's DoRA in fp64 (written from the formula, not from the
+kernels' g * B rearrangement), one rounding, gradcheck, opcheck, bad input; and LoraLinear(use_dora=True)
+as one autograd node over them."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ext
+from lora_ext import dora_ops
+from lora_ext import reference as R
+
+from conftest import requires_c
+
+pytestmark = requires_c
+
+OPS = torch.ops.lora_ext
+
+
+def _inputs(lead, K, N, r, device, dtype, adapter_dtype=torch.float32):
+    x = torch.randn(*lead, K, device=device).to(dtype)
+    W = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dtype)
+    A = (torch.randn(r, K, device=device) / math.sqrt(K)).to(adapter_dtype)
+    B = (torch.randn(N, r, device=device) / math.sqrt(r)).to(adapter_dtype)
+    g = (torch.rand(N, device=device) + 0.5).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    bias = torch.randn(N, device=device).to(dtype)
+    return x, W, A, B, g, bias
+
+
+def _close(a, b, tol):
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * (b.abs().max().item() + 1e-30))
+
+
+def _ulp(t):
+    fi = torch.finfo(t.dtype)
+    return torch.exp2(torch.floor(torch.log2(t.double().abs().clamp_min(fi.smallest_normal)))) * fi.eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead, with_bias", [((37,), True), ((3, 11), False), ((1,), True)])
+def test_ops_against_fp64(device, dtype, lead, with_bias):
+    """Forward and backward of dora_forward / dora_backward against the fp64 reference, odd shapes; g
+    has zeros (a magnitude of 0: the gradients stay finite and equal the reference's)."""
+    K, N, r, s = 29, 23, 5, 0.7
+    x, W, A, B, g, bias = _inputs(lead, K, N, r, device, dtype)
+    g[::4] = 0.0
+    bias = bias if with_bias else None
+    base_out = x @ W.t()
+    y, T = OPS.dora_forward(x, base_out, A, B, g, bias, s)
+    d64 = [t.double() if t is not None else None for t in (x, base_out, A, B, g, bias)]
+    y_ref, T_ref = R.dora_forward(*d64, s)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert y.dtype == dtype and y.shape == (*lead, N) and T.dtype == A.dtype
+    _close(y, y_ref, tol)
+    _close(T, T_ref, 1e-5)
+    dy = torch.randn(*lead, N, device=device).to(dtype)
+    dx_base = torch.randn(*lead, K, device=device).to(dtype)
+    grads = OPS.dora_backward(dy, x, base_out, T, A, B, g, s, dx_base)
+    refs = R.dora_backward(dy.double(), d64[0], d64[1], T_ref, d64[2], d64[3], d64[4], s, dx_base.double())
+    for name, ours, ref in zip(("dx", "dA", "dB", "dg"), grads, refs):
+        assert torch.isfinite(ours).all(), name
+        assert ours.shape == ref.shape, name
+        _close(ours, ref, tol if name == "dx" else 1e-5)
+    assert (grads[2][::4] == 0).all() and (grads[3][::4] != 0).all(), "g = 0: no dB, but a gradient for m"
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_output_rounded_once(device, act):
+    """y = g (base + s T B^T) + bias is computed in fp32 and rounded once: against the fp64 value rounded
+    once, within an ulp everywhere and equal nearly everywhere (rounding g's product and the bias
+    separately would miss in a large share of the elements)."""
+    K, N, r, s = 203, 77, 12, 1.7
+    x, W, A, B, g, bias = _inputs((129,), K, N, r, device, act)
+    g = g * 3.1  # g * z far from z, so a rounding before the scale would show
+    base_out = torch.randn(129, N, device=device).to(act)
+    y, _ = OPS.dora_forward(x, base_out, A, B, g, bias, s)
+    ref = R.dora_forward(x.double(), base_out.double(), A.double(), B.double(), g.double(), bias.double(), s)[0]
+    once = ref.to(act)
+    fp32_sums = 1e-6 * ref.abs().max().item()
+    assert ((y.double() - ref).abs() <= _ulp(once) + fp32_sums).all()
+    assert (y != once).double().mean().item() < 0.01
+
+
+def test_gradcheck_fp64_cpu():
+    x, W, A, B, g, bias = _inputs((4, 3), 7, 6, 3, "cpu", torch.float64, torch.float64)
+    g[1] = 0.0
+    base_out = x @ W.t()
+    leaves = [t.clone().requires_grad_() for t in (x, base_out, A, B, g, bias)]
+    assert torch.autograd.gradcheck(lambda *t: dora_ops.dora_forward(*t, 1.3), leaves)
+    qw = lora_ext.quantize_nf4(W.float(), blocksize=32)
+    for weight in (W, qw):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, g)]
+        fn = lambda x, A, B, g, weight=weight: dora_ops.dora_layer(x, weight, bias, A, B, g, 1.3)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_opcheck(device):
+    x, W, A, B, g, bias = _inputs((6,), 40, 24, 4, device, torch.float32)
+    base_out = x @ W.t()
+    x.requires_grad_()
+    A.requires_grad_()
+    g.requires_grad_()
+    OPS_args = {
+        OPS.dora_forward.default: (x, base_out, A, B, g, bias, 0.5),
+        OPS.dora_linear.default: (x, W, bias, A, B, g, 0.5),
+    }
+    qw = lora_ext.quantize_nf4(W, blocksize=64)
+    OPS_args[OPS.dora_nf4_linear.default] = (x, qw.packed, qw.absmax, 24, 64, bias, qw.nested_absmax, qw.nested_code,
+                                             qw.offset, qw.nested_blocksize, A, B, g, 0.5)
+    for op, args in OPS_args.items():
+        torch.library.opcheck(op, args)
+    y, T = OPS.dora_forward(x.detach(), base_out, A.detach(), B, g.detach(), bias, 0.5)
+    torch.library.opcheck(OPS.dora_backward.default, (torch.randn_like(y), x.detach(), base_out, T, A.detach(), B,
+                                                      g.detach(), 0.5, torch.randn_like(x)))
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_layer_ops_against_fp64(device, kind):
+    """dora_linear / dora_nf4_linear (3-D x, bias) against the fp64 layer over the same (dequantized)
+    weight: outputs and the gradients of x, A, B and g (through the base's dx as well)."""
+    x, W, A, B, g, bias = _inputs((2, 9), 48, 40, 6, device, torch.float32)
+    weight = lora_ext.quantize_nf4(W, blocksize=64) if kind == "nf4" else W
+    W64 = (lora_ext.dequantize_nf4(weight, torch.float32) if kind == "nf4" else W).double()
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, g)]
+    leaves64 = [t.double().requires_grad_() for t in (x, A, B, g)]
+    y = dora_ops.dora_layer(leaves[0], weight, bias, *leaves[1:], 0.9)
+    y_ref = R.dora_forward(leaves64[0], leaves64[0] @ W64.t(), *leaves64[1:], bias.double(), 0.9)[0]
+    dy = torch.randn_like(y)
+    _close(y, y_ref, 1e-5)
+    for ours, ref in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves64, dy.double())):
+        _close(ours, ref, 1e-5)
+
+
+def test_bad_input_is_refused(device):
+    x, W, A, B, g, bias = _inputs((4,), 32, 16, 4, device, torch.float32)
+    base_out = x @ W.t()
+    with pytest.raises(RuntimeError, match=r"dora_forward: g \(magnitude / weight norm\) must be a floating-point "
+                                           r"vector of the 16 output features, got Float of shape \[15\]"):
+        OPS.dora_forward(x, base_out, A, B, g[:15], None, 1.0)
+    with pytest.raises(RuntimeError, match="dora_forward: bias must be a floating-point vector of the 16 output"):
+        OPS.dora_forward(x, base_out, A, B, g, torch.ones(16, dtype=torch.int32, device=device), 1.0)
+    with pytest.raises(RuntimeError, match=r"dora_forward: base output must have the input's leading dims and 16"):
+        OPS.dora_forward(x, base_out[:, :15], A, B, g, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"dora_forward: lora_B must be \(out_features, 4\)"):
+        OPS.dora_forward(x, base_out, A, B[:, :3], g, None, 1.0)
+    T = torch.randn(4, 4, device=device)
+    with pytest.raises(RuntimeError, match="dora_backward: grad_x_base must have the input's 128 elements"):
+        OPS.dora_backward(torch.randn(4, 16, device=device), x, base_out, T, A, B, g, 1.0,
+                          torch.randn(4, 31, device=device))
+    with pytest.raises(RuntimeError, match=r"dora_backward: T must be \(4, 4\)"):
+        OPS.dora_backward(torch.randn(4, 16, device=device), x, base_out, T[:3], A, B, g, 1.0, None)
+    with pytest.raises(RuntimeError, match="dora_linear: the base weight and bias are frozen here"):
+        dora_ops.dora_layer(x, W.clone().requires_grad_(), None, A.clone().requires_grad_(), B, g, 1.0)
+    with pytest.raises(RuntimeError, match=r"dora_linear: weight must be \(out_features, 32\), got \[16, 31\]"):
+        dora_ops.dora_layer(x, W[:, :31], None, A, B, g, 1.0)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="g .* must be on cuda"):
+            OPS.dora_forward(x, base_out, A, B, g.cpu(), None, 1.0)
+
+
+def _backward_nodes(layer, x):
+    """The autograd nodes a backward through layer(x) evaluates (the profiler's record of the engine),
+    without the leaves' AccumulateGrad and the final sum."""
+    y = layer(x.detach().requires_grad_())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y.sum().backward()
+    prefix = "autograd::engine::evaluate_function: "
+    names = [e.name[len(prefix):] for e in prof.events() if e.name.startswith(prefix)]
+    return [n for n in names if "AccumulateGrad" not in n and "SumBackward" not in n]
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_dora_layer_is_one_operator(device, kind):
+    """LoraLinear(use_dora=True) without dropout: its backward is the layer op's node plus g = m / norm's
+    division (nothing elementwise over the activations), and it equals the base-then-dora_forward path
+    (a hooked base) bit for bit in the forward."""
+    dense = nn.Linear(40, 24).to(device).requires_grad_(False)
+    base = lora_ext.NF4Linear.from_linear(dense) if kind == "nf4" else dense
+    layer = lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 40, device=device)
+    nodes = _backward_nodes(layer, x)
+    op = "dora_nf4_linear" if kind == "nf4" else "dora_linear"
+    assert sum(op in n for n in nodes) == 1 and not any("Mul" in n or "Add" in n for n in nodes), nodes
+    y = layer(x)
+    layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+    assert not lora_ext.lora.runs_as_one_op(layer.base_layer)
+    assert any("dora_forward" in n for n in _backward_nodes(layer, x))
+    torch.testing.assert_close(layer(x), y, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_with_create_graph():
+    """A backward with create_graph=True (a gradient penalty elsewhere in the model) runs through the DoRA
+    layer and gives the plain backward's gradients."""
+    layer = lora_ext.LoraLinear(nn.Linear(12, 7).requires_grad_(False), r=3, lora_alpha=6, use_dora=True)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 12, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector]
+    plain = torch.autograd.grad(layer(x).square().sum(), params)
+    graph = torch.autograd.grad(layer(x).square().sum(), params, create_graph=True)
+    for a, b in zip(graph, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_ops_equal_their_references():
+    """dora_linear / dora_nf4_linear against lora_ext.reference's, all three outputs, fp64 inputs: the same
+    math to fp64's rounding over the dense base; over NF4, the reference takes the base product in fp32."""
+    x, W, A, B, g, bias = _inputs((3, 5), 64, 16, 4, "cpu", torch.float64, torch.float64)
+    qw = lora_ext.quantize_nf4(W.float(), blocksize=64)
+    nf4 = (qw.packed, qw.absmax, 16, 64, bias, qw.nested_absmax, qw.nested_code, qw.offset, qw.nested_blocksize)
+    dense = (x, W, bias, A, B, g, 0.6)
+    for ours, ref, tol in [(OPS.dora_linear(*dense), R.dora_linear(*dense), 1e-12),
+                           (OPS.dora_nf4_linear(x, *nf4, A, B, g, 0.6), R.dora_nf4_linear(x, *nf4, A, B, g, 0.6),
+                            1e-5)]:
+        for a, b in zip(ours, ref):
+            _close(a, b, tol)
