@@ -123,9 +123,10 @@ def test_every_installed_peer_is_in_the_run(tiny_run):
     for section in ("lora_layer", "layers", "train_step"):
         assert ("PEFT LoRA" in ran(section)) == installed["peft"]
         assert ("PEFT QLoRA (bitsandbytes)" in ran(section)) == (installed["peft"] and installed["bitsandbytes"])
-    # QLoRA holds the 4-bit weights: a fraction of what the dense LoRA model holds.
+    # QLoRA holds the 4-bit weights: of the dense weights' bytes (the frozen base's row) it saves more than 60%
+    # whether the run is in fp32 (4-bit: 1/8 of them, plus scales) or bf16 (1/4; on a CPU with avx512_bf16).
     held = {r["peer"]: r["held_MiB"] for r in res["layers"]["rows"]}
-    assert held["lora_ext QLoRA"] < 0.5 * held["lora_ext LoRA"]
+    assert held["lora_ext LoRA"] - held["lora_ext QLoRA"] > 0.6 * held["frozen base"]
 
 
 def test_plot_is_a_png_with_a_panel_per_section(tiny_run):

@@ -50,6 +50,42 @@ def test_forward_all_m_both_paths(device, dtype, double_quant):
         _close(_call(x, qw, b, GEMV_NEVER), ref, dtype)
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("dtype, flag", [(torch.bfloat16, "avx512_bf16"), (torch.float16, "avx512_fp16")])
+def test_cpu_16bit_gemm_where_the_cpu_has_it(monkeypatch, dtype, flag):
+    """Past the GEMV, a CPU with native 16-bit dot products (the /proc/cpuinfo flag) takes the product in the
+    activations' dtype: bit for bit bitsandbytes' recipe, W dequantized to that dtype then torch's matmul
+    (fp32 accumulation). Elsewhere, and with LORA_EXT_CPU_16BIT_GEMM=0, W and x go to fp32 and the result is
+    rounded once. Both within tolerance of fp64, forward and input gradient; bias, odd shapes."""
+    qw = _weight(45, 197, 64, True, "cpu")
+    x, bias, dy = torch.randn(37, 197).to(dtype), torch.randn(45).to(dtype), torch.randn(37, 45).to(dtype)
+    w16, w32 = lora_ext.dequantize_nf4(qw, dtype), lora_ext.dequantize_nf4(qw, torch.float32)
+    grad_in = lambda: torch.ops.lora_ext.nf4_linear_grad_input(  # noqa: E731
+        dy, qw.packed, qw.absmax, 197, 64, qw.nested_absmax, qw.nested_code, qw.offset, qw.nested_blocksize)
+    native = flag in _cpu_flags()
+    for env in (None, "0"):
+        if env is None:
+            monkeypatch.delenv("LORA_EXT_CPU_16BIT_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("LORA_EXT_CPU_16BIT_GEMM", env)
+        y, dx = _call(x, qw, bias), grad_in()
+        if native and env is None:
+            assert torch.equal(y, torch.nn.functional.linear(x, w16, bias)) and torch.equal(dx, dy @ w16)
+        else:
+            assert torch.equal(y, torch.addmm(bias.float(), x.float(), w32.t()).to(dtype))
+            assert torch.equal(dx, (dy.float() @ w32).to(dtype))
+        _close(y, _ref(x, qw, bias), dtype)
+        _close(dx, R.nf4_linear_grad_input(dy.double(), qw.packed, qw.absmax, 197, 64, qw.nested_absmax,
+                                           qw.nested_code, qw.offset, compute_dtype=torch.float64), dtype)
+
+
 @pytest.mark.parametrize("M,K,N,blocksize", [
     (2048, 96, 65, 64), (1, 11008, 64, 64), (3, 64, 11008, 128), (17, 1, 5, 32), (1, 7, 1, 32),
     (16, 4096, 48, 4096), (5, 4097, 3, 4096), (64, 11008, 17, 64),

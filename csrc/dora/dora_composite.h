@@ -26,11 +26,16 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, cons
   const NoAutocast no_autocast;
   const LoraDims d = check_forward_args(x, base_out, A, B, g, bias);
   const at::ScalarType cdt = lora::compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
-  const at::Tensor T = at::mm(x.reshape({d.M, d.K}).to(cdt), A.to(cdt).t());
-  at::Tensor z = lora::add_scaled_product(base_out.reshape({d.M, d.N}).to(cdt), T, B.to(cdt).t(), scale);
-  z.mul_(g.to(cdt));  // (add_scaled_product's result is a new tensor)
-  if (bias.has_value()) z.add_(bias->to(cdt));
-  return {z.to(base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
+  const at::Tensor T = at::mm(convert(x.reshape({d.M, d.K}), cdt, 0).t, A.to(cdt).t());
+  Converted z = convert(base_out.reshape({d.M, d.N}), cdt, 1);
+  if (z.copy) {
+    lora::add_scaled_product_(z.t, T, B.to(cdt).t(), scale);
+  } else {
+    z = {lora::add_scaled_product(z.t, T, B.to(cdt).t(), scale), true, false};
+  }
+  z.t.mul_(g.to(cdt));
+  if (bias.has_value()) z.t.add_(bias->to(cdt));
+  return {take(z, base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
 }
 
 // ColumnDots: at::Tensor(const at::Tensor& a, const at::Tensor& b), a and b M x N: the fp32 sums over rows of
@@ -44,19 +49,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const LoraDims d = check_backward_args(grad_y, x, base_out, T, A, B, g, grad_x_base);
   const at::ScalarType cdt =
       lora::compute_dtype({grad_y.scalar_type(), x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
-  const at::Tensor dy = grad_y.reshape({d.M, d.N}).to(cdt), gc = g.to(cdt).unsqueeze(1), Bc = B.to(cdt);
+  const at::Tensor dy = convert(grad_y.reshape({d.M, d.N}), cdt, 0).t;
+  const at::Tensor gc = g.to(cdt).unsqueeze(1), Bc = B.to(cdt);
   const at::Tensor dT = at::mm(dy, Bc * gc).mul_(scale);
   const at::Tensor dB = at::mm(dy.t(), T.to(cdt)).mul_(scale);  // dB' = dB / g, never divided
-  const at::Tensor dA = at::mm(dT.t(), x.reshape({d.M, d.K}).to(cdt));
-  const at::Tensor dx = grad_x_base.has_value()
-                            ? at::addmm(grad_x_base->reshape({d.M, d.K}).to(cdt), dT, A.to(cdt))
-                            : at::mm(dT, A.to(cdt));
+  const at::Tensor dA = at::mm(dT.t(), convert(x.reshape({d.M, d.K}), cdt, 1).t);
+  at::Tensor dx;
+  if (grad_x_base.has_value()) {
+    Converted dx_base = convert(grad_x_base->reshape({d.M, d.K}), cdt, 2);
+    dx = lora::scaled_product_into(dx_base, dT, A.to(cdt), 1.0, x.scalar_type());
+  } else {
+    dx = at::mm(dT, A.to(cdt)).to(x.scalar_type());
+  }
   const at::Tensor base2 = base_out.reshape({d.M, d.N});
   const at::Tensor base_dots = cdt == at::kDouble ? (dy * base2.to(cdt)).sum(0)
                                                   : column_dots(grad_y.reshape({d.M, d.N}), base2).to(cdt);
   const at::Tensor dg = base_dots + (dB * Bc).sum(1);
-  return {dx.to(x.scalar_type()).view(x.sizes()), dA.to(A.scalar_type()), (dB * gc).to(B.scalar_type()),
-          dg.to(g.scalar_type())};
+  return {dx.view(x.sizes()), dA.to(A.scalar_type()), (dB * gc).to(B.scalar_type()), dg.to(g.scalar_type())};
 }
 
 }  // namespace dora

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "common/no_autocast.h"
+#include "common/scratch.h"
 #include "lora/lora_checks.h"
 #include "lora/lora_common.h"
 
@@ -30,6 +31,25 @@ inline at::Tensor add_scaled_product(const at::Tensor& base, const at::Tensor& a
                                                    : base.add(at::mm(a, b).mul_(scale));
 }
 
+// The same, into `base` (a copy the caller owns): no new tensor.
+inline void add_scaled_product_(at::Tensor& base, const at::Tensor& a, const at::Tensor& b, double scale) {
+  const float scale32 = static_cast<float>(scale);
+  if (std::isfinite(scale32) && scale32 != 0.0f) {
+    base.addmm_(a, b, 1.0, scale);
+  } else {
+    base.add_(at::mm(a, b).mul_(scale));
+  }
+}
+
+// base + scale * (a b) in base's compute-dtype copy when there is one (converted operands, common/scratch.h),
+// else in a new tensor; returned in `dtype`, never aliasing the scratch buffers.
+inline at::Tensor scaled_product_into(Converted& base, const at::Tensor& a, const at::Tensor& b, double scale,
+                                      at::ScalarType dtype) {
+  if (!base.copy) return add_scaled_product(base.t, a, b, scale).to(dtype);
+  add_scaled_product_(base.t, a, b, scale);
+  return take(base, dtype);
+}
+
 // DropoutFn: at::Tensor(const at::Tensor& contiguous_2d, const DropoutSpec&)
 template <typename DropoutFn>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A,
@@ -38,12 +58,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   const NoAutocast no_autocast;
   const auto d = check_forward_args(x, base_out, A, B, dropout_p);
   const at::ScalarType cdt = compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
-  at::Tensor xd = x.reshape({d.M, d.K}).to(cdt);
+  at::Tensor xd = convert(x.reshape({d.M, d.K}), cdt, 0).t;
   if (dropout_p > 0.0) xd = dropout(xd.contiguous(), dropout_spec(dropout_p, static_cast<uint64_t>(seed)));
   const at::Tensor T = at::mm(xd, A.to(cdt).t());
-  const at::Tensor base = base_out.reshape({d.M, d.N}).to(cdt);
-  const at::Tensor y = add_scaled_product(base, T, B.to(cdt).t(), scale);
-  return {y.to(base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
+  Converted base = convert(base_out.reshape({d.M, d.N}), cdt, 1);
+  const at::Tensor y = scaled_product_into(base, T, B.to(cdt).t(), scale, base_out.scalar_type());
+  return {y.view(base_out.sizes()), T.to(A.scalar_type())};
 }
 
 template <typename DropoutFn>
@@ -56,23 +76,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);
   check_grad_x_base(grad_x_base, x, d);
   const at::ScalarType cdt = compute_dtype({grad_y.scalar_type(), x.scalar_type(), A.scalar_type()});
-  const at::Tensor dy = grad_y.reshape({d.M, d.N}).to(cdt);
+  const at::Tensor dy = convert(grad_y.reshape({d.M, d.N}), cdt, 0).t;
   const at::Tensor dT = at::mm(dy, B.to(cdt)).mul_(scale);
   const at::Tensor dB = at::mm(dy.t(), T.to(cdt)).mul_(scale);
   const DropoutSpec spec = dropout_spec(dropout_p, static_cast<uint64_t>(seed));
-  at::Tensor xd = x.reshape({d.M, d.K}).to(cdt);
+  at::Tensor xd = convert(x.reshape({d.M, d.K}), cdt, 1).t;
   if (dropout_p > 0.0) xd = dropout(xd.contiguous(), spec);
   const at::Tensor dA = at::mm(dT.t(), xd);
-  const at::Tensor dx_base = grad_x_base.has_value() ? grad_x_base->reshape({d.M, d.K}).to(cdt) : at::Tensor();
   at::Tensor dx;
-  if (dx_base.defined() && dropout_p == 0.0) {
-    dx = at::addmm(dx_base, dT, A.to(cdt));  // one pass over dx
+  if (grad_x_base.has_value() && dropout_p == 0.0) {  // one pass over dx
+    Converted dx_base = convert(grad_x_base->reshape({d.M, d.K}), cdt, 2);
+    dx = scaled_product_into(dx_base, dT, A.to(cdt), 1.0, x.scalar_type());
   } else {
     dx = at::mm(dT, A.to(cdt));
     if (dropout_p > 0.0) dx = dropout(dx, spec);
-    if (dx_base.defined()) dx.add_(dx_base);
+    if (grad_x_base.has_value()) dx.add_(convert(grad_x_base->reshape({d.M, d.K}), cdt, 2).t);
+    dx = dx.to(x.scalar_type());
   }
-  return {dx.to(x.scalar_type()).view(x.sizes()), dA.to(A.scalar_type()), dB.to(B.scalar_type())};
+  return {dx.view(x.sizes()), dA.to(A.scalar_type()), dB.to(B.scalar_type())};
 }
 
 }  // namespace lora

@@ -1,12 +1,15 @@
 // NF4 linear on the CPU: y = x W^T (+ bias) and dx = dy W, W (N x K) in NF4.
 // Small M (decode): a fused kernel decodes each weight row once into a per-thread fp32 buffer and
-// dots it with every row of x; nothing dequantized outlives the row. Large M: W is dequantized to
-// fp32 into a per-thread workspace (grown to the largest layer, reused by every call) for MKL.
+// dots it with every row of x; nothing dequantized outlives the row. Large M: W is dequantized into a
+// per-thread workspace (grown to the largest layer, reused by every call) for torch's GEMM: in the
+// activations' 16-bit dtype where the CPU multiplies it natively (bf16: AVX512-BF16; fp16: AVX512-FP16;
+// AMX CPUs have these), fp32 accumulation, as the CUDA path and bitsandbytes do; in fp32 otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "common/no_autocast.h"
@@ -18,7 +21,10 @@ namespace lora_ext {
 namespace nf4 {
 namespace {
 
-constexpr int64_t kCpuGemvMaxM = 4;  // crossover measured on 2 cores (README, NF4 matmul): GEMV wins to M=4
+// Crossovers measured on 2 cores (README, NF4 matmul): the fused GEMV wins to M = 4 against an fp32 GEMM, and
+// only at M = 1 against a native 16-bit one.
+constexpr int64_t kCpuGemvMaxM = 4;
+constexpr int64_t kCpuGemvMaxM16 = 1;
 
 // Weights [f, f + count) of the flattened NF4 tensor, as fp32 (code * absmax, as the dequantizer).
 void decode_run(const uint8_t* packed, int64_t f, int64_t count, const BlockScales& scales, int log2bs, bool simd,
@@ -81,14 +87,28 @@ at::Tensor gemv(const at::Tensor& x32, const at::Tensor& packed, const BlockScal
   return y;
 }
 
-// The dequantized weight (N x K fp32) in this thread's workspace, valid until its next call.
+// The dtype the large-M product runs in for activations of dtype t: t itself when it is 16-bit and the
+// CPU has native GEMM instructions for it, else fp32 (fp64 stays fp64). LORA_EXT_CPU_16BIT_GEMM=0 keeps
+// every product in fp32 (read at each call, so tests and benchmarks can compare the two).
+at::ScalarType gemm_dtype(at::ScalarType t) {
+  if (t == at::kDouble) return at::kDouble;
+  const char* env = std::getenv("LORA_EXT_CPU_16BIT_GEMM");
+  if (env != nullptr && env[0] == '0') return at::kFloat;
+  if ((t == at::kBFloat16 && cpu_has_avx512_bf16()) || (t == at::kHalf && cpu_has_avx512_fp16())) return t;
+  return at::kFloat;
+}
+
+// The dequantized weight (N x K, `dtype`) in this thread's workspace for that dtype, valid until its next call.
 at::Tensor workspace_weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                            const DequantArgs& w, int64_t N, int64_t K,
+                            const DequantArgs& w, int64_t N, int64_t K, at::ScalarType dtype,
                             const c10::optional<at::Tensor>& nested_absmax,
                             const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
                             int64_t nested_blocksize) {
-  thread_local at::Tensor workspace;
-  if (!workspace.defined() || workspace.numel() < N * K) workspace = at::empty({N * K}, at::kFloat);
+  thread_local at::Tensor workspaces[3];  // fp32, bf16, fp16
+  at::Tensor& workspace = workspaces[dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : 0];
+  if (!workspace.defined() || workspace.numel() < N * K) {
+    workspace = at::empty({N * K}, dtype == at::kDouble ? at::kFloat : dtype);
+  }
   at::Tensor ws = workspace.narrow(0, 0, N * K).view({N, K});
   dequantize_into_cpu(packed, absmax, blocksize, w, nested_absmax, nested_code, offset, nested_blocksize, ws);
   return ws;
@@ -105,18 +125,22 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   out_shape.back() = a.N;
   // fp32 accumulation for every activation dtype (float64 for float64, the gradcheck case).
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor xa = x.reshape({a.M, a.K}).to(acc).contiguous();
+  const at::Tensor x2d = x.reshape({a.M, a.K});
+  const at::ScalarType gdt = gemm_dtype(x.scalar_type());
+  const int64_t gemv_max = gemv_max_m >= 0 ? gemv_max_m : gdt == acc ? kCpuGemvMaxM : kCpuGemvMaxM16;
   at::Tensor ya;
   if (a.M == 0 || a.N == 0 || a.K == 0) {
-    ya = at::zeros({a.M, a.N}, xa.options());
+    ya = at::zeros({a.M, a.N}, x.options().dtype(acc));
     if (bias.has_value()) ya.add_(bias->to(acc));
-  } else if (acc == at::kFloat && a.M <= (gemv_max_m < 0 ? kCpuGemvMaxM : gemv_max_m)) {
-    ya = gemv(xa, packed, cpu_block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
-              log2_exact(blocksize), a.N, bias);
+  } else if (acc == at::kFloat && a.M <= gemv_max) {
+    ya = gemv(x2d.to(acc).contiguous(), packed,
+              cpu_block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize), log2_exact(blocksize),
+              a.N, bias);
   } else {
-    const at::Tensor w = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, nested_absmax, nested_code,
-                                          offset, nested_blocksize).to(acc);
-    ya = bias.has_value() ? at::addmm(bias->to(acc), xa, w.t()) : at::mm(xa, w.t());
+    const at::Tensor w = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, gdt, nested_absmax,
+                                          nested_code, offset, nested_blocksize).to(gdt);
+    const at::Tensor xg = x2d.to(gdt);
+    ya = bias.has_value() ? at::addmm(bias->to(gdt), xg, w.t()) : at::mm(xg, w.t());
   }
   return ya.to(x.scalar_type()).view(out_shape);
 }
@@ -132,10 +156,10 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tenso
   auto out_shape = grad_out.sizes().vec();
   out_shape.back() = a.K;
   if (a.M == 0 || a.N == 0 || a.K == 0) return at::zeros(out_shape, grad_out.options());
-  const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor dy = grad_out.reshape({a.M, a.N}).to(acc);
-  const at::Tensor ws = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, nested_absmax, nested_code,
-                                         offset, nested_blocksize).to(acc);
+  const at::ScalarType gdt = gemm_dtype(grad_out.scalar_type());
+  const at::Tensor dy = grad_out.reshape({a.M, a.N}).to(gdt);
+  const at::Tensor ws = workspace_weight(packed, absmax, blocksize, a.weight, a.N, a.K, gdt, nested_absmax,
+                                         nested_code, offset, nested_blocksize).to(gdt);
   return at::mm(dy, ws).to(grad_out.scalar_type()).view(out_shape);
 }
 

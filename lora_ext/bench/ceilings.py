@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..nf4 import dtype_name
+from . import machine
 from .timing import measure as measure_time
 
 # (copy buffer bytes, square matmul size): large enough to leave the caches and to saturate the BLAS.
@@ -56,5 +57,5 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
 
 def measure(device: torch.device, scale: str) -> Ceilings:
     nbytes, n = SIZES["tiny" if scale == "tiny" else device.type]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = machine.activation_dtype(device)
     return Ceilings(copy_bandwidth(device, nbytes), matmul_rate(device, dtype, n), dtype_name(dtype), n)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters
+from . import adapters, machine
 from .fwd_bwd import fwd_bwd_step, inputs, layer_rows
 from .timing import EFFORT
 
@@ -43,7 +43,7 @@ class Block(nn.Module):
 
 def run(device: torch.device, ceilings, scale: str) -> dict:
     notes, rows = [], []
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as lora_layer: fp32 on the CPU
+    dtype = machine.activation_dtype(device)
     hidden, kv, mlp = DIMS["tiny" if scale == "tiny" else device.type]
     torch.manual_seed(0)
     dense = Block(hidden, kv, mlp).to(device=device, dtype=dtype).requires_grad_(False)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..model import get_peft_model
-from . import adapters, peers, work
+from . import adapters, machine, peers, work
 from .decoder_block import DIMS as BLOCK_DIMS, TARGETS as BLOCK_TARGETS, Block
 from .fwd_bwd import fwd_bwd_step, inputs
 from .lora_layer import _Holder
@@ -50,7 +50,7 @@ def _builders(dense: nn.Module, targets: list, r: int, notes: list) -> dict:
 
 def run(device: torch.device, ceilings, scale: str) -> dict:
     notes, rows = [], []
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as lora_layer: fp32 on the CPU
+    dtype = machine.activation_dtype(device)
     kind = "tiny" if scale == "tiny" else device.type
     for layer, r, M in TINY if scale == "tiny" else CASES[device.type, scale]:
         if layer == "square":

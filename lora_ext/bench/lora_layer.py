@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, machine
 from .fwd_bwd import fwd_bwd_step, inputs, layer_rows
 from .timing import EFFORT
 
@@ -31,8 +31,7 @@ class _Holder(nn.Module):
 
 def run(device: torch.device, ceilings, scale: str) -> dict:
     notes, rows = [], []
-    # bf16 on the GPU; fp32 on the CPU, where bf16 matmul without AVX512-BF16 is a slow fallback.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = machine.activation_dtype(device)
     for in_f, out_f, r, M in TINY if scale == "tiny" else CASES[device.type, scale]:
         dense = _Holder(nn.Linear(in_f, out_f, bias=False)).to(device=device, dtype=dtype).requires_grad_(False)
         sets = inputs(M, in_f, [out_f], device, dtype)

@@ -37,3 +37,12 @@ def cpu() -> dict:
 def describe(info: dict) -> str:
     return (f"{info['model']}, {info['threads']} threads, torch {info['torch_capability']}, "
             f"{' '.join(info['features']) or 'no listed features'}")
+
+
+def activation_dtype(device: torch.device) -> torch.dtype:
+    """What the layer benchmarks run in: bf16 on a GPU, and on a CPU whose matmul has native bf16 (avx512_bf16
+    or AMX, the same test as our NF4 matmul's 16-bit path); fp32 elsewhere, where torch's bf16 matmul is a slow
+    fallback that would measure the fallback, not the layers."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & _cpuinfo()[1] else torch.float32

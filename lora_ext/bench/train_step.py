@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..nf4 import dtype_name
-from . import adapters, peers, work
+from . import adapters, machine, peers, work
 from .timing import EFFORT
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,7 +51,7 @@ def setup(device: torch.device, scale: str, notes: list):
     """(config, batch, seq, dtype, the frozen dense model, token batches to rotate), or None without
     transformers (a note says so)."""
     cfg, (batch, seq) = TINY if scale == "tiny" else CONFIGS[device.type, scale]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = machine.activation_dtype(device)
     dense = peers.attempt("transformers Llama", lambda: _llama(cfg, device, dtype).requires_grad_(False), notes)
     if dense is None:
         return None
