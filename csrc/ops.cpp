@@ -76,6 +76,9 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("dora_nf4_linear(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, Tensor? bias, "
         "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor A, Tensor B, "
         "Tensor g, float scale) -> (Tensor y, Tensor T, Tensor base_out)");
+  // DoRA's weight norm needs A W^T (r x out_features) every forward: fp32 (fp64 if either is fp64), from a
+  // dense weight in its own dtype, never converted whole. (An NF4 weight goes through nf4_linear.)
+  m.def("dora_a_times_w_t(Tensor A, Tensor weight) -> Tensor");
 
   // Merge: W += scale * B A in place (unmerge: -=), delta accumulated in fp64, W rounded once;
   // W (d x k) is read and written once, B A never materialized.

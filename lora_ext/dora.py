@@ -9,8 +9,8 @@ computed without the out x in matrix PEFT builds at every forward:
     ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i (A W_i^T) + s^2 B_i (A A^T) B_i^T
 
 ||W_i||^2 is a constant of the frozen base (cached per weight version); A W^T is one pass over W (dense:
-row blocks in fp32; NF4: the fused 4-bit GEMV, which reads the packed weight and writes nothing of W's
-size). All in fp32, an r x out and an r x r matrix beside the adapter itself.
+the dora_a_times_w_t operator, which reads W in its own dtype; NF4: the fused 4-bit GEMV, which reads the
+packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix beside the adapter itself.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import ops
+from . import dora_ops, ops
 from .nf4 import NF4Weight
 
 _ROW_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of W converted at a time (16 MiB)
@@ -68,18 +68,14 @@ def row_norms_squared(weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
 
 @torch.no_grad()
 def a_times_w_t(A: torch.Tensor, weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
-    """A W^T (r x out) in fp32: dense W in row blocks, NF4 through the fused GEMV (no dequantized W)."""
+    """A W^T (r x out) in fp32: a dense W read in its own dtype (dora_a_times_w_t), NF4 through the fused GEMV
+    (no dequantized W)."""
     A32 = A.detach().float()
     if isinstance(weight, NF4Weight):
         return ops.nf4_linear(A32, weight.packed, weight.absmax, weight.shape[0], weight.blocksize, None,
                               weight.nested_absmax, weight.nested_code, weight.offset, weight.nested_blocksize,
                               gemv_max_m=max(1, A32.shape[0]))
-    if weight.dtype == torch.float32:
-        return A32 @ weight.detach().t()
-    out = torch.empty(A32.shape[0], weight.shape[0], dtype=torch.float32, device=A32.device)
-    for i0, i1 in row_blocks(*weight.shape):
-        out[:, i0:i1] = A32 @ weight[i0:i1].detach().float().t()
-    return out
+    return dora_ops.a_times_w_t(A32, weight.detach()).float()
 
 
 @torch.no_grad()

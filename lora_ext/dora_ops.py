@@ -36,6 +36,13 @@ def dora_layer(x: torch.Tensor, weight, bias: Optional[torch.Tensor], A: torch.T
     return torch.ops.lora_ext.dora_linear(x, weight, bias, A, B, g, float(scale))[0]
 
 
+def a_times_w_t(A: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A W^T (r x out) in fp32 (fp64 if either is fp64) for a dense weight in any float dtype, without a
+    weight-sized temporary: DoRA's weight norm."""
+    require_compiled("dora_a_times_w_t")
+    return torch.ops.lora_ext.dora_a_times_w_t(A, weight)
+
+
 def _scaled_grad(grad_y: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """g * dy in `dtype`, computed in fp32 and rounded once. out= saves the fp32 tensor on CUDA, but autograd
     refuses it, so a backward with create_graph=True (grad mode on) takes the differentiable form."""
@@ -63,6 +70,18 @@ if HAS_C:
     def _dora_backward_fake(grad_y, x, base_out, T, A, B, g, scale, grad_x_base=None):
         ops._check_one_device("dora_backward", grad_y, x, base_out, T, A, B, g, grad_x_base)
         return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(g)
+
+    @torch.library.register_fake("lora_ext::dora_a_times_w_t")
+    def _dora_a_times_w_t_fake(A, weight):
+        ops._check_one_device("dora_a_times_w_t", A, weight)
+        torch._check(A.dim() == 2 and weight.dim() == 2 and A.shape[1] == weight.shape[1],
+                     lambda: f"dora_a_times_w_t: lora_A must be (r, in_features) and the weight (out_features, "
+                             f"in_features), got {tuple(A.shape)} and {tuple(weight.shape)}")
+        torch._check(A.is_floating_point() and weight.is_floating_point(),
+                     lambda: f"dora_a_times_w_t: lora_A and the weight must be floating point, got {A.dtype} and "
+                             f"{weight.dtype}")
+        wide = torch.float64 in (A.dtype, weight.dtype)
+        return A.new_empty((A.shape[0], weight.shape[0]), dtype=torch.float64 if wide else torch.float32)
 
     @torch.library.register_fake("lora_ext::dora_linear")
     def _dora_linear_fake(x, weight, bias, A, B, g, scale):

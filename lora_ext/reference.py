@@ -257,6 +257,12 @@ def dora_backward(grad_y, x, base_out, T, A, B, g, scale: float, grad_x_base=Non
     return dx, dA, dB_over_g * g.to(B.dtype)[:, None], dg.to(g.dtype)
 
 
+def dora_a_times_w_t(A, weight):
+    """A W^T in fp32 (fp64 if either is fp64): DoRA's norm term, from the whole weight converted at once."""
+    wide = torch.float64 in (A.dtype, weight.dtype)
+    return (A.double() @ weight.double().t()).to(torch.float64 if wide else torch.float32)
+
+
 def dora_linear(x, weight, bias, A, B, g, scale: float):
     """(y, T, base_out) of the DoRA layer over a dense base: base_out = x W^T, then dora_forward."""
     base = torch.nn.functional.linear(x, weight)

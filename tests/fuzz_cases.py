@@ -656,6 +656,14 @@ def _dora_args(draw, dims, device, base="forward"):
     return args, rules, valid
 
 
+@st.composite
+def _a_times_w_t_args(draw, dims, device):
+    """DoRA's A (r, K) and a dense weight (N, K) of any float dtype and layout (Conv1D's is a transposed view)."""
+    r, K, N = draw(st.sampled_from(RANKS + (0,))), draw(st.sampled_from(dims)), draw(st.sampled_from(dims))
+    args = dict(A=draw(tensor((r, K), FLOATS64, device=device)), weight=draw(tensor((N, K), FLOATS64, device=device)))
+    return args, dict(A=Rule(FLOATS64), weight=Rule(FLOATS64)), True
+
+
 def _dora64(a) -> tuple:
     scale = kernel_scale(a["scale"], *(a.get(k) for k in ("x", "A", "base_out", "grad_y")))
     return d64(a["A"]), d64(a["B"]), d64(a["g"]), scale
@@ -894,6 +902,10 @@ OPERATORS = [
        _dora_forward_ref, close, lambda a: _lora_shapes(a, a["base_out"].shape, a["base_out"].dtype)),
     Op("dora_backward", lambda dims, device: _dora_args(dims, device, "backward"), _dora_backward, _dora_backward_ref,
        close, lambda a: tuple(_like(a[k].shape, a[k].dtype) for k in ("x", "A", "B", "g"))),
+    Op("dora_a_times_w_t", _a_times_w_t_args, _call(OPS.dora_a_times_w_t, "A", "weight"),
+       _call(R.dora_a_times_w_t, "A", "weight"), close,
+       lambda a: _like((a["A"].shape[0], a["weight"].shape[0]),
+                       torch.float64 if torch.float64 in (a["A"].dtype, a["weight"].dtype) else torch.float32)),
     Op("merge_lora_", _merge_args, _merge, _merge_ref, exact, lambda a: a["W"], mutable=("W",)),
     Op("merge_nf4", lambda dims, device: _merge_args(dims, device, nf4=True), _merge_nf4, _merge_nf4_ref, exact,
        lambda a: _nf4_out_shapes(math.prod(a["shape"]), a["blocksize"])),

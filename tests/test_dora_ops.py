@@ -216,3 +216,46 @@ def test_layer_ops_equal_their_references():
                             1e-5)]:
         for a, b in zip(ours, ref):
             _close(a, b, tol)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("r, N, K", [(16, 37, 203), (1, 8, 1), (5, 3, 64), (7, 300, 17)])
+def test_a_times_w_t_against_fp64(device, wdtype, r, N, K):
+    """dora_a_times_w_t (the norm's A W^T) reads W in its dtype: against fp64, N not a multiple of the
+    8 rows converted at once, K odd; W as nn.Linear stores it and transposed (Conv1D's view)."""
+    A = torch.randn(r, K, device=device)
+    W = torch.randn(N, K, device=device).to(wdtype)
+    for weight in (W, W.t().contiguous().t()):
+        out = dora_ops.a_times_w_t(A, weight)
+        ref = R.dora_a_times_w_t(A, weight)
+        assert out.dtype == ref.dtype and out.shape == (r, N)
+        _close(out, ref, 1e-12 if wdtype == torch.float64 else 2e-6)
+
+
+def test_a_times_w_t_simd_and_portable_paths_agree():
+    """Both paths, against fp64, in fresh processes: AVX2/FMA and the portable loops (LORA_EXT_DISABLE_SIMD=1);
+    K and N ragged."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import torch, lora_ext\n"
+              "from lora_ext import dora_ops, reference as R\n"
+              "torch.manual_seed(0)\n"
+              "A = torch.randn(7, 203); W = torch.randn(37, 203).bfloat16()\n"
+              "out, ref = dora_ops.a_times_w_t(A, W), R.dora_a_times_w_t(A, W)\n"
+              "print(((out.double() - ref.double()).abs().max() / ref.abs().max()).item())\n")
+    for flags in ({}, {"LORA_EXT_DISABLE_SIMD": "1"}):
+        env = dict(os.environ, PYTHONPATH=root, **flags)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert float(out.stdout) < 1e-6, (flags, out.stdout)
+
+
+def test_a_times_w_t_opcheck_and_bad_input(device):
+    A, W = torch.randn(4, 40, device=device), torch.randn(24, 40, device=device).bfloat16()
+    torch.library.opcheck(OPS.dora_a_times_w_t.default, (A, W))
+    with pytest.raises(RuntimeError, match=r"dora_a_times_w_t: lora_A must be \(r, in_features\) and the weight "
+                                           r"\(out_features, in_features\), got \[4, 40\] and \[24, 39\]"):
+        OPS.dora_a_times_w_t(A, W[:, :39])
+    with pytest.raises(RuntimeError, match="dora_a_times_w_t: lora_A and the weight must be floating point"):
+        OPS.dora_a_times_w_t(A, torch.ones(24, 40, dtype=torch.int8, device=device))

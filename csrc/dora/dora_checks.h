@@ -56,5 +56,16 @@ inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
   return d;
 }
 
+// A (r x K) and a dense weight (N x K), floating point, on one device.
+inline void check_a_times_w_t_args(const at::Tensor& A, const at::Tensor& weight) {
+  const char* op = "dora_a_times_w_t";
+  LORA_CHECK(A.dim() == 2 && weight.dim() == 2 && A.size(1) == weight.size(1), op,
+             ": lora_A must be (r, in_features) and the weight (out_features, in_features), got ", A.sizes(), " and ",
+             weight.sizes());
+  LORA_CHECK(is_float_or_double(A.scalar_type()) && is_float_or_double(weight.scalar_type()), op,
+             ": lora_A and the weight must be floating point, got ", A.scalar_type(), " and ", weight.scalar_type());
+  LORA_CHECK(weight.device() == A.device(), op, ": the weight must be on ", A.device(), ", got ", weight.device());
+}
+
 }  // namespace dora
 }  // namespace lora_ext

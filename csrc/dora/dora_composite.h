@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "common/no_autocast.h"
@@ -66,6 +67,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
                                                   : column_dots(grad_y.reshape({d.M, d.N}), base2).to(cdt);
   const at::Tensor dg = base_dots + (dB * Bc).sum(1);
   return {dx.view(x.sizes()), dA.to(A.scalar_type()), (dB * gc).to(B.scalar_type()), dg.to(g.scalar_type())};
+}
+
+// A W^T (r x N) in fp32 (fp64 if either is fp64) from a dense weight in any float dtype: the weight
+// converted a block of rows at a time, never whole (a weight-sized temporary is what DoRA's norm avoids).
+constexpr int64_t kWeightBlockElements = int64_t{1} << 22;
+
+inline at::Tensor a_times_w_t_blocks(const at::Tensor& A, const at::Tensor& weight) {
+  const NoAutocast no_autocast;
+  check_a_times_w_t_args(A, weight);
+  const at::ScalarType cdt = lora::compute_dtype({A.scalar_type(), weight.scalar_type()});
+  const at::Tensor Ac = A.to(cdt);
+  if (weight.scalar_type() == cdt) return at::mm(Ac, weight.t());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  at::Tensor out = at::empty({A.size(0), N}, A.options().dtype(cdt));
+  const int64_t step = std::max<int64_t>(1, kWeightBlockElements / std::max<int64_t>(1, K));
+  for (int64_t i0 = 0; i0 < N; i0 += step) {
+    const int64_t n = std::min(step, N - i0);
+    out.narrow(1, i0, n).copy_(at::mm(Ac, weight.narrow(0, i0, n).to(cdt).t()));
+  }
+  return out;
 }
 
 }  // namespace dora

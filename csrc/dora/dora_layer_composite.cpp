@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "dora/dora_composite.h"
 
 namespace lora_ext {
 namespace dora {
@@ -57,6 +58,7 @@ Triple dora_nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY_IMPL(lora_ext, CompositeExplicitAutograd, m) {
   m.impl("dora_linear", &dora_linear);
   m.impl("dora_nf4_linear", &dora_nf4_linear);
+  m.impl("dora_a_times_w_t", &a_times_w_t_blocks);  // the CPU has a kernel of its own (dora_cpu.cpp)
 }
 
 }  // namespace dora
