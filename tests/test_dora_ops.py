@@ -12,7 +12,7 @@ import lora_ext
 from lora_ext import dora_ops
 from lora_ext import reference as R
 
-from conftest import requires_c
+from conftest import backward_nodes, on_each_simd_path, requires_c, ulp
 
 pytestmark = requires_c
 
@@ -31,11 +31,6 @@ def _inputs(lead, K, N, r, device, dtype, adapter_dtype=torch.float32):
 
 def _close(a, b, tol):
     torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * (b.abs().max().item() + 1e-30))
-
-
-def _ulp(t):
-    fi = torch.finfo(t.dtype)
-    return torch.exp2(torch.floor(torch.log2(t.double().abs().clamp_min(fi.smallest_normal)))) * fi.eps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -79,7 +74,7 @@ def test_output_rounded_once(device, act):
     ref = R.dora_forward(x.double(), base_out.double(), A.double(), B.double(), g.double(), bias.double(), s)[0]
     once = ref.to(act)
     fp32_sums = 1e-6 * ref.abs().max().item()
-    assert ((y.double() - ref).abs() <= _ulp(once) + fp32_sums).all()
+    assert ((y.double() - ref).abs() <= ulp(once) + fp32_sums).all()
     assert (y != once).double().mean().item() < 0.01
 
 
@@ -160,17 +155,6 @@ def test_bad_input_is_refused(device):
             OPS.dora_forward(x, base_out, A, B, g.cpu(), None, 1.0)
 
 
-def _backward_nodes(layer, x):
-    """The autograd nodes a backward through layer(x) evaluates (the profiler's record of the engine),
-    without the leaves' AccumulateGrad and the final sum."""
-    y = layer(x.detach().requires_grad_())
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y.sum().backward()
-    prefix = "autograd::engine::evaluate_function: "
-    names = [e.name[len(prefix):] for e in prof.events() if e.name.startswith(prefix)]
-    return [n for n in names if "AccumulateGrad" not in n and "SumBackward" not in n]
-
-
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
 def test_dora_layer_is_one_operator(device, kind):
     """LoraLinear(use_dora=True) without dropout: its backward is the layer op's node plus g = m / norm's
@@ -181,13 +165,13 @@ def test_dora_layer_is_one_operator(device, kind):
     layer = lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True)
     nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 40, device=device)
-    nodes = _backward_nodes(layer, x)
+    nodes = backward_nodes(layer, x)
     op = "dora_nf4_linear" if kind == "nf4" else "dora_linear"
     assert sum(op in n for n in nodes) == 1 and not any("Mul" in n or "Add" in n for n in nodes), nodes
     y = layer(x)
     layer.base_layer.register_forward_pre_hook(lambda module, args: None)
     assert not lora_ext.lora.runs_as_one_op(layer.base_layer)
-    assert any("dora_forward" in n for n in _backward_nodes(layer, x))
+    assert any("dora_forward" in n for n in backward_nodes(layer, x))
     torch.testing.assert_close(layer(x), y, rtol=1e-6, atol=1e-6)
 
 
@@ -235,20 +219,14 @@ def test_a_times_w_t_against_fp64(device, wdtype, r, N, K):
 def test_a_times_w_t_simd_and_portable_paths_agree():
     """Both paths, against fp64, in fresh processes: AVX2/FMA and the portable loops (LORA_EXT_DISABLE_SIMD=1);
     K and N ragged."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = ("import torch, lora_ext\n"
               "from lora_ext import dora_ops, reference as R\n"
               "torch.manual_seed(0)\n"
               "A = torch.randn(7, 203); W = torch.randn(37, 203).bfloat16()\n"
               "out, ref = dora_ops.a_times_w_t(A, W), R.dora_a_times_w_t(A, W)\n"
               "print(((out.double() - ref.double()).abs().max() / ref.abs().max()).item())\n")
-    for flags in ({}, {"LORA_EXT_DISABLE_SIMD": "1"}):
-        env = dict(os.environ, PYTHONPATH=root, **flags)
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        assert float(out.stdout) < 1e-6, (flags, out.stdout)
+    for flag, error in on_each_simd_path(script):
+        assert error < 1e-6, (flag, error)
 
 
 def test_a_times_w_t_opcheck_and_bad_input(device):

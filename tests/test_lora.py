@@ -9,7 +9,7 @@ from torch import nn
 import lora_ext
 from lora_ext import reference as R
 
-from conftest import requires_c, requires_cuda
+from conftest import backward_nodes, requires_c, requires_cuda, ulp
 
 pytestmark = requires_c
 
@@ -108,13 +108,6 @@ def test_bf16_activations_fp32_adapters(device):
         _close(a, b, 2e-2)
 
 
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    """The spacing of t's dtype at each of t's values, in fp64."""
-    fi = torch.finfo(t.dtype)
-    mag = t.double().abs().clamp_min(fi.smallest_normal)
-    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
-
-
 @pytest.mark.parametrize("act, adapter", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
                                           (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
 def test_outputs_rounded_once_from_fp32(device, act, adapter):
@@ -139,7 +132,7 @@ def test_outputs_rounded_once_from_fp32(device, act, adapter):
         ref_once = ref.to(act)
         miss = (ours.double() - ref_once.double()).abs() > 0
         fp32_sums = 1e-6 * ref.abs().max().item()  # where a sum cancels, fp32's error outweighs an ulp
-        assert ((ours.double() - ref.double()).abs() <= _ulp(ref_once) + fp32_sums).all()
+        assert ((ours.double() - ref.double()).abs() <= ulp(ref_once) + fp32_sums).all()
         if act != torch.float32:  # 16-bit outputs: fp32's own error rarely moves the rounding
             assert miss.double().mean().item() < 0.01, miss.double().mean().item()
     for ours, ref in zip(g[2:], g_ref[2:]):  # dA, dB: fp32 sums rounded once to the adapters' dtype
@@ -222,19 +215,6 @@ def _two_op_path(layer):
     return layer
 
 
-def _backward_nodes(layer, x):
-    """The autograd nodes a backward through layer(x) evaluates, by the profiler's record of the engine
-    (torch 2.11's nodes for custom ops refuse .name() and .next_functions), without the leaves'
-    AccumulateGrad and the final sum."""
-    x = x.detach().requires_grad_()
-    y = layer(x)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y.sum().backward()
-    prefix = "autograd::engine::evaluate_function: "
-    names = [e.name[len(prefix):] for e in prof.events() if e.name.startswith(prefix)]
-    return [n for n in names if "AccumulateGrad" not in n and "SumBackward" not in n]
-
-
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
 @pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_layer_is_one_node_and_equals_the_two_op_path(device, kind, dtype, bias):
@@ -253,7 +233,7 @@ def test_layer_is_one_node_and_equals_the_two_op_path(device, kind, dtype, bias)
     for layer in (fused, two):
         torch.manual_seed(7)  # the same dropout seed
         y, (gx,) = _grads(layer, [x])
-        outs.append((y, gx, layer.lora_A.grad, layer.lora_B.grad, _backward_nodes(layer, x)))
+        outs.append((y, gx, layer.lora_A.grad, layer.lora_B.grad, backward_nodes(layer, x)))
     (y, gx, gA, gB, nodes), (y2, gx2, gA2, gB2, nodes2) = outs
     op = f"lora_ext_lora_{'nf4_' if kind == 'nf4' else ''}linear"
     assert len(nodes) == 1 and op in nodes[0], nodes

@@ -1,9 +1,6 @@
 """The mixed-batch operator (csrc/multi): torch.ops.lora_ext.multi_lora_forward_ and its functional form
 lora_ext.multi_lora_linear, against fp64 (lora_ext.reference.multi_lora_forward); its plan; opcheck,
 torch.compile; the per-row kernel's SIMD and portable paths; bad input refused by name, y unchanged."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,10 +9,9 @@ import lora_ext
 from lora_ext import multi_lora as ML
 from lora_ext import reference as R
 
-from conftest import requires_c
+from conftest import on_each_simd_path, requires_c
 
 pytestmark = requires_c
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def adapters(K, N, ranks, dtype=torch.float32, device="cpu"):
@@ -105,10 +101,8 @@ def test_the_per_row_kernels_simd_and_portable_paths_agree():
         "y = ML.add_adapters_(y0.clone(), x, A, B, [0.5, 1.5, 2.0], ML.plan(idx, 3))\n"
         "e = R.multi_lora_forward(y0, x, A, B, [0.5, 1.5, 2.0], idx)\n"
         "print(((y.double() - e).abs().max() / e.abs().max()).item())\n")
-    for flag in ("0", "1"):
-        env = dict(os.environ, LORA_EXT_DISABLE_SIMD=flag, PYTHONPATH=ROOT)
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        assert float(out.stdout) < 1e-6, (flag, out.stdout)
+    for flag, error in on_each_simd_path(script):
+        assert error < 1e-6, (flag, error)
 
 
 def test_opcheck_and_compile():

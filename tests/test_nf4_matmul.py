@@ -6,6 +6,7 @@ from torch import nn
 
 import lora_ext
 from lora_ext import reference as R
+from lora_ext.bench.machine import cpu_flags
 
 from conftest import requires_c, requires_cuda
 
@@ -50,14 +51,6 @@ def test_forward_all_m_both_paths(device, dtype, double_quant):
         _close(_call(x, qw, b, GEMV_NEVER), ref, dtype)
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
 @pytest.mark.parametrize("dtype, flag", [(torch.bfloat16, "avx512_bf16"), (torch.float16, "avx512_fp16")])
 def test_cpu_16bit_gemm_where_the_cpu_has_it(monkeypatch, dtype, flag):
     """Past the GEMV, a CPU with native 16-bit dot products (the /proc/cpuinfo flag) takes the product in the
@@ -69,7 +62,7 @@ def test_cpu_16bit_gemm_where_the_cpu_has_it(monkeypatch, dtype, flag):
     w16, w32 = lora_ext.dequantize_nf4(qw, dtype), lora_ext.dequantize_nf4(qw, torch.float32)
     grad_in = lambda: torch.ops.lora_ext.nf4_linear_grad_input(  # noqa: E731
         dy, qw.packed, qw.absmax, 197, 64, qw.nested_absmax, qw.nested_code, qw.offset, qw.nested_blocksize)
-    native = flag in _cpu_flags()
+    native = flag in cpu_flags()
     for env in (None, "0"):
         if env is None:
             monkeypatch.delenv("LORA_EXT_CPU_16BIT_GEMM", raising=False)

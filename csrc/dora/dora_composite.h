@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 
 #include "common/no_autocast.h"
 #include "dora/dora_checks.h"
@@ -29,14 +30,16 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, cons
   const at::ScalarType cdt = lora::compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
   const at::Tensor T = at::mm(convert(x.reshape({d.M, d.K}), cdt, 0).t, A.to(cdt).t());
   Converted z = convert(base_out.reshape({d.M, d.N}), cdt, 1);
-  if (z.copy) {
-    lora::add_scaled_product_(z.t, T, B.to(cdt).t(), scale);
-  } else {
-    z = {lora::add_scaled_product(z.t, T, B.to(cdt).t(), scale), true, false};
-  }
+  lora::add_scaled_product_into(z, T, B.to(cdt).t(), scale);
   z.t.mul_(g.to(cdt));
   if (bias.has_value()) z.t.add_(bias->to(cdt));
   return {take(z, base_out.scalar_type()).view(base_out.sizes()), T.to(A.scalar_type())};
+}
+
+// The column-dot kernels' operands: a and b contiguous in one float dtype (theirs when they share one, else fp32).
+inline std::pair<at::Tensor, at::Tensor> column_dot_operands(const at::Tensor& a, const at::Tensor& b) {
+  const bool same = a.scalar_type() == b.scalar_type() && is_float_type(a.scalar_type());
+  return {(same ? a : a.to(at::kFloat)).contiguous(), (same ? b : b.to(at::kFloat)).contiguous()};
 }
 
 // ColumnDots: at::Tensor(const at::Tensor& a, const at::Tensor& b), a and b M x N: the fp32 sums over rows of

@@ -21,9 +21,8 @@ constexpr int64_t kChunk = 64;  // columns per task: their running sums stay in 
 
 // The fp32 sums over rows of a * b (M x N; two 16-bit dtypes that differ go through fp32).
 at::Tensor column_dots_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
-  const bool same = a_in.scalar_type() == b_in.scalar_type() && is_float_type(a_in.scalar_type());
-  const at::Tensor a = (same ? a_in : a_in.to(at::kFloat)).contiguous();
-  const at::Tensor b = (same ? b_in : b_in.to(at::kFloat)).contiguous();
+  const auto operands = column_dot_operands(a_in, b_in);  // (C++17: a structured binding is not captured)
+  const at::Tensor &a = operands.first, &b = operands.second;
   const int64_t M = a.size(0), N = a.size(1);
   at::Tensor out = at::empty({N}, a.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();

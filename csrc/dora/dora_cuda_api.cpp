@@ -17,9 +17,8 @@ namespace {
 
 // The fp32 sums over rows of a * b (M x N; two dtypes that differ go through fp32).
 at::Tensor column_dots_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
-  const bool same = a_in.scalar_type() == b_in.scalar_type() && is_float_type(a_in.scalar_type());
-  const at::Tensor a = (same ? a_in : a_in.to(at::kFloat)).contiguous();
-  const at::Tensor b = (same ? b_in : b_in.to(at::kFloat)).contiguous();
+  const auto operands = column_dot_operands(a_in, b_in);
+  const at::Tensor &a = operands.first, &b = operands.second;
   const int64_t M = a.size(0), N = a.size(1);
   const int splits =
       column_dot_splits(M, N, 2LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);

@@ -10,6 +10,7 @@
 
 #include "common/checks.h"
 #include "dora/dora_composite.h"
+#include "nf4/nf4_linear_call.h"
 
 namespace lora_ext {
 namespace dora {
@@ -42,14 +43,8 @@ Triple dora_nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t blocksize, const OptTensor& bias, const OptTensor& nested_absmax,
                        const OptTensor& nested_code, const OptTensor& offset, int64_t nested_blocksize,
                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& g, double scale) {
-  static const auto nf4_linear =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lora_ext::nf4_linear", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
-                            int64_t)>();
-  const at::Tensor base = nf4_linear.call(x, packed, absmax, out_features, blocksize, c10::nullopt, nested_absmax,
-                                          nested_code, offset, nested_blocksize, -1);
+  const at::Tensor base = nf4::call_nf4_linear(x, packed, absmax, out_features, blocksize, c10::nullopt,
+                                               nested_absmax, nested_code, offset, nested_blocksize);
   return dora_forward(x, base, A, B, g, bias, scale);
 }
 

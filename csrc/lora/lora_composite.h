@@ -41,12 +41,20 @@ inline void add_scaled_product_(at::Tensor& base, const at::Tensor& a, const at:
   }
 }
 
-// base + scale * (a b) in base's compute-dtype copy when there is one (converted operands, common/scratch.h),
-// else in a new tensor; returned in `dtype`, never aliasing the scratch buffers.
+// base.t = base + scale * (a b): in place when base.t is a copy (converted operands, common/scratch.h), else
+// a new tensor; either way base.t is then the caller's to overwrite.
+inline void add_scaled_product_into(Converted& base, const at::Tensor& a, const at::Tensor& b, double scale) {
+  if (base.copy) {
+    add_scaled_product_(base.t, a, b, scale);
+  } else {
+    base = {add_scaled_product(base.t, a, b, scale), true, false};
+  }
+}
+
+// base + scale * (a b) in `dtype`, never aliasing the scratch buffers.
 inline at::Tensor scaled_product_into(Converted& base, const at::Tensor& a, const at::Tensor& b, double scale,
                                       at::ScalarType dtype) {
-  if (!base.copy) return add_scaled_product(base.t, a, b, scale).to(dtype);
-  add_scaled_product_(base.t, a, b, scale);
+  add_scaled_product_into(base, a, b, scale);
   return take(base, dtype);
 }
 

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "nf4/nf4_linear_call.h"
 
 namespace lora_ext {
 namespace lora {
@@ -43,13 +44,8 @@ Pair lora_nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
                      int64_t blocksize, const OptTensor& bias, const OptTensor& nested_absmax,
                      const OptTensor& nested_code, const OptTensor& offset, int64_t nested_blocksize,
                      const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p, int64_t seed) {
-  static const auto nf4_linear =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lora_ext::nf4_linear", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, int64_t)>();
-  const at::Tensor base = nf4_linear.call(x, packed, absmax, out_features, blocksize, bias, nested_absmax,
-                                          nested_code, offset, nested_blocksize, -1);
+  const at::Tensor base = nf4::call_nf4_linear(x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                               nested_code, offset, nested_blocksize);
   return lora_forward(x, base, A, B, scale, dropout_p, seed);
 }
 

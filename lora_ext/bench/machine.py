@@ -28,6 +28,11 @@ def _cpuinfo() -> tuple:
     return model, flags
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags as Linux names them (empty elsewhere)."""
+    return _cpuinfo()[1]
+
+
 def cpu() -> dict:
     model, flags = _cpuinfo()
     return {"model": model, "threads": torch.get_num_threads(),
@@ -45,4 +50,4 @@ def activation_dtype(device: torch.device) -> torch.dtype:
     fallback that would measure the fallback, not the layers."""
     if device.type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & _cpuinfo()[1] else torch.float32
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & cpu_flags() else torch.float32
