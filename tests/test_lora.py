@@ -9,7 +9,7 @@ from torch import nn
 import lora_ext
 from lora_ext import reference as R
 
-from conftest import backward_nodes, requires_c, requires_cuda, ulp
+from conftest import backward_nodes, on_each_simd_path, requires_c, requires_cuda, ulp
 
 pytestmark = requires_c
 
@@ -137,6 +137,42 @@ def test_outputs_rounded_once_from_fp32(device, act, adapter):
             assert miss.double().mean().item() < 0.01, miss.double().mean().item()
     for ours, ref in zip(g[2:], g_ref[2:]):  # dA, dB: fp32 sums rounded once to the adapters' dtype
         _close(ours, ref, 1e-5 if adapter == torch.float32 else 1e-2)
+
+
+_CPU_KERNEL_CASES = """
+import os, sys, torch, lora_ext
+torch.manual_seed(0)
+out = {}
+for act in (torch.float32, torch.bfloat16, torch.float16):
+    for M, K, N, r in [(37, 203, 77, 12), (1, 5, 3, 1), (6, 64, 16, 16), (35, 17, 300, 64)]:
+        x, base = torch.randn(M, K).to(act), torch.randn(M, N).to(act)
+        A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5
+        g, bias = torch.rand(N) + 0.5, torch.randn(N)
+        y, T = torch.ops.lora_ext.lora_forward(x, base, A, B, 1.7, 0.0, 0)
+        dy, dxb = torch.randn(M, N).to(act), torch.randn(M, K).to(act)
+        grads = torch.ops.lora_ext.lora_backward(dy, x, T, A, B, 1.7, 0.0, 0, dxb)
+        dora_y, _ = torch.ops.lora_ext.dora_forward(x, base, A, B, g, bias, 1.7)
+        dora_grads = torch.ops.lora_ext.dora_backward(dy, x, base, T, A, B, g, 1.7, dxb)
+        for name, t in [("y", y), ("T", T), *zip(("dx", "dA", "dB"), grads), ("dora_y", dora_y),
+                        *zip(("dora_dx", "dora_dA", "dora_dB"), dora_grads[:3])]:
+            out[f"{act}-{M}-{K}-{N}-{r}-{name}"] = t
+torch.save(out, os.path.join(sys.argv[1], os.environ["LORA_EXT_DISABLE_SIMD"] + ".pt"))
+print(0.0)
+"""
+
+
+def test_cpu_kernel_simd_and_portable_paths_agree(tmp_path):
+    """The CPU products (lora_gemm_cpu.cpp) on both paths, in fresh processes: the AVX2/FMA kernel and the
+    portable loop (LORA_EXT_DISABLE_SIMD=1) do the same fused multiply-adds in the same order, so y, T, dx, dA,
+    dB and DoRA's y (its g and bias in the epilogue) are the same bits. Partial 16-column tiles, K not a multiple
+    of 8, 1 to 3 rows left over; outputs in fp32, bf16 and fp16. The default path is checked against fp64 by the
+    tests above."""
+    script = f"import sys; sys.argv = ['-', {str(tmp_path)!r}]\n" + _CPU_KERNEL_CASES
+    assert [flag for flag, _ in on_each_simd_path(script)] == ["0", "1"]
+    simd, portable = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert simd.keys() == portable.keys() and len(simd) == 3 * 4 * 9
+    for key, t in simd.items():
+        assert t.dtype == portable[key].dtype and torch.equal(t, portable[key]), key
 
 
 @requires_cuda

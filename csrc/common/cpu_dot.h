@@ -63,25 +63,16 @@ __attribute__((target("avx2,fma"))) inline void dot8_avx2(const float* T, const 
 }
 #endif
 
-inline bool use_avx2_fma() {
-#if defined(LORA_EXT_X86_SIMD)
-  static const bool on = x86_simd_enabled() && __builtin_cpu_supports("fma");
-  return on;
-#else
-  return false;
-#endif
-}
-
 inline float dot(const float* a, const float* b, int64_t n) {
 #if defined(LORA_EXT_X86_SIMD)
-  if (use_avx2_fma()) return dot_avx2(a, b, n);
+  if (x86_fma_enabled()) return dot_avx2(a, b, n);
 #endif
   return dot_portable(a, b, n);
 }
 
 inline void dot8(const float* T, const float* B, int64_t r, float out[8]) {
 #if defined(LORA_EXT_X86_SIMD)
-  if (use_avx2_fma()) return dot8_avx2(T, B, r, out);
+  if (x86_fma_enabled()) return dot8_avx2(T, B, r, out);
 #endif
   dot8_portable(T, B, r, out);
 }

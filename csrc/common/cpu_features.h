@@ -25,6 +25,16 @@ inline bool x86_simd_enabled() {
   return on;
 }
 
+// AVX2 + F16C + FMA: the paths of the CPU kernels that multiply-add (cpu_dot.h, lora_gemm_cpu.cpp).
+inline bool x86_fma_enabled() {
+#if defined(LORA_EXT_X86_SIMD)
+  static const bool on = x86_simd_enabled() && __builtin_cpu_supports("fma");
+  return on;
+#else
+  return false;
+#endif
+}
+
 // CPUID leaf 7 (sub-leaf `sub`) register `reg` (0: EAX, 3: EDX) has `bit`, and the OS saves the AVX-512
 // state (XCR0 opmask, ZMM_Hi256, Hi16_ZMM and the SSE/AVX bits). Plain cpuid, not __builtin_cpu_supports,
 // whose feature names depend on the compiler's version. false off x86.

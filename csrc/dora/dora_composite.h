@@ -1,5 +1,5 @@
-// DoRA's forward and backward built from BLAS (MKL / cuBLAS) and a column-dot function: the CPU
-// operators, and the CUDA ones for fp64. The semantics of the CUDA path (dora_cuda_api.cpp): products
+// DoRA's forward and backward built from the LoRA products (lora_composite.h: the CPU kernel for fp32,
+// else BLAS) and a column-dot function: the CPU operators, and the CUDA ones for fp64. The semantics of the CUDA path (dora_cuda_api.cpp): products
 // in fp32 (fp64 if any operand is fp64) from the stored values, each output rounded once to its dtype.
 //
 // forward:  T = x A^T, y = g * (base_out + s T B^T) + bias          (base_out = x W^T, no bias)
@@ -28,7 +28,15 @@ inline std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, cons
   const NoAutocast no_autocast;
   const LoraDims d = check_forward_args(x, base_out, A, B, g, bias);
   const at::ScalarType cdt = lora::compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
-  const at::Tensor T = at::mm(convert(x.reshape({d.M, d.K}), cdt, 0).t, A.to(cdt).t());
+  const at::Tensor T = lora::product(x.reshape({d.M, d.K}), A.t(), 1.0, cdt);
+  if (lora::lowrank_gemm_cpu_applies(base_out, cdt)) {
+    const at::Tensor g32 = g.to(at::kFloat).contiguous();
+    const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const at::Tensor y = lora::up_product_or_undefined(T, B.t(), base_out.reshape({d.M, d.N}), base_out, cdt, scale,
+                                                       g32.const_data_ptr<float>(),
+                                                       bias32.defined() ? bias32.const_data_ptr<float>() : nullptr);
+    return {y.view(base_out.sizes()), T.to(A.scalar_type())};
+  }
   Converted z = convert(base_out.reshape({d.M, d.N}), cdt, 1);
   lora::add_scaled_product_into(z, T, B.to(cdt).t(), scale);
   z.t.mul_(g.to(cdt));
@@ -53,23 +61,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const LoraDims d = check_backward_args(grad_y, x, base_out, T, A, B, g, grad_x_base);
   const at::ScalarType cdt =
       lora::compute_dtype({grad_y.scalar_type(), x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
-  const at::Tensor dy = convert(grad_y.reshape({d.M, d.N}), cdt, 0).t;
+  const at::Tensor dy = grad_y.reshape({d.M, d.N});
   const at::Tensor gc = g.to(cdt).unsqueeze(1), Bc = B.to(cdt);
-  const at::Tensor dT = at::mm(dy, Bc * gc).mul_(scale);
-  const at::Tensor dB = at::mm(dy.t(), T.to(cdt)).mul_(scale);  // dB' = dB / g, never divided
-  const at::Tensor dA = at::mm(dT.t(), convert(x.reshape({d.M, d.K}), cdt, 1).t);
-  at::Tensor dx;
-  if (grad_x_base.has_value()) {
-    Converted dx_base = convert(grad_x_base->reshape({d.M, d.K}), cdt, 2);
-    dx = lora::scaled_product_into(dx_base, dT, A.to(cdt), 1.0, x.scalar_type());
-  } else {
-    dx = at::mm(dT, A.to(cdt)).to(x.scalar_type());
-  }
+  const at::Tensor dT = lora::product(dy, Bc * gc, scale, cdt);
+  const at::Tensor dB = lora::product(T.t(), dy, scale, cdt).t();  // dB' = dB / g, never divided
+  const at::Tensor dA = lora::product(dT.t(), x.reshape({d.M, d.K}), 1.0, cdt);
+  const at::Tensor dx = lora::dx_without_dropout(dT, A, grad_x_base, x, d, cdt);
   const at::Tensor base2 = base_out.reshape({d.M, d.N});
-  const at::Tensor base_dots = cdt == at::kDouble ? (dy * base2.to(cdt)).sum(0)
-                                                  : column_dots(grad_y.reshape({d.M, d.N}), base2).to(cdt);
+  const at::Tensor base_dots =
+      cdt == at::kDouble ? (dy.to(cdt) * base2.to(cdt)).sum(0) : column_dots(dy, base2).to(cdt);
   const at::Tensor dg = base_dots + (dB * Bc).sum(1);
-  return {dx.view(x.sizes()), dA.to(A.scalar_type()), (dB * gc).to(B.scalar_type()), dg.to(g.scalar_type())};
+  return {dx.view(x.sizes()), dA.to(A.scalar_type()), (dB * gc).to(B.scalar_type()).contiguous(),
+          dg.to(g.scalar_type())};
 }
 
 // A W^T (r x N) in fp32 (fp64 if either is fp64) from a dense weight in any float dtype: the weight

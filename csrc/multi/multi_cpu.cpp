@@ -1,5 +1,5 @@
 // Mixed-batch LoRA on the CPU. Each adapter's rows form one group: a group of many rows (prefill)
-// goes through BLAS (multi_composite.h); the small groups (decode) go through the per-row kernel
+// goes through the one-adapter products (multi_composite.h); the small groups (decode) go through the per-row kernel
 // below, all of them in two parallel passes: the shrink, one row at a time (T_i = x_i A^T, r dot
 // products over K), then the expand, one (group, column block) at a time: each output y_in is the dot
 // of T_i with row n of B (contiguous, r long), eight columns at a time with the eight sums reduced
@@ -22,7 +22,8 @@ namespace lora_ext {
 namespace multi {
 namespace {
 
-// Groups of at least this many rows take BLAS: below it, a GEMM call costs more than the rows' work.
+// Groups of at least this many rows take the one-adapter products: below it, their setup costs more than
+// the rows' work.
 constexpr int64_t kBlasRows = 16;
 constexpr int64_t kColumnBlock = 512;  // of y, per work item of the expand
 

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "common/cpu_features.h"
+#include "common/cpu_simd16.h"
 #include "nf4/nf4_common.h"
 
 namespace lora_ext {
@@ -26,17 +27,6 @@ template <int kBytes>
 struct Planes {
   __m128i p[kBytes];
 };
-
-// 8 floats to bfloat16 with c10's rounding: NaN -> 0x7fc0, else round to nearest even.
-__attribute__((target("avx2"))) inline __m128i bf16_rne8(__m256 f) {
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-  const __m256i packed = _mm256_packus_epi32(r, r);  // per lane: [v0..v3 v0..v3 | v4..v7 v4..v7]
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
-}
 
 // code * scale for the 16 codes, rounded to T, as byte planes. The products are the scalar path's
 // (one IEEE multiply each); float16 rounds with F16C and bfloat16 with c10's integer
@@ -68,8 +58,8 @@ __attribute__((target("avx2,f16c"))) inline Planes<sizeof(T)> table_planes(float
       h0 = _mm256_cvtps_ph(f0, _MM_FROUND_TO_NEAREST_INT);
       h1 = _mm256_cvtps_ph(f1, _MM_FROUND_TO_NEAREST_INT);
     } else {
-      h0 = bf16_rne8(f0);
-      h1 = bf16_rne8(f1);
+      h0 = simd16::bf16_rne8(f0);
+      h1 = simd16::bf16_rne8(f1);
     }
     const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     const __m128i s0 = _mm_shuffle_epi8(h0, split), s1 = _mm_shuffle_epi8(h1, split);
