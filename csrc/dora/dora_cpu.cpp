@@ -1,14 +1,12 @@
 // DoRA's operators on the CPU: the composite of dora_composite.h, with the column dots of dg as a
 // loop over column chunks (dora_common.h's per-element step, as the CUDA kernel), and the norm's A W^T
-// reading the weight in its own dtype.
+// through the LoRA products' kernel, reading the weight in its own dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
-#include "common/cpu_dot.h"
 #include "common/dispatch.h"
 #include "dora/dora_common.h"
 #include "dora/dora_composite.h"
@@ -46,49 +44,19 @@ at::Tensor column_dots_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   return out;
 }
 
-// A W^T for a weight stored row by row (nn.Linear's layout): each thread converts 8 rows of W at a time to
-// fp32 in a buffer of its own (8 x K, in cache) and takes their dots with every row of A, so W is read
-// once, in its own dtype, and nothing of its size is written. Other layouts and fp64: a_times_w_t_blocks.
-// The dots: cpu_dot::dot8 (AVX2/FMA or portable). (An AVX-512 4 x 4 register-blocked variant measured
-// 1.6 ms against dot8's 1.0 ms for a 3584 x 1024 bf16 W on this AMD CPU, whose AVX-512 is two 256-bit halves.)
-constexpr int64_t kRowsAtOnce = 8;  // cpu_dot::dot8's
-
-// out[j * ldo + l] = A_j . rows_l for the r rows of A and the n (<= 8) converted rows of W (zero past n).
-void block_dots(const float* A, int64_t r, const float* rows, int64_t n, int64_t K, float* out, int64_t ldo) {
-  float acc[kRowsAtOnce];
-  for (int64_t j = 0; j < r; ++j) {
-    cpu_dot::dot8(A + j * K, rows, K, acc);
-    for (int64_t l = 0; l < n; ++l) out[j * ldo + l] = acc[l];
-  }
-}
-
+// A W^T for a weight stored row by row (nn.Linear's layout), as (W A^T)^T: the LoRA products' kernel
+// (lora_gemm_cpu.h) with W as its row operand, read in its own dtype 8 values of a row at a time, so nothing
+// of W's size is written. W A^T (N x r) is transposed, a copy of r x N. Other layouts and fp64:
+// a_times_w_t_blocks. (For a 3584 x 1024 bf16 W and r = 16, on 2 cores of an AMD EPYC: 0.88 ms, where 8-row
+// AVX2 dots took 1.0 ms and an AVX-512 4 x 4 register-blocked variant 1.6 ms.)
 at::Tensor dora_a_times_w_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
   check_a_times_w_t_args(A, weight);
-  if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble || weight.stride(1) != 1) {
+  if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble || !weight.is_contiguous()) {
     return a_times_w_t_blocks(A, weight);
   }
-  const at::Tensor A32 = A.to(at::kFloat).contiguous();
-  const int64_t r = A.size(0), N = weight.size(0), K = weight.size(1), ldw = weight.stride(0);
-  at::Tensor out = at::empty({r, N}, A.options().dtype(at::kFloat));
-  const float* a = A32.const_data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  LORA_DISPATCH_FLOAT_TYPES(weight.scalar_type(), "dora_a_times_w_t_cpu", [&] {
-    const scalar_t* w = weight.const_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, kRowsAtOnce * K));
-    at::parallel_for(0, ceil_div(N, kRowsAtOnce), grain, [&](int64_t b0, int64_t b1) {
-      std::vector<float> rows(static_cast<size_t>(kRowsAtOnce * K), 0.0f);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = b * kRowsAtOnce, n = std::min(kRowsAtOnce, N - n0);
-        for (int64_t l = 0; l < n; ++l) {
-          const scalar_t* src = w + (n0 + l) * ldw;
-          for (int64_t k = 0; k < K; ++k) rows[l * K + k] = static_cast<float>(src[k]);
-        }
-        for (int64_t l = n; l < kRowsAtOnce; ++l) std::fill_n(rows.data() + l * K, K, 0.0f);
-        block_dots(a, r, rows.data(), n, K, o + n0, N);
-      }
-    });
-  });
-  return out;
+  at::Tensor w_at = at::empty({weight.size(0), A.size(0)}, A.options().dtype(at::kFloat));
+  lora::lowrank_gemm_cpu(weight, A.t(), {}, w_at, 1.0f);
+  return w_at.t().contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cpu(
