@@ -1,6 +1,5 @@
 // fp32 dot products on the CPU, one and eight at a time, with an AVX2/FMA path chosen at run time and a
-// portable one (LORA_EXT_DISABLE_SIMD=1): the mixed-batch per-row kernel (multi_cpu.cpp) and DoRA's
-// A W^T (dora_cpu.cpp).
+// portable one (LORA_EXT_DISABLE_SIMD=1): the mixed-batch per-row kernel (multi_cpu.cpp).
 #pragma once
 
 #include <cstdint>
