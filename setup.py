@@ -98,9 +98,11 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 def extension():
     csrc = os.path.join(ROOT, "csrc")
-    # *_composite.cpp: operators built from other operators, registered for every device
+    # *_composite.cpp: operators built from other operators, registered for every device; *_autograd.cpp:
+    # operators' autograd in C++
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")) +
-                 glob.glob(os.path.join("csrc", "*", "*_composite.cpp")))
+                 glob.glob(os.path.join("csrc", "*", "*_composite.cpp")) +
+                 glob.glob(os.path.join("csrc", "*", "*_autograd.cpp")))
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
     # Bit-exactness with bitsandbytes needs separately rounded multiply and add.
     cxx += ["-ffp-contract=off", "-fvisibility=hidden"]

@@ -300,46 +300,14 @@ if HAS_C:
 
     torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
 
-    # lora_linear / lora_nf4_linear: the base is computed inside the op, so it must be frozen.
-    def _refuse_trainable_base(frozen, op="lora_linear", branch="lora_forward"):
+    # dora_linear / dora_nf4_linear: the base is computed inside the op, so it must be frozen (lora_linear's
+    # autograd, in C++, says the same).
+    def _refuse_trainable_base(frozen, op, branch):
         if any(t is not None and t.requires_grad for t in frozen):
             raise RuntimeError(f"{op}: the base weight and bias are frozen here (they get no gradient); set "
                                f"requires_grad=False on them, or add {branch} to the base layer's own output")
 
-    def _lora_linear_setup(ctx, inputs, output):
-        x, weight, bias, A, B, scale, dropout_p, seed = inputs
-        _refuse_trainable_base((weight, bias))
-        _branch_setup(ctx, x, A, B, scale, dropout_p, seed, output[1], (weight,))
-
-    def _lora_linear_backward(ctx, grad_y, grad_T):
-        saved = ctx.saved_tensors
-        weight = saved[4]
-        # In grad_y's dtype: under autocast the forward's base product ran in it too.
-        grad_x_base = torch.matmul(grad_y, weight.to(grad_y.dtype)) if ctx.needs_input_grad[0] else None
-        return tuple(_branch_grads(ctx, saved, grad_y, grad_x_base, 8))
-
-    torch.library.register_autograd("lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
-
-    def _lora_nf4_linear_setup(ctx, inputs, output):
-        x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset, nbs = inputs[:10]
-        A, B, scale, dropout_p, seed = inputs[10:]
-        state = (packed, absmax, nested_absmax, nested_code, offset)
-        _refuse_trainable_base((*state, bias))
-        _branch_setup(ctx, x, A, B, scale, dropout_p, seed, output[1], state)
-        ctx.blocksize, ctx.nested_blocksize = blocksize, nbs
-
-    def _lora_nf4_linear_backward(ctx, grad_y, grad_T):
-        saved = ctx.saved_tensors
-        x, (packed, absmax, nested_absmax, nested_code, offset) = saved[0], saved[4:9]
-        grad_x_base = None
-        if ctx.needs_input_grad[0]:
-            grad_x_base = torch.ops.lora_ext.nf4_linear_grad_input(grad_y, packed, absmax, x.shape[-1], ctx.blocksize,
-                                                                   nested_absmax, nested_code, offset,
-                                                                   ctx.nested_blocksize)
-        return tuple(_branch_grads(ctx, saved, grad_y, grad_x_base, 15))
-
-    torch.library.register_autograd("lora_ext::lora_nf4_linear", _lora_nf4_linear_backward,
-                                    setup_context=_lora_nf4_linear_setup)
+    # lora_linear and lora_nf4_linear: their autograd is C++ (csrc/lora/lora_layer_autograd.cpp).
 
     def _merge_fake(W, A, B, scale):
         _check_one_device("merge", W, A, B)

@@ -254,7 +254,7 @@ def _two_op_path(layer):
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
 @pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_layer_is_one_node_and_equals_the_two_op_path(device, kind, dtype, bias):
-    """LoraLinear over a plain base is one autograd node (lora_linear / lora_nf4_linear) whose backward
+    """LoraLinear over a plain base is one autograd node (lora_linear / lora_nf4_linear's, in C++) whose backward
     writes dx once. Against the same layer run as two nodes: y, dA and dB bit for bit; dx to the
     dtype's tolerance (the two-node path rounds the LoRA part before autograd adds the base's dx).
     3-D non-contiguous x, dropout on."""
@@ -271,7 +271,7 @@ def test_layer_is_one_node_and_equals_the_two_op_path(device, kind, dtype, bias)
         y, (gx,) = _grads(layer, [x])
         outs.append((y, gx, layer.lora_A.grad, layer.lora_B.grad, backward_nodes(layer, x)))
     (y, gx, gA, gB, nodes), (y2, gx2, gA2, gB2, nodes2) = outs
-    op = f"lora_ext_lora_{'nf4_' if kind == 'nf4' else ''}linear"
+    op = f"lora_ext::lora::Lora{'Nf4' if kind == 'nf4' else ''}LinearFunction"  # the op's C++ autograd node
     assert len(nodes) == 1 and op in nodes[0], nodes
     assert any("lora_forward" in n for n in nodes2) and len(nodes2) > 1, nodes2
     assert torch.equal(y, y2) and torch.equal(gA, gA2) and torch.equal(gB, gB2)

@@ -1,6 +1,7 @@
 // DoRA's forward and backward built from the LoRA products (lora_composite.h: the CPU kernel for fp32,
-// else BLAS) and a column-dot function: the CPU operators, and the CUDA ones for fp64. The semantics of the CUDA path (dora_cuda_api.cpp): products
-// in fp32 (fp64 if any operand is fp64) from the stored values, each output rounded once to its dtype.
+// else BLAS) and a column-dot function: the CPU operators, and the CUDA ones for fp64. The semantics of the
+// CUDA path (dora_cuda_api.cpp): products in fp32 (fp64 if any operand is fp64) from the stored values, each
+// output rounded once to its dtype.
 //
 // forward:  T = x A^T, y = g * (base_out + s T B^T) + bias          (base_out = x W^T, no bias)
 // backward: with B_g = g * B (row j times g_j), the LoRA backward on dy and B_g:

@@ -1,6 +1,7 @@
 // One adapter's rows of a mixed batch through the one-adapter operator's products (the CPU kernel of
-// lora_gemm_cpu.h, else BLAS): the CPU operator's path for groups of many rows, and both devices' path for fp64. The products are fp32 (fp64 if any operand is), and
-// each updated row of y is rounded once, as in the kernels.
+// lora_gemm_cpu.h, else BLAS): the CPU operator's path for groups of many rows, and both devices' path for
+// fp64. The products are fp32 (fp64 if any operand is), and each updated row of y is rounded once, as in
+// the kernels.
 #pragma once
 
 #include <ATen/ATen.h>
