@@ -300,13 +300,6 @@ if HAS_C:
 
     torch.library.register_autograd("lora_ext::lora_forward", _lora_forward_backward, setup_context=_lora_forward_setup)
 
-    # dora_linear / dora_nf4_linear: the base is computed inside the op, so it must be frozen (lora_linear's
-    # autograd, in C++, says the same).
-    def _refuse_trainable_base(frozen, op, branch):
-        if any(t is not None and t.requires_grad for t in frozen):
-            raise RuntimeError(f"{op}: the base weight and bias are frozen here (they get no gradient); set "
-                               f"requires_grad=False on them, or add {branch} to the base layer's own output")
-
     # lora_linear and lora_nf4_linear: their autograd is C++ (csrc/lora/lora_layer_autograd.cpp).
 
     def _merge_fake(W, A, B, scale):

@@ -166,7 +166,7 @@ def test_dora_layer_is_one_operator(device, kind):
     nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 40, device=device)
     nodes = backward_nodes(layer, x)
-    op = "dora_nf4_linear" if kind == "nf4" else "dora_linear"
+    op = "lora_ext::dora::DoraNf4LinearFunction" if kind == "nf4" else "lora_ext::dora::DoraLinearFunction"  # C++ node
     assert sum(op in n for n in nodes) == 1 and not any("Mul" in n or "Add" in n for n in nodes), nodes
     y = layer(x)
     layer.base_layer.register_forward_pre_hook(lambda module, args: None)

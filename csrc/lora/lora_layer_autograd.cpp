@@ -13,7 +13,7 @@
 #include <tuple>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/layer_autograd.h"
 
 namespace lora_ext {
 namespace lora {
@@ -34,17 +34,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_lora_backward(const at::Tens
                                  const at::Tensor&, double, double, int64_t, const OptTensor&)>();
   return op.call(grad_y, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["scale"].toDouble(),
                  ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt(), grad_x_base);
-}
-
-// The base is computed inside the op, so it must be frozen (PEFT's base layers are). Checked before the
-// Function's forward, which runs with grad mode off.
-void refuse_trainable_base(const std::vector<OptTensor>& frozen, const char* op) {
-  if (!at::GradMode::is_enabled()) return;
-  for (const OptTensor& t : frozen) {
-    LORA_CHECK(!(t.has_value() && t->defined() && t->requires_grad()), op,
-               ": the base weight and bias are frozen here (they get no gradient); set requires_grad=False on "
-               "them, or add lora_forward to the base layer's own output");
-  }
 }
 
 // Saved: x, T, A, B, then what the base's dx reads; the scalars; and the edge index of A (B's is the next):
@@ -72,12 +61,6 @@ variable_list branch_grads(AutogradContext* ctx, const at::Tensor& grad_y, const
   if (ctx->needs_input_grad(a_edge)) out[n_args - 5] = std::get<1>(grads);
   if (ctx->needs_input_grad(a_edge + 1)) out[n_args - 4] = std::get<2>(grads);
   return out;
-}
-
-int64_t present(const std::vector<OptTensor>& ts) {
-  int64_t n = 0;
-  for (const OptTensor& t : ts) n += t.has_value() && t->defined();
-  return n;
 }
 
 }  // namespace
@@ -127,7 +110,6 @@ struct LoraNf4LinearFunction : public torch::autograd::Function<LoraNf4LinearFun
       out = op.call(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
                     nested_blocksize, A, B, scale, dropout_p, seed);
     }
-    const auto or_undefined = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
     save_branch(ctx, x, out, A, B,
                 {packed, absmax, or_undefined(nested_absmax), or_undefined(nested_code), or_undefined(offset)},
                 scale, dropout_p, seed, 3 + present({bias, nested_absmax, nested_code, offset}));
@@ -144,7 +126,6 @@ struct LoraNf4LinearFunction : public torch::autograd::Function<LoraNf4LinearFun
                               const OptTensor&, const OptTensor&, const OptTensor&, int64_t)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
-    const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
     OptTensor grad_x_base;
     if (ctx->needs_input_grad(0)) {
       grad_x_base = grad_input.call(grad_y, saved[4], saved[5], saved[0].size(-1),
@@ -159,7 +140,7 @@ namespace {
 
 Pair lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& A,
                           const at::Tensor& B, double scale, double dropout_p, int64_t seed) {
-  refuse_trainable_base({weight, bias}, "lora_linear");
+  refuse_trainable_base({weight, bias}, "lora_linear", "lora_forward");
   const variable_list out = LoraLinearFunction::apply(x, weight, bias, A, B, scale, dropout_p, seed);
   return {out[0], out[1]};
 }
@@ -169,7 +150,8 @@ Pair lora_nf4_linear_autograd(const at::Tensor& x, const at::Tensor& packed, con
                               const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
                               int64_t nested_blocksize, const at::Tensor& A, const at::Tensor& B, double scale,
                               double dropout_p, int64_t seed) {
-  refuse_trainable_base({packed, absmax, nested_absmax, nested_code, offset, bias}, "lora_nf4_linear");
+  refuse_trainable_base({packed, absmax, nested_absmax, nested_code, offset, bias}, "lora_nf4_linear",
+                        "lora_forward");
   const variable_list out =
       LoraNf4LinearFunction::apply(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code,
                                    offset, nested_blocksize, A, B, scale, dropout_p, seed);
