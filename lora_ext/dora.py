@@ -10,7 +10,8 @@ computed without the out x in matrix PEFT builds at every forward:
 
 ||W_i||^2 is a constant of the frozen base (cached per weight version); A W^T is one pass over W (dense:
 the dora_a_times_w_t operator, which reads W in its own dtype; NF4: the fused 4-bit GEMV, which reads the
-packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix beside the adapter itself.
+packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix beside the
+adapter itself.
 """
 from __future__ import annotations
 

@@ -10,7 +10,18 @@
 namespace lora_ext {
 
 constexpr int64_t kScratchElements = int64_t{1} << 22;  // 16 MiB of fp32 a buffer
-constexpr int kScratchSlots = 3;                        // at most this many held by one call
+constexpr int kScratchSlots = 4;  // 0-2: convert's operands of one call; 3: the packed operand of the CPU
+constexpr int kPackedSlot = 3;    // LoRA products (lora_gemm_cpu.cpp), live only inside one product
+
+// `numel` fp32 elements of this thread's buffer `slot` (kept and grown between calls), or a fresh tensor
+// when more than kScratchElements are asked for. The next use of the slot overwrites it.
+inline at::Tensor scratch_buffer(int slot, int64_t numel, const at::TensorOptions& options) {
+  if (numel > kScratchElements) return at::empty({numel}, options.dtype(at::kFloat));
+  thread_local at::Tensor buffers[kScratchSlots];
+  at::Tensor& buffer = buffers[slot];
+  if (!buffer.defined() || buffer.numel() < numel) buffer = at::empty({numel}, options.dtype(at::kFloat));
+  return buffer.narrow(0, 0, numel);
+}
 
 struct Converted {
   at::Tensor t;          // the operand in the compute dtype
@@ -22,10 +33,7 @@ struct Converted {
 inline Converted convert(const at::Tensor& t, at::ScalarType dtype, int slot) {
   if (t.scalar_type() == dtype) return {t, false, false};
   if (!t.device().is_cpu() || dtype != at::kFloat || t.numel() > kScratchElements) return {t.to(dtype), true, false};
-  thread_local at::Tensor buffers[kScratchSlots];
-  at::Tensor& buffer = buffers[slot];
-  if (!buffer.defined() || buffer.numel() < t.numel()) buffer = at::empty({t.numel()}, t.options().dtype(dtype));
-  return {buffer.narrow(0, 0, t.numel()).view(t.sizes()).copy_(t), true, true};
+  return {scratch_buffer(slot, t.numel(), t.options()).view(t.sizes()).copy_(t), true, true};
 }
 
 // A result computed in place in c.t, in `dtype`, as a tensor of its own.

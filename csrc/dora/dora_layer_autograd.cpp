@@ -114,26 +114,17 @@ struct DoraNf4LinearFunction : public torch::autograd::Function<DoraNf4LinearFun
                     nested_blocksize, A, B, g, scale);
     }
     save_layer(ctx, x, out, A, B, g,
-               {packed, absmax, or_undefined(nested_absmax), or_undefined(nested_code), or_undefined(offset)}, scale,
-               3 + present({bias, nested_absmax, nested_code, offset}));
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["nested_blocksize"] = nested_blocksize;
+               nf4_state_to_save(ctx, packed, absmax, blocksize, nested_absmax, nested_code, offset, nested_blocksize),
+               scale, 3 + present({bias, nested_absmax, nested_code, offset}));
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto grad_input =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("lora_ext::nf4_linear_grad_input", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                              const OptTensor&, const OptTensor&, const OptTensor&, int64_t)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
     OptTensor grad_x_base;
     if (ctx->needs_input_grad(0)) {
-      grad_x_base = grad_input.call(scaled_grad(grad_y, saved[5]), saved[6], saved[7], saved[0].size(-1),
-                                    ctx->saved_data["blocksize"].toInt(), opt(saved[8]), opt(saved[9]),
-                                    opt(saved[10]), ctx->saved_data["nested_blocksize"].toInt());
+      grad_x_base = nf4_grad_input(ctx, saved, 6, scaled_grad(grad_y, saved[5]), saved[0].size(-1));
     }
     return layer_grads(ctx, grad_y, saved, grad_x_base, 14);
   }

@@ -53,17 +53,9 @@ __attribute__((target("avx2,f16c"))) void pack_row_avx2(const T* row, float* dst
 // Q (K x N, any strides and float dtype) as fp32 tiles [N / 16][K][16], zero past N.
 at::Tensor pack_tiles(const at::Tensor& Q) {
   const int64_t K = Q.size(0), N = Q.size(1), tiles = (N + kTile - 1) / kTile;
-  // In a buffer kept by the thread between calls, as the composites' fp32 copies (common/scratch.h): a fresh
-  // one would cost a page fault every 4 KiB.
-  const int64_t numel = tiles * K * kTile;
-  thread_local at::Tensor buffer;
-  at::Tensor packed;
-  if (numel <= kScratchElements) {
-    if (!buffer.defined() || buffer.numel() < numel) buffer = at::empty({numel}, Q.options().dtype(at::kFloat));
-    packed = buffer.narrow(0, 0, numel);
-  } else {
-    packed = at::empty({numel}, Q.options().dtype(at::kFloat));
-  }
+  // In a buffer kept by the thread between calls, as the composites' fp32 copies: a fresh one would cost a
+  // page fault every 4 KiB.
+  at::Tensor packed = scratch_buffer(kPackedSlot, tiles * K * kTile, Q.options());
   float* dst = packed.data_ptr<float>();
   const int64_t s0 = Q.stride(0), s1 = Q.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Q.scalar_type(), "lora_pack_tiles_cpu", [&] {

@@ -9,7 +9,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -111,27 +110,16 @@ struct LoraNf4LinearFunction : public torch::autograd::Function<LoraNf4LinearFun
                     nested_blocksize, A, B, scale, dropout_p, seed);
     }
     save_branch(ctx, x, out, A, B,
-                {packed, absmax, or_undefined(nested_absmax), or_undefined(nested_code), or_undefined(offset)},
+                nf4_state_to_save(ctx, packed, absmax, blocksize, nested_absmax, nested_code, offset, nested_blocksize),
                 scale, dropout_p, seed, 3 + present({bias, nested_absmax, nested_code, offset}));
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["nested_blocksize"] = nested_blocksize;
     return {std::get<0>(out), std::get<1>(out)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto grad_input =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("lora_ext::nf4_linear_grad_input", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                              const OptTensor&, const OptTensor&, const OptTensor&, int64_t)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
     OptTensor grad_x_base;
-    if (ctx->needs_input_grad(0)) {
-      grad_x_base = grad_input.call(grad_y, saved[4], saved[5], saved[0].size(-1),
-                                    ctx->saved_data["blocksize"].toInt(), opt(saved[6]), opt(saved[7]),
-                                    opt(saved[8]), ctx->saved_data["nested_blocksize"].toInt());
-    }
+    if (ctx->needs_input_grad(0)) grad_x_base = nf4_grad_input(ctx, saved, 4, grad_y, saved[0].size(-1));
     return branch_grads(ctx, grad_y, saved, grad_x_base, 15);
   }
 };
