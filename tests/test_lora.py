@@ -144,7 +144,7 @@ import os, sys, torch, lora_ext
 torch.manual_seed(0)
 out = {}
 for act in (torch.float32, torch.bfloat16, torch.float16):
-    for M, K, N, r in [(37, 203, 77, 12), (1, 5, 3, 1), (6, 64, 16, 16), (35, 17, 300, 64)]:
+    for M, K, N, r in [(37, 203, 77, 12), (1, 5, 3, 1), (9, 64, 16, 14), (35, 17, 300, 64)]:
         x, base = torch.randn(M, K).to(act), torch.randn(M, N).to(act)
         A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5
         g, bias = torch.rand(N) + 0.5, torch.randn(N)
@@ -165,8 +165,8 @@ def test_cpu_kernel_simd_and_portable_paths_agree(tmp_path):
     """The CPU products (lora_gemm_cpu.cpp) on both paths, in fresh processes: the AVX2/FMA kernel and the
     portable loop (LORA_EXT_DISABLE_SIMD=1) do the same fused multiply-adds in the same order, so y, T, dx, dA,
     dB and DoRA's y (its g and bias in the epilogue) are the same bits. Partial 16-column tiles, K not a multiple
-    of 8, 1 to 3 rows left over; outputs in fp32, bf16 and fp16. The default path is checked against fp64 by the
-    tests above."""
+    of 8, 1 to 5 rows left over (of 6-row blocks), Q read packed (P of many rows) and where it lies (dA and dB
+    for r <= 32); outputs in fp32, bf16 and fp16. The default path is checked against fp64 by the tests above."""
     script = f"import sys; sys.argv = ['-', {str(tmp_path)!r}]\n" + _CPU_KERNEL_CASES
     assert [flag for flag, _ in on_each_simd_path(script)] == ["0", "1"]
     simd, portable = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")

@@ -65,7 +65,7 @@ inline at::Tensor scaled_product_into(Converted& base, const at::Tensor& a, cons
 inline at::Tensor product(const at::Tensor& a, const at::Tensor& b, double alpha, at::ScalarType cdt) {
   if (lowrank_gemm_cpu_applies(a, cdt)) {
     at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
-    lowrank_gemm_cpu(a.contiguous(), b, {}, out, static_cast<float>(alpha));
+    lowrank_gemm_cpu(a, b, {}, out, static_cast<float>(alpha));
     return out;
   }
   at::Tensor out = at::mm(a.to(cdt), b.to(cdt));
@@ -83,7 +83,7 @@ inline at::Tensor up_product_or_undefined(const at::Tensor& P, const at::Tensor&
     return {};
   }
   at::Tensor out = at::empty({P.size(0), Q.size(1)}, out_like.options().memory_format(at::MemoryFormat::Contiguous));
-  lowrank_gemm_cpu(P.contiguous(), Q, addend.defined() ? addend.contiguous() : addend, out,
+  lowrank_gemm_cpu(P, Q, addend.defined() ? addend.contiguous() : addend, out,
                    static_cast<float>(alpha), col_scale, col_bias);
   return out;
 }

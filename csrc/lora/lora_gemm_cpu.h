@@ -11,9 +11,9 @@
 namespace lora_ext {
 namespace lora {
 
-// P: M x K contiguous; Q: K x N, any strides; out: M x N contiguous (each fp32, bf16 or fp16); addend: undefined,
-// or out's dtype and shape, contiguous (it may be out itself); col_scale and col_bias: N fp32 values, or null.
-// All on the CPU.
+// P: M x K, any strides (a 16-bit P whose rows are not contiguous is copied first); Q: K x N, any strides;
+// out: M x N contiguous (each fp32, bf16 or fp16); addend: undefined, or out's dtype and shape, contiguous (it
+// may be out itself); col_scale and col_bias: N fp32 values, or null. All on the CPU.
 void lowrank_gemm_cpu(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& addend, at::Tensor& out,
                       float alpha, const float* col_scale = nullptr, const float* col_bias = nullptr);
 
