@@ -16,7 +16,7 @@ _MEM = ["peak_MiB", "held_MiB"]
 SECTIONS = {
     "nf4": ("nf4", ["kernel", "shape", "dtype", "peer", *_TAIL, "GB/s", "speedup_vs_bitsandbytes"]),
     "nf4_matmul": ("nf4_matmul", ["N", "K", "M", "peer", *_TAIL, "TFLOP/s", "speedup_vs_bitsandbytes"]),
-    "merge": ("merge", ["W", "dtype", "r", "peer", *_TAIL, "GB/s", "speedup_vs_torch"]),
+    "merge": ("merge", ["W", "dtype", "r", "peer", *_TAIL, "fraction_of_fp64_roofline", "GB/s", "speedup_vs_torch"]),
     "lora_layer": ("lora_layer", ["layer", "dtype", "r", "M", "peer", *_TAIL, "x_frozen_base", "speedup_vs_peft",
                                   *_MEM]),
     "layers": ("decoder_block", ["block", "dtype", "r", "M", "peer", *_TAIL, "x_frozen_base", "speedup_vs_peft",
