@@ -24,6 +24,14 @@ inline void refuse_trainable_base(const std::vector<c10::optional<at::Tensor>>& 
   }
 }
 
+// The layer op itself, called from its Function's forward: below the Autograd key, so that it dispatches to the
+// device's composite instead of back to this node.
+template <typename Op, typename... Args>
+auto call_below_autograd(const Op& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(args...);
+}
+
 // How many of these optional tensor arguments are present: autograd gives an edge only to those, so the
 // edge index of a later argument counts them.
 inline int64_t present(const std::vector<c10::optional<at::Tensor>>& ts) {

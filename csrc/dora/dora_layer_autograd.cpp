@@ -74,11 +74,7 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
                                .findSchemaOrThrow("lora_ext::dora_linear", "")
                                .typed<Triple(const at::Tensor&, const at::Tensor&, const OptTensor&,
                                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-    Triple out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = op.call(x, weight, bias, A, B, g, scale);
-    }
+    const Triple out = call_below_autograd(op, x, weight, bias, A, B, g, scale);
     save_layer(ctx, x, out, A, B, g, {weight}, scale, 2 + present({bias}));
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
   }
@@ -107,12 +103,8 @@ struct DoraNf4LinearFunction : public torch::autograd::Function<DoraNf4LinearFun
             .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const OptTensor&,
                           const OptTensor&, const OptTensor&, const OptTensor&, int64_t, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, double)>();
-    Triple out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = op.call(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
-                    nested_blocksize, A, B, g, scale);
-    }
+    const Triple out = call_below_autograd(op, x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                                nested_code, offset, nested_blocksize, A, B, g, scale);
     save_layer(ctx, x, out, A, B, g,
                nf4_state_to_save(ctx, packed, absmax, blocksize, nested_absmax, nested_code, offset, nested_blocksize),
                scale, 3 + present({bias, nested_absmax, nested_code, offset}));

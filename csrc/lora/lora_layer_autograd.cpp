@@ -72,11 +72,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                                .findSchemaOrThrow("lora_ext::lora_linear", "")
                                .typed<Pair(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                                            const at::Tensor&, double, double, int64_t)>();
-    Pair out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = op.call(x, weight, bias, A, B, scale, dropout_p, seed);
-    }
+    const Pair out = call_below_autograd(op, x, weight, bias, A, B, scale, dropout_p, seed);
     save_branch(ctx, x, out, A, B, {weight}, scale, dropout_p, seed, 2 + present({bias}));
     return {std::get<0>(out), std::get<1>(out)};
   }
@@ -103,12 +99,8 @@ struct LoraNf4LinearFunction : public torch::autograd::Function<LoraNf4LinearFun
             .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const OptTensor&,
                         const OptTensor&, const OptTensor&, const OptTensor&, int64_t, const at::Tensor&,
                         const at::Tensor&, double, double, int64_t)>();
-    Pair out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = op.call(x, packed, absmax, out_features, blocksize, bias, nested_absmax, nested_code, offset,
-                    nested_blocksize, A, B, scale, dropout_p, seed);
-    }
+    const Pair out = call_below_autograd(op, x, packed, absmax, out_features, blocksize, bias, nested_absmax,
+                                                nested_code, offset, nested_blocksize, A, B, scale, dropout_p, seed);
     save_branch(ctx, x, out, A, B,
                 nf4_state_to_save(ctx, packed, absmax, blocksize, nested_absmax, nested_code, offset, nested_blocksize),
                 scale, dropout_p, seed, 3 + present({bias, nested_absmax, nested_code, offset}));

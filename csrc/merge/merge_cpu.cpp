@@ -96,10 +96,11 @@ void merge_rows(T* W, const double* A, const double* A8, const double* B, int64_
 void merge_impl(const char* op, at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale, double sign) {
   check_merge_args(op, W, A, B);
   const at::Tensor A64 = A.to(at::kDouble).contiguous(), B64 = B.to(at::kDouble).contiguous();
-  const at::Tensor A8 = pack_a8(A64);
+  const at::Tensor A8 = x86_simd_enabled() ? pack_a8(A64) : at::Tensor();  // only the AVX2 tiles read it
   LORA_DISPATCH_FLOAT_TYPES(W.scalar_type(), "merge_lora_cpu", [&] {
-    merge_rows(W.data_ptr<scalar_t>(), A64.const_data_ptr<double>(), A8.const_data_ptr<double>(),
-               B64.const_data_ptr<double>(), W.size(0), W.size(1), A.size(0), scale, sign);
+    merge_rows(W.data_ptr<scalar_t>(), A64.const_data_ptr<double>(),
+               A8.defined() ? A8.const_data_ptr<double>() : nullptr, B64.const_data_ptr<double>(), W.size(0),
+               W.size(1), A.size(0), scale, sign);
   });
 }
 
