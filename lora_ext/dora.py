@@ -9,7 +9,7 @@ computed without the out x in matrix PEFT builds at every forward:
     ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i (A W_i^T) + s^2 B_i (A A^T) B_i^T
 
 ||W_i||^2 is a constant of the frozen base (cached per weight version); A W^T is one pass over W (dense:
-the dora_a_times_w_t operator, which reads W in its own dtype; NF4: the fused 4-bit GEMV, which reads the
+inside the dora_weight_norm operator, which reads W in its own dtype; NF4: the fused 4-bit GEMV, which reads the
 packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix beside the
 adapter itself.
 """
@@ -68,29 +68,21 @@ def row_norms_squared(weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def a_times_w_t(A: torch.Tensor, weight: Union[torch.Tensor, NF4Weight]) -> torch.Tensor:
-    """A W^T (r x out) in fp32: a dense W read in its own dtype (dora_a_times_w_t), NF4 through the fused GEMV
-    (no dequantized W)."""
-    A32 = A.detach().float()
-    if isinstance(weight, NF4Weight):
-        return ops.nf4_linear(A32, weight.packed, weight.absmax, weight.shape[0], weight.blocksize, None,
-                              weight.nested_absmax, weight.nested_code, weight.offset, weight.nested_blocksize,
-                              gemv_max_m=max(1, A32.shape[0]))
-    return dora_ops.a_times_w_t(A32, weight.detach()).float()
-
-
-@torch.no_grad()
 def weight_norm(weight: Union[torch.Tensor, NF4Weight], A: torch.Tensor, B: torch.Tensor, scaling: float,
                 w_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """||W + s B A|| per output row (fp32, detached), from w_sq = ||W_i||^2 (row_norms_squared) when given."""
+    """||W + s B A|| per output row (fp32, detached), from w_sq = ||W_i||^2 (row_norms_squared) when given: one
+    operator over a dense W (dora_weight_norm, which reads W in its own dtype); over NF4, A W^T from the fused
+    4-bit GEMV (which reads the packed weight, no dequantized W), then dora_weight_norm_from_a_w_t."""
     if w_sq is None:
         w_sq = row_norms_squared(weight)
-    A32, B32 = A.detach().float(), B.detach().float()
-    # ||W_i||^2 + B_i . (2s (A W^T)^T_i + s^2 (B A A^T)_i): the cross and the quadratic term in one row dot. Few
-    # ops, as each is a dispatch per layer per step (15 ops of ~8 us each were 0.7 ms of a CPU Llama block).
-    both = torch.addmm(a_times_w_t(A32, weight).t(), B32, A32 @ A32.t(), beta=2.0 * scaling,
-                       alpha=scaling * scaling)
-    return (B32 * both).sum(1).add_(w_sq).clamp_min_(0.0).sqrt_()
+    A, B = A.detach(), B.detach()
+    if isinstance(weight, NF4Weight):
+        A32 = A.float()
+        a_w_t = ops.nf4_linear(A32, weight.packed, weight.absmax, weight.shape[0], weight.blocksize, None,
+                               weight.nested_absmax, weight.nested_code, weight.offset, weight.nested_blocksize,
+                               gemv_max_m=max(1, A32.shape[0]))
+        return dora_ops.weight_norm_from_a_w_t(A, B, a_w_t, w_sq, scaling)
+    return dora_ops.weight_norm(A, B, weight.detach(), w_sq, scaling)
 
 
 def _by_row_blocks(weight: torch.Tensor, rows_fn, dtype: torch.dtype) -> torch.Tensor:

@@ -43,16 +43,26 @@ def a_times_w_t(A: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.lora_ext.dora_a_times_w_t(A, weight)
 
 
+def weight_norm(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, w_sq: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W + s B A|| per row (fp32) of a dense weight, given ||W_i||^2, without an out x in matrix:
+    dora_weight_norm. No autograd (the norm is detached)."""
+    require_compiled("dora_weight_norm")
+    return torch.ops.lora_ext.dora_weight_norm(A, B, weight, w_sq, float(scale))
+
+
+def weight_norm_from_a_w_t(A: torch.Tensor, B: torch.Tensor, a_w_t: torch.Tensor, w_sq: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """The same from A W^T (r x out) computed elsewhere (an NF4 weight's): dora_weight_norm_from_a_w_t."""
+    require_compiled("dora_weight_norm_from_a_w_t")
+    return torch.ops.lora_ext.dora_weight_norm_from_a_w_t(A, B, a_w_t, w_sq, float(scale))
+
+
 def _scaled_grad(grad_y: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """g * dy in `dtype`, computed in fp32 and rounded once. out= saves the fp32 tensor on CUDA, but autograd
-    refuses it, so a backward with create_graph=True (grad mode on) takes the differentiable form. On the CPU
-    an fp32 copy scaled in place is the fast form: torch 2.14's CPU mul of a 16-bit dy by an fp32 row vector
-    into a new or out= tensor took 1.1 ms for 128 x 3584, the in-place one 0.07 ms (the same bits)."""
-    if torch.is_grad_enabled():
+    """g * dy in `dtype`, computed in fp32 and rounded once: the dora_scaled_grad op, which has no autograd, so
+    a backward with create_graph=True (grad mode on) takes the differentiable form."""
+    if torch.is_grad_enabled() or grad_y.dtype != dtype:
         return (grad_y * g).to(dtype)
-    if grad_y.device.type == "cpu":
-        return grad_y.to(torch.float32, copy=True).mul_(g).to(dtype)
-    return torch.mul(grad_y, g, out=torch.empty(grad_y.shape, dtype=dtype, device=grad_y.device))
+    return torch.ops.lora_ext.dora_scaled_grad(grad_y, g)
 
 
 if HAS_C:
@@ -86,6 +96,34 @@ if HAS_C:
                              f"{weight.dtype}")
         wide = torch.float64 in (A.dtype, weight.dtype)
         return A.new_empty((A.shape[0], weight.shape[0]), dtype=torch.float64 if wide else torch.float32)
+
+    def _weight_norm_fake(op, A, B, other, other_is_weight, w_sq):
+        ops._check_one_device(op, A, B, other, w_sq)
+        torch._check(A.dim() == 2 and B.dim() == 2 and B.shape[1] == A.shape[0],
+                     lambda: f"{op}: lora_A must be (r, in_features) and lora_B (out_features, r), got "
+                             f"{tuple(A.shape)} and {tuple(B.shape)}")
+        want, what = ((B.shape[0], A.shape[1]), "the weight") if other_is_weight else ((A.shape[0], B.shape[0]),
+                                                                                       "a_w_t (A W^T)")
+        torch._check(tuple(other.shape) == want, lambda: f"{op}: {what} must be {want}, got {tuple(other.shape)}")
+        torch._check(w_sq.dim() == 1 and w_sq.shape[0] == B.shape[0],
+                     lambda: f"{op}: w_sq (the squared row norms of W) must be a vector of the {B.shape[0]} output "
+                             f"features, got shape {tuple(w_sq.shape)}")
+        return A.new_empty((B.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("lora_ext::dora_weight_norm")
+    def _dora_weight_norm_fake(A, B, weight, w_sq, scale):
+        return _weight_norm_fake("dora_weight_norm", A, B, weight, True, w_sq)
+
+    @torch.library.register_fake("lora_ext::dora_weight_norm_from_a_w_t")
+    def _dora_weight_norm_from_a_w_t_fake(A, B, a_w_t, w_sq, scale):
+        return _weight_norm_fake("dora_weight_norm_from_a_w_t", A, B, a_w_t, False, w_sq)
+
+    @torch.library.register_fake("lora_ext::dora_scaled_grad")
+    def _dora_scaled_grad_fake(grad_y, g):
+        ops._check_one_device("dora_scaled_grad", grad_y, g)
+        torch._check(grad_y.dim() >= 1, lambda: "dora_scaled_grad: grad_output must have at least one dimension")
+        _check_columns("dora_scaled_grad", g, grad_y.shape[-1], "g (magnitude / weight norm)")
+        return torch.empty(grad_y.shape, dtype=grad_y.dtype, device=grad_y.device)
 
     @torch.library.register_fake("lora_ext::dora_linear")
     def _dora_linear_fake(x, weight, bias, A, B, g, scale):

@@ -263,6 +263,26 @@ def dora_a_times_w_t(A, weight):
     return (A.double() @ weight.double().t()).to(torch.float64 if wide else torch.float32)
 
 
+def dora_weight_norm(A, B, weight, w_sq, scale: float):
+    """||W + s B A|| per row in fp32 from the whole out x in matrix in fp64 (what the op avoids); w_sq (||W_i||^2,
+    which the op takes from its caller's cache) is not needed here."""
+    return (weight.double() + scale * B.double() @ A.double()).norm(dim=1).float()
+
+
+def dora_weight_norm_from_a_w_t(A, B, a_w_t, w_sq, scale: float):
+    """The same from A W^T and ||W_i||^2, in fp64: w_sq + 2s B_i (A W^T)_:,i + s^2 B_i (A A^T) B_i^T."""
+    B64, A64 = B.double(), A.double()
+    sq = w_sq.double() + 2 * scale * (B64 * a_w_t.double().t()).sum(1) + scale ** 2 * ((B64 @ (A64 @ A64.t())) * B64).sum(1)
+    return sq.clamp_min(0).sqrt().float()
+
+
+def dora_scaled_grad(grad_y, g):
+    """g * dy, the product in fp32 (fp64 if either is fp64), rounded once to dy's dtype."""
+    wide = torch.float64 in (grad_y.dtype, g.dtype)
+    t = torch.float64 if wide else torch.float32
+    return (grad_y.to(t) * g.to(t)).to(grad_y.dtype)
+
+
 def dora_linear(x, weight, bias, A, B, g, scale: float):
     """(y, T, base_out) of the DoRA layer over a dense base: base_out = x W^T, then dora_forward."""
     base = torch.nn.functional.linear(x, weight)

@@ -237,3 +237,113 @@ def test_a_times_w_t_opcheck_and_bad_input(device):
         OPS.dora_a_times_w_t(A, W[:, :39])
     with pytest.raises(RuntimeError, match="dora_a_times_w_t: lora_A and the weight must be floating point"):
         OPS.dora_a_times_w_t(A, torch.ones(24, 40, dtype=torch.int8, device=device))
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("r, N, K", [(16, 37, 203), (1, 8, 1), (7, 300, 17), (64, 50, 96)])
+def test_weight_norm_ops_against_fp64(device, wdtype, r, N, K):
+    """dora_weight_norm (from the dense weight, as nn.Linear stores it and transposed as Conv1D's view) and
+    dora_weight_norm_from_a_w_t (a_w_t contiguous and as a transposed view, which it must not overwrite) against
+    ||W + s B A|| of the full matrix in fp64."""
+    A, B = torch.randn(r, K, device=device), torch.randn(N, r, device=device)
+    W = torch.randn(N, K, device=device).to(wdtype)
+    w_sq = W.double().square().sum(1).float()
+    exact = R.dora_weight_norm(A, B, W, w_sq, 0.7)
+    for weight in (W, W.t().contiguous().t()):
+        out = dora_ops.weight_norm(A, B, weight, w_sq, 0.7)
+        assert out.dtype == torch.float32 and out.shape == (N,)
+        _close(out, exact, 1e-5)
+    a_w_t = A.double() @ W.double().t()
+    for awt in (a_w_t.float(), a_w_t.float().t().contiguous().t()):
+        before = awt.clone()
+        out = dora_ops.weight_norm_from_a_w_t(A, B, awt, w_sq, 0.7)
+        _close(out, exact, 1e-5)
+        _close(out, R.dora_weight_norm_from_a_w_t(A, B, awt, w_sq, 0.7), 1e-5)
+        assert torch.equal(awt, before)
+
+
+def test_weight_norm_is_zero_not_nan_where_w_plus_sba_vanishes(device):
+    """A row with W_i = -s B_i A: the squared norm's rounding can fall below zero; the norm is 0, not NaN."""
+    A, B = torch.randn(3, 20, device=device), torch.randn(6, 3, device=device)
+    W = -0.5 * B @ A
+    W[1:] = torch.randn(5, 20, device=device)
+    w_sq = W.square().sum(1)
+    out = dora_ops.weight_norm(A, B, W, w_sq, 0.5)
+    assert torch.isfinite(out).all() and out[0] < 1e-2
+    _close(out[1:], R.dora_weight_norm(A, B, W, w_sq, 0.5)[1:], 1e-5)
+    A[0, 0] = float("nan")  # and a NaN in A makes every norm NaN, as the fp64 formula does (not 0 by a clamp)
+    assert dora_ops.weight_norm(A, B, W, w_sq, 0.5).isnan().all() and R.dora_weight_norm(A, B, W, w_sq, 0.5).isnan().all()
+
+
+def test_weight_norm_opcheck_and_bad_input(device):
+    A, B = torch.randn(4, 40, device=device), torch.randn(24, 4, device=device)
+    W, w_sq = torch.randn(24, 40, device=device).bfloat16(), torch.rand(24, device=device)
+    torch.library.opcheck(OPS.dora_weight_norm.default, (A, B, W, w_sq, 0.5))
+    torch.library.opcheck(OPS.dora_weight_norm_from_a_w_t.default, (A, B, torch.randn(4, 24, device=device), w_sq, 0.5))
+    with pytest.raises(RuntimeError, match=r"dora_weight_norm: the weight must be \(24, 40\), got \[24, 39\]"):
+        OPS.dora_weight_norm(A, B, W[:, :39], w_sq, 0.5)
+    with pytest.raises(RuntimeError, match=r"dora_weight_norm: lora_A must be \(r, in_features\) and lora_B "
+                                           r"\(out_features, r\), got \[4, 40\] and \[24, 3\]"):
+        OPS.dora_weight_norm(A, B[:, :3], W, w_sq, 0.5)
+    with pytest.raises(RuntimeError, match=r"dora_weight_norm_from_a_w_t: a_w_t \(A W\^T\) must be \(4, 24\), got "
+                                           r"\[24, 4\]"):
+        OPS.dora_weight_norm_from_a_w_t(A, B, torch.randn(24, 4, device=device), w_sq, 0.5)
+    with pytest.raises(RuntimeError, match="dora_weight_norm: w_sq .* must be a vector of the 24 output features"):
+        OPS.dora_weight_norm(A, B, W, w_sq[:23], 0.5)
+    with pytest.raises(RuntimeError, match="dora_weight_norm: every argument must be floating point"):
+        OPS.dora_weight_norm(A, B, W.to(torch.int8), w_sq, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scaled_grad_is_the_fp32_product_rounded_once(device, dtype):
+    """dora_scaled_grad: g * dy with the fp32 product rounded once to dy's dtype, bit for bit; rows not a multiple
+    of the 8 values taken at once, 3-D and non-contiguous dy, NaN and Inf passed through. fp64 g goes through fp64."""
+    g = torch.rand(37, device=device) * 3
+    for dy in (torch.randn(3, 5, 37, device=device).to(dtype), torch.randn(37, 11, device=device).to(dtype).t(),
+               torch.randn(1, 37, device=device).to(dtype)):
+        dy[..., 0, 3], dy[..., 0, 4] = float("nan"), float("inf")
+        out = OPS.dora_scaled_grad(dy, g)
+        assert out.dtype == dtype and out.shape == dy.shape
+        torch.testing.assert_close(out, R.dora_scaled_grad(dy, g), rtol=0, atol=0, equal_nan=True)
+    dy = torch.randn(4, 37, device=device).to(dtype)
+    assert torch.equal(OPS.dora_scaled_grad(dy, g.double()), R.dora_scaled_grad(dy, g.double()))
+
+
+def test_scaled_grad_simd_and_portable_paths_agree():
+    """The AVX2 and the portable loop of the CPU kernel (fresh processes): both equal the fp32 product rounded
+    once, bf16 and fp16, a row of 203 values."""
+    script = ("import torch, lora_ext\n"
+              "torch.manual_seed(0)\n"
+              "g = torch.rand(203) * 3\n"
+              "bad = 0\n"
+              "for dt in (torch.bfloat16, torch.float16):\n"
+              "    dy = (torch.randn(9, 203) * 100).to(dt)\n"
+              "    bad += int((torch.ops.lora_ext.dora_scaled_grad(dy, g) != (dy.float() * g).to(dt)).sum())\n"
+              "print(bad)\n")
+    for flag, mismatches in on_each_simd_path(script):
+        assert mismatches == 0, (flag, mismatches)
+
+
+def test_scaled_grad_opcheck_and_bad_input(device):
+    dy, g = torch.randn(5, 24, device=device).bfloat16(), torch.rand(24, device=device)
+    torch.library.opcheck(OPS.dora_scaled_grad.default, (dy, g))
+    with pytest.raises(RuntimeError, match=r"dora_scaled_grad: g \(magnitude / weight norm\) must be a floating-point "
+                                           r"vector of the 24 output features, got Float of shape \[23\]"):
+        OPS.dora_scaled_grad(dy, g[:23])
+    with pytest.raises(RuntimeError, match="dora_scaled_grad: grad_output must be floating point"):
+        OPS.dora_scaled_grad(dy.to(torch.int32), g)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_layer_backward_makes_no_zero_gradients_for_its_other_outputs(use_dora):
+    """The layer ops' C++ nodes leave the gradients of T (and DoRA's base_out, M x N) undefined instead of
+    allocating and filling zeros at every backward."""
+    layer = lora_ext.LoraLinear(nn.Linear(40, 24).requires_grad_(False), r=4, lora_alpha=8, use_dora=use_dora)
+    x = torch.randn(5, 40, requires_grad=True)
+    y = layer(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        y.backward(torch.randn_like(y))
+    filled = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::zeros", "aten::fill_", "aten::zero_") and e.input_shapes
+              and e.input_shapes[0] in ([5, 24], [5, 4])]
+    assert not filled, filled

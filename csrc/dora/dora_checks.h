@@ -67,5 +67,38 @@ inline void check_a_times_w_t_args(const at::Tensor& A, const at::Tensor& weight
   LORA_CHECK(weight.device() == A.device(), op, ": the weight must be on ", A.device(), ", got ", weight.device());
 }
 
+// dora_weight_norm(_from_a_w_t): A (r x K), B (N x r), w_sq (N) and `other` (the weight, N x K, or
+// a_w_t = A W^T, r x N), floating point, on A's device.
+inline void check_weight_norm_args(const char* op, const at::Tensor& A, const at::Tensor& B, const at::Tensor& other,
+                                   bool other_is_weight, const at::Tensor& w_sq) {
+  LORA_CHECK(A.dim() == 2 && B.dim() == 2 && B.size(1) == A.size(0), op,
+             ": lora_A must be (r, in_features) and lora_B (out_features, r), got ", A.sizes(), " and ", B.sizes());
+  const int64_t r = A.size(0), N = B.size(0);
+  if (other_is_weight) {
+    LORA_CHECK(other.dim() == 2 && other.size(0) == N && other.size(1) == A.size(1), op, ": the weight must be (",
+               N, ", ", A.size(1), "), got ", other.sizes());
+  } else {
+    LORA_CHECK(other.dim() == 2 && other.size(0) == r && other.size(1) == N, op, ": a_w_t (A W^T) must be (", r,
+               ", ", N, "), got ", other.sizes());
+  }
+  LORA_CHECK(w_sq.dim() == 1 && w_sq.size(0) == N, op, ": w_sq (the squared row norms of W) must be a vector of the ",
+             N, " output features, got shape ", w_sq.sizes());
+  for (const at::Tensor* t : {&A, &B, &other, &w_sq}) {
+    LORA_CHECK(is_float_or_double(t->scalar_type()), op, ": every argument must be floating point, got ",
+               A.scalar_type(), ", ", B.scalar_type(), ", ", other.scalar_type(), " and ", w_sq.scalar_type());
+    LORA_CHECK(t->device() == A.device(), op, ": every argument must be on lora_A's device ", A.device(), ", got ",
+               t->device());
+  }
+}
+
+// dora_scaled_grad: grad_y (..., N) and g (N), floating point, on one device.
+inline void check_scaled_grad_args(const at::Tensor& grad_y, const at::Tensor& g) {
+  const char* op = "dora_scaled_grad";
+  LORA_CHECK(grad_y.dim() >= 1 && is_float_or_double(grad_y.scalar_type()), op,
+             ": grad_output must be floating point with at least one dimension, got ", grad_y.scalar_type(),
+             " of shape ", grad_y.sizes());
+  check_column_vector(op, g, grad_y, grad_y.size(-1), "g (magnitude / weight norm)");
+}
+
 }  // namespace dora
 }  // namespace lora_ext

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <tuple>
@@ -94,6 +95,36 @@ inline at::Tensor a_times_w_t_blocks(const at::Tensor& A, const at::Tensor& weig
     out.narrow(1, i0, n).copy_(at::mm(Ac, weight.narrow(0, i0, n).to(cdt).t()));
   }
   return out;
+}
+
+// ||W + s B A|| per row in fp32 from A W^T and ||W_i||^2: the cross and quadratic terms as one addmm,
+// (2s (A W^T)^T + s^2 B (A A^T)), then one row dot with B.
+inline at::Tensor weight_norm_from_a_w_t_impl(const at::Tensor& A, const at::Tensor& B, const at::Tensor& a_w_t,
+                                              const at::Tensor& w_sq, double scale) {
+  const NoAutocast no_autocast;
+  check_weight_norm_args("dora_weight_norm_from_a_w_t", A, B, a_w_t, false, w_sq);
+  const at::Tensor A32 = A.to(at::kFloat), B32 = B.to(at::kFloat);
+  const at::Tensor both = at::addmm(a_w_t.to(at::kFloat).t(), B32, at::mm(A32, A32.t()), 2.0 * scale, scale * scale);
+  return (B32 * both).sum(1).add_(w_sq.to(at::kFloat)).clamp_min_(0.0).sqrt_();
+}
+
+// The same for a dense weight: its A W^T by dora_a_times_w_t (the CPU has a fused kernel, dora_norm_cpu.cpp).
+inline at::Tensor weight_norm_impl(const at::Tensor& A, const at::Tensor& B, const at::Tensor& weight,
+                                   const at::Tensor& w_sq, double scale) {
+  check_weight_norm_args("dora_weight_norm", A, B, weight, true, w_sq);
+  static const auto a_times_w_t = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("lora_ext::dora_a_times_w_t", "")
+                                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return weight_norm_from_a_w_t_impl(A, B, a_times_w_t.call(A.to(at::kFloat), weight), w_sq, scale);
+}
+
+// g * dy rounded once to dy's dtype: mul_out computes in the promoted dtype and writes dy's (one kernel on
+// CUDA; the CPU has a kernel of its own, dora_cpu.cpp).
+inline at::Tensor scaled_grad_impl(const at::Tensor& grad_y, const at::Tensor& g) {
+  const NoAutocast no_autocast;
+  check_scaled_grad_args(grad_y, g);
+  at::Tensor out = at::empty(grad_y.sizes(), grad_y.options().memory_format(at::MemoryFormat::Contiguous));
+  return at::mul_out(out, grad_y, g);
 }
 
 }  // namespace dora

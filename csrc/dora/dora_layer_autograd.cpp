@@ -21,15 +21,14 @@ using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (y, T, base_o
 
 namespace {
 
-// g * dy in dy's dtype, computed in fp32 and rounded once (lora_ext/dora_ops.py's _scaled_grad, which says
-// why each form).
+// g * dy in dy's dtype, computed in fp32 and rounded once: the dora_scaled_grad op, or with grad mode on (a
+// backward with create_graph=True) the differentiable form, as that op has no autograd.
 at::Tensor scaled_grad(const at::Tensor& grad_y, const at::Tensor& g) {
   if (at::GradMode::is_enabled()) return (grad_y * g).to(grad_y.scalar_type());
-  if (grad_y.is_cpu()) {
-    return grad_y.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).mul_(g).to(grad_y.scalar_type());
-  }
-  at::Tensor out = at::empty(grad_y.sizes(), grad_y.options());
-  return at::mul_out(out, grad_y, g);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_ext::dora_scaled_grad", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_y, g);
 }
 
 // Saved: x, base_out, T, A, B, g, then what the base's dx reads; the edge index of A (B's and g's follow).
@@ -42,6 +41,9 @@ void save_layer(AutogradContext* ctx, const at::Tensor& x, const Triple& out, co
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["a_edge"] = a_edge;
   ctx->mark_non_differentiable({std::get<1>(out), std::get<2>(out)});
+  // Only y has a gradient: T's and base_out's stay undefined instead of zeros (base_out's are M x N)
+  // allocated and filled at every backward.
+  ctx->set_materialize_grads(false);
 }
 
 // One gradient per forward argument (n_args): x first, then A, B and g fourth, third and second from last.
@@ -82,6 +84,7 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
+    if (!grad_y.defined()) return variable_list(7);
     OptTensor grad_x_base;
     // (g dy) W in dy's dtype: under autocast the forward's product ran in it.
     if (ctx->needs_input_grad(0)) {
@@ -114,6 +117,7 @@ struct DoraNf4LinearFunction : public torch::autograd::Function<DoraNf4LinearFun
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
+    if (!grad_y.defined()) return variable_list(14);
     OptTensor grad_x_base;
     if (ctx->needs_input_grad(0)) {
       grad_x_base = nf4_grad_input(ctx, saved, 6, scaled_grad(grad_y, saved[5]), saved[0].size(-1));

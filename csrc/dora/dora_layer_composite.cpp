@@ -54,6 +54,9 @@ TORCH_LIBRARY_IMPL(lora_ext, CompositeExplicitAutograd, m) {
   m.impl("dora_linear", &dora_linear);
   m.impl("dora_nf4_linear", &dora_nf4_linear);
   m.impl("dora_a_times_w_t", &a_times_w_t_blocks);  // the CPU has a kernel of its own (dora_cpu.cpp)
+  m.impl("dora_weight_norm", &weight_norm_impl);  // the CPU has kernels of its own (dora_norm_cpu.cpp)
+  m.impl("dora_weight_norm_from_a_w_t", &weight_norm_from_a_w_t_impl);
+  m.impl("dora_scaled_grad", &scaled_grad_impl);  // the CPU has a kernel of its own (dora_cpu.cpp)
 }
 
 }  // namespace dora

@@ -48,6 +48,8 @@ void save_branch(AutogradContext* ctx, const at::Tensor& x, const Pair& out, con
   ctx->saved_data["seed"] = seed;
   ctx->saved_data["a_edge"] = a_edge;
   ctx->mark_non_differentiable({std::get<1>(out)});
+  // Only y has a gradient: T's stays undefined instead of zeros allocated and filled at every backward.
+  ctx->set_materialize_grads(false);
 }
 
 // The layer's gradients, one per forward argument (n_args): x first, A and B fifth and fourth from last.
@@ -80,6 +82,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
+    if (!grad_y.defined()) return variable_list(8);
     OptTensor grad_x_base;
     // In grad_y's dtype: under autocast the forward's base product ran in it too.
     if (ctx->needs_input_grad(0)) grad_x_base = at::matmul(grad_y, saved[4].to(grad_y.scalar_type()));
@@ -110,6 +113,7 @@ struct LoraNf4LinearFunction : public torch::autograd::Function<LoraNf4LinearFun
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grad_outputs[0];
+    if (!grad_y.defined()) return variable_list(15);
     OptTensor grad_x_base;
     if (ctx->needs_input_grad(0)) grad_x_base = nf4_grad_input(ctx, saved, 4, grad_y, saved[0].size(-1));
     return branch_grads(ctx, grad_y, saved, grad_x_base, 15);
