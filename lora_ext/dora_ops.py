@@ -43,7 +43,8 @@ def a_times_w_t(A: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.lora_ext.dora_a_times_w_t(A, weight)
 
 
-def weight_norm(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, w_sq: torch.Tensor, scale: float) -> torch.Tensor:
+def weight_norm(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, w_sq: torch.Tensor,
+                scale: float) -> torch.Tensor:
     """||W + s B A|| per row (fp32) of a dense weight, given ||W_i||^2, without an out x in matrix:
     dora_weight_norm. No autograd (the norm is detached)."""
     require_compiled("dora_weight_norm")

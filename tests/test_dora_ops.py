@@ -272,7 +272,8 @@ def test_weight_norm_is_zero_not_nan_where_w_plus_sba_vanishes(device):
     assert torch.isfinite(out).all() and out[0] < 1e-2
     _close(out[1:], R.dora_weight_norm(A, B, W, w_sq, 0.5)[1:], 1e-5)
     A[0, 0] = float("nan")  # and a NaN in A makes every norm NaN, as the fp64 formula does (not 0 by a clamp)
-    assert dora_ops.weight_norm(A, B, W, w_sq, 0.5).isnan().all() and R.dora_weight_norm(A, B, W, w_sq, 0.5).isnan().all()
+    assert dora_ops.weight_norm(A, B, W, w_sq, 0.5).isnan().all()
+    assert R.dora_weight_norm(A, B, W, w_sq, 0.5).isnan().all()
 
 
 def test_weight_norm_opcheck_and_bad_input(device):

@@ -12,7 +12,7 @@ from ..model import get_peft_model
 from ..nf4 import dtype_name
 from . import adapters, train_step, work
 from .timing import EFFORT
-from .train_step import R, TARGETS, _make_step
+from .train_step import R, TARGETS, make_step
 
 MODES = {"off": False, "on": True, "unsloth": "unsloth"}
 
@@ -30,7 +30,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
                                       use_gradient_checkpointing=mode).train()
 
     flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, seq)  # useful work: recomputation not counted
-    res = adapters.run_peers({f"checkpointing {name}": build(mode) for name, mode in MODES.items()}, _make_step,
+    res = adapters.run_peers({f"checkpointing {name}": build(mode) for name, mode in MODES.items()}, make_step,
                              sets, device, EFFORT[scale], notes)
     base = res.get("checkpointing off")
     model = f"llama L{cfg['num_hidden_layers']} d{cfg['hidden_size']} QLoRA"

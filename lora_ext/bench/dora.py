@@ -1,7 +1,7 @@
-"""The `dora` section: DoRA forward + backward, one square layer and the seven projections of a Llama block:
-ours (DoRA; QDoRA over NF4) against our LoRA on the same layers and PEFT's DoRA, with peak memory on the
-GPU. PEFT builds B A and W + s B A (out x in) at every forward to take the row norms; ours takes them from
-r x out and r x r products and a cached ||W_i||^2."""
+"""The `dora` section: DoRA forward + backward, one square layer and the seven projections of a Llama block,
+and a training step of the train_step section's Llama: ours (DoRA; QDoRA over NF4) against our LoRA on the same
+layers and PEFT's DoRA, with peak memory on the GPU. PEFT builds B A and W + s B A (out x in) at every forward
+to take the row norms; ours takes them from r x out and r x r products and a cached ||W_i||^2."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..model import get_peft_model
-from . import adapters, machine, peers, work
+from . import adapters, machine, peers, train_step, work
 from .decoder_block import DIMS as BLOCK_DIMS, TARGETS as BLOCK_TARGETS, Block
 from .fwd_bwd import fwd_bwd_step, inputs
 from .lora_layer import _Holder
@@ -30,13 +30,13 @@ def _square(n: int) -> nn.Module:
     return _Holder(nn.Linear(n, n, bias=False))
 
 
-def _builders(dense: nn.Module, targets: list, r: int, notes: list) -> dict:
+def _builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base: bool = True) -> dict:
     def ours(use_dora, quantize_base=None):
         return lambda: get_peft_model(copy.deepcopy(dense), r=r, lora_alpha=2 * r, target_modules=targets,
                                       init_lora_weights=False, use_dora=use_dora, quantize_base=quantize_base)
 
-    out = {"frozen base": lambda: copy.deepcopy(dense), "lora_ext LoRA": ours(False), "lora_ext DoRA": ours(True),
-           "lora_ext QDoRA": ours(True, "nf4")}
+    out = {"frozen base": lambda: copy.deepcopy(dense)} if frozen_base else {}
+    out.update({"lora_ext LoRA": ours(False), "lora_ext DoRA": ours(True), "lora_ext QDoRA": ours(True, "nf4")})
     peft = peers.peft(notes)
     if peft is not None:
         def peft_dora():
@@ -46,6 +46,29 @@ def _builders(dense: nn.Module, targets: list, r: int, notes: list) -> dict:
 
         out["PEFT DoRA"] = peft_dora
     return out
+
+
+def _rows(name: str, dtype: torch.dtype, r: int, M: int, res: dict, ceilings, work_of) -> list:
+    """Rows for run_peers results; work_of(peer) -> (bytes, flops) of one step."""
+    times = {k: v["s"] for k, v in res.items()}
+    return [{"layer": name, "dtype": str(dtype).replace("torch.", ""), "r": r, "M": M, "peer": peer,
+             "ms": v["s"] * 1e3, **ceilings.of(v["s"], *work_of(peer)),
+             "x_our_lora": v["s"] / times["lora_ext LoRA"],
+             "speedup_vs_peft_dora": times["PEFT DoRA"] / v["s"] if "PEFT DoRA" in times else None,
+             "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"]} for peer, v in res.items()]
+
+
+def _training_step(device: torch.device, ceilings, scale: str, r: int, notes: list) -> list:
+    """A training step (forward, backward, AdamW) of the train_step section's Llama, every projection adapted."""
+    ready = train_step.setup(device, scale, notes)
+    if ready is None:
+        return []
+    cfg, batch, seq, dtype, dense, sets = ready
+    res = adapters.run_peers(_builders(dense, train_step.TARGETS, r, notes, frozen_base=False), train_step.make_step,
+                             sets, device, EFFORT[scale], notes)
+    flops = batch * seq * work.train_flops_per_token(dense, train_step.TARGETS, r, seq)  # LoRA's; DoRA adds little
+    name = f"training step, llama L{cfg['num_hidden_layers']} d{cfg['hidden_size']} ff{cfg['intermediate_size']}"
+    return _rows(name, dtype, r, batch * seq, res, ceilings, lambda peer: (0, flops))
 
 
 def run(device: torch.device, ceilings, scale: str) -> dict:
@@ -64,15 +87,13 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
         shapes = [(n, n)] if layer == "square" else dense.shapes()
         sets = inputs(M, shapes[0][0], outs, device, dtype)
         res = adapters.run_peers(_builders(dense, targets, r, notes), fwd_bwd_step, sets, device, EFFORT[scale], notes)
-        times = {k: v["s"] for k, v in res.items()}
-        for peer, v in res.items():
+
+        def work_of(peer, M=M, shapes=shapes):
             # the LoRA layer's bytes and FLOPs; DoRA adds r x out and r x r products per layer (ours)
-            per_layer = [work.lora_fwd_bwd(M, k, o, None if peer == "frozen base" else r, dtype, peer == "lora_ext QDoRA")
-                         for k, o in shapes]
-            nbytes, flops = (sum(w[i] for w in per_layer) for i in (0, 1))
-            rows.append({"layer": name, "dtype": str(dtype).replace("torch.", ""), "r": r, "M": M, "peer": peer,
-                         "ms": v["s"] * 1e3, **ceilings.of(v["s"], nbytes, flops),
-                         "x_our_lora": v["s"] / times["lora_ext LoRA"],
-                         "speedup_vs_peft_dora": times["PEFT DoRA"] / v["s"] if "PEFT DoRA" in times else None,
-                         "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"]})
+            per_layer = [work.lora_fwd_bwd(M, k, o, None if peer == "frozen base" else r, dtype,
+                                           peer == "lora_ext QDoRA") for k, o in shapes]
+            return tuple(sum(w[i] for w in per_layer) for i in (0, 1))
+
+        rows += _rows(name, dtype, r, M, res, ceilings, work_of)
+    rows += _training_step(device, ceilings, scale, train_step.R, notes)
     return {"rows": rows, "notes": notes}

@@ -36,7 +36,7 @@ def _llama(cfg: dict, device: torch.device, dtype: torch.dtype):
         return transformers.LlamaForCausalLM(config).to(dtype).train()
 
 
-def _make_step(model) -> tuple:
+def make_step(model) -> tuple:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(ids):
@@ -67,7 +67,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
         return {"rows": [], "notes": notes}
     cfg, batch, seq, dtype, dense, sets = ready
     flops = batch * seq * work.train_flops_per_token(dense, TARGETS, R, seq)
-    res = adapters.run_peers(adapters.builders(dense, TARGETS, R, notes, frozen_base=False), _make_step, sets,
+    res = adapters.run_peers(adapters.builders(dense, TARGETS, R, notes, frozen_base=False), make_step, sets,
                              device, EFFORT[scale], notes)
     times = {k: v["s"] for k, v in res.items()}
     model = (f"llama L{cfg['num_hidden_layers']} d{cfg['hidden_size']} ff{cfg['intermediate_size']} "
