@@ -9,9 +9,9 @@ computed without the out x in matrix PEFT builds at every forward:
     ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i (A W_i^T) + s^2 B_i (A A^T) B_i^T
 
 ||W_i||^2 is a constant of the frozen base (cached per weight version); A W^T is one pass over W (dense:
-inside the dora_weight_norm operator, which reads W in its own dtype; NF4: the fused 4-bit GEMV, which reads the
-packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix beside the
-adapter itself.
+inside the dora_weight_norm operator, which reads W in its own dtype; NF4: the fused 4-bit kernel, which
+reads the packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix
+beside the adapter itself.
 """
 from __future__ import annotations
 

@@ -139,11 +139,23 @@ def test_packed_weights_are_viewed_as_float_where_fsdp2_cannot_hold_integers(mon
     assert torch.equal(model(x), y)
     assert distributed.view_packed_weights_for_fsdp2(model) == 0  # already float: nothing to do
 
+# Twice so far (a full suite run, and a CI run under torch 2.11), torch's gloo teardown aborted a rank after the
+# example had finished and written its adapter ("terminate called without an active exception": a thread destroyed
+# unjoined, in destroy_process_group or at interpreter exit; 15 of 15 reruns passed). Such a run is repeated once;
+# any other failure, or that one twice, fails the test.
+_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_the_example_runs_under_torchrun(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(ROOT, "examples", "distributed_qlora.py"), "--strategy", "fsdp2", "--steps", "2",
-                           "--seq-len", "32", "--out", str(tmp_path)],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               os.path.join(ROOT, "examples", "distributed_qlora.py"), "--strategy", "fsdp2", "--steps",
+                               "2", "--seq-len", "32", "--out", str(tmp_path)],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                              timeout=600)
+        finished_then_aborted = "adapter (PEFT format)" in proc.stdout and _GLOO_TEARDOWN_ABORT in proc.stderr
+        if proc.returncode == 0 or not finished_then_aborted or attempt == 1:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 2: loss" in proc.stdout and "rank 1: base" in proc.stdout
     config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))

@@ -20,8 +20,8 @@ namespace {
 // W A^T (N x r, fp32, contiguous) for a weight stored row by row (nn.Linear's layout): the LoRA products' kernel
 // (lora_gemm_cpu.h) with W as its row operand, read in its own dtype 8 values of a row at a time, so nothing of
 // W's size is written. Other layouts and fp64: a_times_w_t_blocks. (For a 3584 x 1024 bf16 W and r = 16, on 2
-// cores of an AMD EPYC: 0.88 ms, where 8-row AVX2 dots took 1.0 ms and an AVX-512 4 x 4 register-blocked variant
-// 1.6 ms.)
+// cores of an AMD EPYC: 0.74-0.79 ms, where 8-row AVX2 dots took 1.0 ms and an AVX-512 4 x 4 register-blocked
+// variant 1.6 ms.)
 at::Tensor w_a_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
   if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble || !weight.is_contiguous()) {
     return a_times_w_t_blocks(A, weight).to(at::kFloat).t().contiguous();

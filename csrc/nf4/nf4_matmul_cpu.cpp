@@ -80,7 +80,7 @@ at::Tensor decoded_blocks_times_x_t(const at::Tensor& x32, const at::Tensor& pac
                                     int log2bs, int64_t N) {
   const int64_t K = x32.size(1);
   at::Tensor y_t = at::empty({N, x32.size(0)}, x32.options());
-  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 17) / std::max<int64_t>(K, 1), 6, std::max<int64_t>(N, 1));
+  const int64_t rows = std::min(std::max<int64_t>((int64_t{1} << 17) / K, 6), N);  // K, N > 0 here
   const uint8_t* q = packed.const_data_ptr<uint8_t>();
   const bool simd = x86_simd_enabled();
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
