@@ -100,6 +100,9 @@ if HAS_C:
 
     def _weight_norm_fake(op, A, B, other, other_is_weight, w_sq):
         ops._check_one_device(op, A, B, other, w_sq)
+        torch._check(all(t.is_floating_point() for t in (A, B, other, w_sq)),
+                     lambda: f"{op}: every argument must be floating point, got {A.dtype}, {B.dtype}, {other.dtype} "
+                             f"and {w_sq.dtype}")
         torch._check(A.dim() == 2 and B.dim() == 2 and B.shape[1] == A.shape[0],
                      lambda: f"{op}: lora_A must be (r, in_features) and lora_B (out_features, r), got "
                              f"{tuple(A.shape)} and {tuple(B.shape)}")
@@ -122,7 +125,9 @@ if HAS_C:
     @torch.library.register_fake("lora_ext::dora_scaled_grad")
     def _dora_scaled_grad_fake(grad_y, g):
         ops._check_one_device("dora_scaled_grad", grad_y, g)
-        torch._check(grad_y.dim() >= 1, lambda: "dora_scaled_grad: grad_output must have at least one dimension")
+        torch._check(grad_y.dim() >= 1 and grad_y.is_floating_point(),
+                     lambda: f"dora_scaled_grad: grad_output must be floating point with at least one dimension, got "
+                             f"{grad_y.dtype} of shape {tuple(grad_y.shape)}")
         _check_columns("dora_scaled_grad", g, grad_y.shape[-1], "g (magnitude / weight norm)")
         return torch.empty(grad_y.shape, dtype=grad_y.dtype, device=grad_y.device)
 

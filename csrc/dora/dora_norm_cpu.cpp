@@ -33,7 +33,9 @@ at::Tensor w_a_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
 
 at::Tensor dora_a_times_w_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
   check_a_times_w_t_args(A, weight);
-  if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble) return a_times_w_t_blocks(A, weight);
+  if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble || !weight.is_contiguous()) {
+    return a_times_w_t_blocks(A, weight);
+  }
   return w_a_t_cpu(A, weight).t().contiguous();
 }
 

@@ -191,10 +191,11 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Job& job, int64_t 
     if constexpr (!std::is_same_v<TP, float>) {
       for (; k + 8 <= K; k += 8) {
         alignas(32) float p8[R][8];
-        // The next register block's rows into L2, a cache line of each per 32 values, during the first tile:
-        // rows of a weight (DoRA's W A^T) are streams too short (2 KiB at K = 1024) for the hardware prefetchers
-        // to ramp up on. 3584 x 1024 bf16 W, r = 16: 1.06 -> 0.74-0.79 ms warm, 1.19 -> 0.82 ms with W cold.
-        if (prefetch_next && n == n0 && (k & 31) == 0) {
+        // The next register block's rows into L2, a cache line of each per 32 values: rows of a weight (DoRA's
+        // W A^T) are streams too short (2 KiB at K = 1024) for the hardware prefetchers to ramp up on. 3584 x 1024
+        // bf16 W, r = 16: 1.06 -> 0.74-0.79 ms warm, 1.19 -> 0.82 ms with W cold. (task_avx2 hands this function
+        // one tile at a time, so a Q of several tiles has them fetched once per tile: a few instructions more.)
+        if (prefetch_next && (k & 31) == 0) {
 #pragma GCC unroll 8
           for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(P + (R + i) * pr + k), _MM_HINT_T1);
         }

@@ -72,10 +72,10 @@ float dot(const float* a, const float* b, int64_t K) {
 }
 
 // W x^T (N x M fp32), M >= kDecodedBlocksMinM: each task decodes a block of W's rows into its thread's fp32
-// buffer (at most ~512 KiB, so it stays in L2; nothing decoded outlives the block) and multiplies it by x^T with
-// the LoRA products' kernel, whose 6 x 16 register blocks use each decoded value for 16 rows of x. The row dots
-// read x from L2 again for every weight row: DoRA's A W^T over an NF4 base (M = r = 16, 3584 x 1024) took
-// 3.5 ms with them, 1.2 ms this way.
+// buffer (512 KiB, so it stays in L2, or 6 rows where rows are longer; kept for the next call, and nothing
+// decoded outlives its block) and multiplies it by x^T with the LoRA products' kernel, whose 6 x 16 register
+// blocks use each decoded value for 16 rows of x. The row dots read x from L2 again for every weight row:
+// DoRA's A W^T over an NF4 base (M = r = 16, 3584 x 1024) took 3.5 ms with them, 1.2 ms this way.
 at::Tensor decoded_blocks_times_x_t(const at::Tensor& x32, const at::Tensor& packed, const BlockScales& scales,
                                     int log2bs, int64_t N) {
   const int64_t K = x32.size(1);
