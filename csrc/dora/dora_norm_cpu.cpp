@@ -17,15 +17,18 @@ namespace lora_ext {
 namespace dora {
 namespace {
 
-// W A^T (N x r, fp32, contiguous) for a weight stored row by row (nn.Linear's layout): the LoRA products' kernel
-// (lora_gemm_cpu.h) with W as its row operand, read in its own dtype 8 values of a row at a time, so nothing of
-// W's size is written. Other layouts and fp64: a_times_w_t_blocks. (For a 3584 x 1024 bf16 W and r = 16, on 2
-// cores of an AMD EPYC: 0.74-0.79 ms, where 8-row AVX2 dots took 1.0 ms and an AVX-512 4 x 4 register-blocked
-// variant 1.6 ms.)
+// Whether the LoRA products' kernel (lora_gemm_cpu.h) reads this weight as it is: stored row by row (nn.Linear's
+// layout), in fp32 or 16 bits, with A not fp64. Other layouts and fp64 go through a_times_w_t_blocks.
+bool products_kernel_reads(const at::Tensor& A, const at::Tensor& weight) {
+  return A.scalar_type() != at::kDouble && weight.scalar_type() != at::kDouble && weight.is_contiguous();
+}
+
+// W A^T (N x r, fp32, contiguous): with products_kernel_reads, that kernel with W as its row operand, read in its
+// own dtype 8 values of a row at a time, so nothing of W's size is written. (For a 3584 x 1024 bf16 W and r = 16,
+// on 2 cores of an AMD EPYC: 0.74-0.79 ms, where 8-row AVX2 dots took 1.0 ms and an AVX-512 4 x 4
+// register-blocked variant 1.6 ms.)
 at::Tensor w_a_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
-  if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble || !weight.is_contiguous()) {
-    return a_times_w_t_blocks(A, weight).to(at::kFloat).t().contiguous();
-  }
+  if (!products_kernel_reads(A, weight)) return a_times_w_t_blocks(A, weight).to(at::kFloat).t().contiguous();
   at::Tensor w_at = at::empty({weight.size(0), A.size(0)}, A.options().dtype(at::kFloat));
   lora::lowrank_gemm_cpu(weight, A.t(), {}, w_at, 1.0f);
   return w_at;
@@ -33,9 +36,7 @@ at::Tensor w_a_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
 
 at::Tensor dora_a_times_w_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
   check_a_times_w_t_args(A, weight);
-  if (A.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble || !weight.is_contiguous()) {
-    return a_times_w_t_blocks(A, weight);
-  }
+  if (!products_kernel_reads(A, weight)) return a_times_w_t_blocks(A, weight);  // fp64 stays fp64
   return w_a_t_cpu(A, weight).t().contiguous();
 }
 
