@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lora_ext.bench import cli, peers
+from lora_ext.bench import cli, memory, peers
 from lora_ext.bench.ceilings import Ceilings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -127,6 +127,33 @@ def test_every_installed_peer_is_in_the_run(tiny_run):
     # whether the run is in fp32 (4-bit: 1/8 of them, plus scales) or bf16 (1/4; on a CPU with avx512_bf16).
     held = {r["peer"]: r["held_MiB"] for r in res["layers"]["rows"]}
     assert held["lora_ext LoRA"] - held["lora_ext QLoRA"] > 0.6 * held["frozen base"]
+
+
+def test_cpu_rows_have_a_peak_of_at_least_what_they_hold(tiny_run):
+    _, res, _ = tiny_run
+    for section in ("lora_layer", "layers", "train_step", "dora", "checkpointing"):
+        for row in res[section]["rows"]:
+            assert row["peak_MiB"] is not None and row["peak_MiB"] > 0, (section, row)
+            if "held_MiB" in row:
+                assert row["peak_MiB"] >= row["held_MiB"], (section, row)
+
+
+def test_step_peak_counts_what_a_step_allocates_and_frees():
+    """Sizes known here: the step frees the 5 MiB its last run kept, holds 3 + 7 MiB at once (and a 1 MiB
+    matmul output, made by an ATen kernel), frees them and keeps 5 MiB again: 11 - 5 = 6 MiB above its start."""
+    kept = {}
+    x = torch.randn(512, 256)
+
+    def step():
+        kept.pop("old", None)
+        a = torch.empty(3 << 20, dtype=torch.uint8)
+        b = torch.empty(7 << 20, dtype=torch.uint8)
+        c = x @ x.t()  # 512 x 512 fp32: 1 MiB
+        del a, b, c
+        kept["old"] = torch.empty(5 << 20, dtype=torch.uint8)
+
+    peak = memory.step_peak_above_start_MiB(step, ())
+    assert peak is not None and abs(peak - 6.0) < 0.05, peak
 
 
 def test_plot_is_a_png_with_a_panel_per_section(tiny_run):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..model import get_peft_model
 from . import peers
-from .memory import held_MiB
+from .memory import held_MiB, step_peak_above_start_MiB
 from .timing import measure, measure_interleaved
 
 FOUR_BIT = {"lora_ext QLoRA", "PEFT QLoRA (bitsandbytes)"}
@@ -78,6 +78,11 @@ def _run_peers_interleaved(build: dict, make_step: Callable, arg_sets: list, eff
         if (peer := peers.attempt(name, built, notes)) is not None:
             steps[name], held[name] = peer
     timings = measure_interleaved(steps, arg_sets, **effort)
-    # Counted after the steps ran: an optimizer's state exists only from its first step.
-    return {name: {"s": t.median_s, "peak_MiB": None, "held_MiB": held_MiB(*held[name])}
-            for name, t in timings.items()}
+    out = {}
+    for name, t in timings.items():
+        # Counted after the steps ran: an optimizer's state exists only from its first step. The peak: what
+        # the peer holds at a step's start (its gradients too) and the most that step adds at once.
+        holds = held_MiB(*held[name])
+        above = step_peak_above_start_MiB(steps[name], arg_sets[0])
+        out[name] = {"s": t.median_s, "peak_MiB": None if above is None else holds + above, "held_MiB": holds}
+    return out

@@ -1,5 +1,5 @@
 """A training step with gradient checkpointing off, on, and "unsloth" (each layer's input offloaded to
-pinned CPU memory): step time and, on a GPU, the allocator's peak. The model is train_step's Llama
+pinned CPU memory): step time and peak memory. The model is train_step's Llama
 under lora_ext QLoRA; the recomputation costs about one more forward, and offloading should cut the
 activation memory by the checkpointed layers' inputs at little more time (the copies overlap)."""
 from __future__ import annotations
@@ -39,6 +39,5 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
                      "ms": v["s"] * 1e3, **ceilings.of(v["s"], 0, flops),
                      "speedup_vs_no_checkpointing": base["s"] / v["s"] if base else None, "peak_MiB": v["peak_MiB"]})
     if device.type == "cpu":
-        notes.append("on the CPU 'unsloth' is plain checkpointing (nothing to offload to); peak memory is the "
-                     "GPU allocator's and is measured on the GPU only")
+        notes.append("on the CPU 'unsloth' is plain checkpointing (nothing to offload to)")
     return {"rows": rows, "notes": notes}

@@ -80,9 +80,10 @@ def run(args, scale: str | None = None) -> int:
             print(f"note: {note}")
         if args.json:  # after every section: a run cut short keeps what it measured
             write_text(args.json, json.dumps(results, indent=2))
-    if device.type == "cpu" and {"lora_layer", "layers", "train_step"} & set(args.only or SECTIONS):
-        print("\nnote: peak_MiB is the GPU allocator's peak (not measured on the CPU); held_MiB counts the tensors "
-              "each peer holds (weights, quant state, gradients, optimizer state)")
+    if device.type == "cpu" and {"lora_layer", "layers", "train_step", "dora"} & set(args.only or SECTIONS):
+        print("\nnote: held_MiB counts the tensors each peer holds (weights, quant state, gradients, optimizer "
+              "state); peak_MiB on the CPU is held_MiB plus the most one step adds at once, from the profiler's "
+              "allocation records (tensors only; on a GPU it is the allocator's peak)")
     if args.json:
         write_text(args.json, json.dumps(results, indent=2))
     if args.plot:

@@ -1,6 +1,6 @@
 """The `layers` section: the seven projections of a Llama decoder block, forward + backward, LoRA on all
 of them: the frozen base alone, ours (LoRA, QLoRA) and PEFT (dense, over bitsandbytes 4-bit), with
-peak memory on the GPU. GPU shapes are Llama-3-8B's (hidden 4096, MLP 14336, grouped-query attention
+peak memory. GPU shapes are Llama-3-8B's (hidden 4096, MLP 14336, grouped-query attention
 with 8 KV heads: k_proj and v_proj are 4096 -> 1024). Attention itself, the norms and the rotary
 embedding are left out: the same kernels for every peer, and not what LoRA changes."""
 from __future__ import annotations
