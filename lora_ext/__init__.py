@@ -6,6 +6,7 @@ usable); calling a compiled op then says how to build it.
 """
 from . import reference
 from ._library import HAS_C, build_config
+from .dora import dora_caching
 from .lora import LoraLinear, lora_linear, lora_scaling
 from .nf4 import NF4Linear, NF4Weight, dequantize_nf4, nf4_linear, quantize_nf4
 from .ops import merge_lora_, unmerge_lora_
@@ -26,6 +27,7 @@ __all__ = [
     "build_config",
     "create_loraplus_optimizer",
     "dequantize_nf4",
+    "dora_caching",
     "get_peft_model",
     "lora_linear",
     "lora_scaling",

@@ -11,12 +11,15 @@ computed without the out x in matrix PEFT builds at every forward:
 ||W_i||^2 is a constant of the frozen base (cached per weight version); A W^T is one pass over W (dense:
 inside the dora_weight_norm operator, which reads W in its own dtype; NF4: the fused 4-bit kernel, which
 reads the packed weight). Neither writes anything of W's size. All in fp32, an r x out and an r x r matrix
-beside the adapter itself.
+beside the adapter itself. Inside dora_caching(), forwards with grad off reuse each layer's norm while A, B
+and W are unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -24,6 +27,39 @@ from . import dora_ops, ops
 from .nf4 import NF4Weight
 
 _ROW_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of W converted at a time (16 MiB)
+_NORMS: contextvars.ContextVar = contextvars.ContextVar("lora_ext_dora_norms", default=None)
+
+
+@contextlib.contextmanager
+def dora_caching() -> Iterator[None]:
+    """Inside this context, a DoRA layer's forward with grad off (generation, evaluation) takes ||W + s B A||
+    once and reuses it while A, B and W are unchanged, as PEFT's opt-in `peft.helpers.DoraCaching` does.
+    Without it a decode step computes A W^T, r passes of multiply-adds over W, for every layer and token.
+    Unchanged means the same storage at the same version counter: in-place updates (an optimizer step,
+    load_state_dict, copy_) are seen, writes through `.data` or outside PyTorch are not. Forwards with grad
+    on, and under torch.compile, always recompute. The norms are dropped at exit; contexts nest.
+    LoraModel.generate runs inside one."""
+    if _NORMS.get() is not None:
+        yield
+        return
+    token = _NORMS.set({})
+    try:
+        yield
+    finally:
+        _NORMS.reset(token)
+
+
+def version_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents while nothing writes around its version counter."""
+    return t.data_ptr(), t._version, tuple(t.shape), t.dtype
+
+
+def active_norm_cache() -> Optional[dict]:
+    """dora_caching()'s norms by layer where they may be used: inside it, grad off, not compiling."""
+    norms = _NORMS.get()
+    if norms is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return norms
 
 
 def row_blocks(rows: int, cols: int):

@@ -277,17 +277,22 @@ class LoraLinear(nn.Module):
         return base.weight.detach().t() if is_conv1d(base) else base.weight.detach()
 
     def dora_weight_norm(self) -> torch.Tensor:
-        """||W + s B A|| per output row (fp32, detached), ||W_i||^2 cached while the base weight is unchanged."""
+        """||W + s B A|| per output row (fp32, detached), ||W_i||^2 cached while the base weight is unchanged;
+        inside dora.dora_caching() with grad off, the norm too while A and B are unchanged as well."""
         weight = self._base_weight()
         if torch.compiler.is_compiling():  # a traced graph cannot compare data pointers: the cache as it is
             w_sq = self._dora_w_sq[1] if self._dora_w_sq is not None else dora.row_norms_squared(weight)
-        else:
-            stored = weight.packed if isinstance(weight, NF4Weight) else weight
-            key = (stored.data_ptr(), stored._version, tuple(stored.shape))
-            if self._dora_w_sq is None or self._dora_w_sq[0] != key:
-                self._dora_w_sq = (key, dora.row_norms_squared(weight))
-            w_sq = self._dora_w_sq[1]
-        return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
+            return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
+        w_key = dora.version_key(weight.packed if isinstance(weight, NF4Weight) else weight)
+        if self._dora_w_sq is None or self._dora_w_sq[0] != w_key:
+            self._dora_w_sq = (w_key, dora.row_norms_squared(weight))
+        norms = dora.active_norm_cache()
+        if norms is None:
+            return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, self._dora_w_sq[1])
+        key = (w_key, dora.version_key(self.lora_A), dora.version_key(self.lora_B), self.scaling)
+        if self not in norms or norms[self][0] != key:
+            norms[self] = (key, dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, self._dora_w_sq[1]))
+        return norms[self][1]
 
     def _base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T without the bias (PEFT's base product on the dropped-out x)."""

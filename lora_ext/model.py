@@ -345,8 +345,10 @@ class LoraModel(nn.Module):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        # DoRA's row norms taken once per generate, not once per token: nothing trains inside it.
         if adapter_names is None:
-            return self.base_model.model.generate(*args, **kwargs)
+            with dora.dora_caching():
+                return self.base_model.model.generate(*args, **kwargs)
         beams = kwargs.get("num_beams") or 1
         with mixed_batch.adapter_names(self, adapter_names, mixed_batch.batch_rows(args, kwargs), beams):
             return self.base_model.model.generate(*args, **kwargs)

@@ -1,14 +1,17 @@
 """The `dora` section: DoRA forward + backward, one square layer and the seven projections of a Llama block,
 and a training step of the train_step section's Llama: ours (DoRA; QDoRA over NF4) against our LoRA on the same
-layers and PEFT's DoRA, with peak memory on the GPU. PEFT builds B A and W + s B A (out x in) at every forward
+layers and PEFT's DoRA, with peak memory. PEFT builds B A and W + s B A (out x in) at every forward
 to take the row norms; ours takes them from r x out and r x r products and a cached ||W_i||^2."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 
 import torch
 from torch import nn
 
+from ..dora import dora_caching
 from ..model import get_peft_model
 from . import adapters, machine, peers, train_step, work
 from .decoder_block import DIMS as BLOCK_DIMS, TARGETS as BLOCK_TARGETS, Block
@@ -22,8 +25,10 @@ CASES = {  # (layer, r, M tokens)
     ("cpu", "full"): [("square", 16, 512), ("block", 16, 256)],
     ("cpu", "quick"): [("square", 16, 256), ("block", 16, 128)],
 }
-SQUARE = {"cuda": 4096, "cpu": 2048, "tiny": 64}
+# the square layer's side: a 7B model's hidden size, but 2048 in the CPU's quick run
+SQUARE = {("cuda", "full"): 4096, ("cuda", "quick"): 4096, ("cpu", "full"): 4096, ("cpu", "quick"): 2048}
 TINY = [("square", 4, 16), ("block", 4, 16)]
+DECODE_TOKENS = 16  # a step of the decode case: one generate call's worth of tokens
 
 
 def _square(n: int) -> nn.Module:
@@ -58,6 +63,53 @@ def _rows(name: str, dtype: torch.dtype, r: int, M: int, res: dict, ceilings, wo
              "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"]} for peer, v in res.items()]
 
 
+class _Decoding(nn.Module):
+    """DECODE_TOKENS forwards of one token each with grad off, as in one generate call, inside `caching`
+    (ours: dora_caching, which takes the row norms once per call; PEFT's DoraCaching keeps them until train())."""
+
+    def __init__(self, model: nn.Module, caching=None):
+        super().__init__()
+        self.model, self.caching = model, caching
+
+    def forward(self, x):
+        with torch.no_grad(), (self.caching() if self.caching else contextlib.nullcontext()):
+            for i in range(x.shape[0]):
+                self.model(x[i:i + 1])
+
+
+def _decode_step(model: nn.Module) -> tuple:
+    return (lambda x: model(x)), [model]
+
+
+def _decode(device: torch.device, dtype: torch.dtype, ceilings, kind: str, r: int, notes: list) -> list:
+    """The block in generation: tokens one at a time, grad off; ours with and without dora_caching, PEFT's DoRA
+    with and without its DoraCaching. Without a cache each token takes A W^T again (r passes over W)."""
+    hidden, kv, mlp = BLOCK_DIMS[kind]
+    dense = Block(hidden, kv, mlp).to(device=device, dtype=dtype).requires_grad_(False).eval()
+    built = _builders(dense, BLOCK_TARGETS, r, notes, frozen_base=False)
+
+    def decoding(name, caching=None):  # built when run_peers asks (on a GPU: one peer on the device at a time)
+        return lambda: _Decoding(built[name]().eval(), caching)
+
+    peers_ = {"lora_ext LoRA": decoding("lora_ext LoRA"), "lora_ext DoRA": decoding("lora_ext DoRA"),
+              "lora_ext DoRA, dora_caching": decoding("lora_ext DoRA", dora_caching),
+              "lora_ext QDoRA, dora_caching": decoding("lora_ext QDoRA", dora_caching)}
+    if "PEFT DoRA" in built:
+        peers_["PEFT DoRA"] = decoding("PEFT DoRA")
+        caching = peers.attempt("peft.helpers.DoraCaching",
+                                lambda: importlib.import_module("peft.helpers").DoraCaching, notes)
+        if caching is not None:
+            peers_["PEFT DoRA, DoraCaching"] = decoding("PEFT DoRA", caching)
+    sets = inputs(DECODE_TOKENS, hidden, [], device, dtype)
+    res = adapters.run_peers(peers_, _decode_step, sets, device, EFFORT["quick"], notes)
+
+    def work_of(peer):
+        per_token = [work.lora_decode(k, o, r, dtype, "QDoRA" in peer) for k, o in dense.shapes()]
+        return tuple(DECODE_TOKENS * sum(w[i] for w in per_token) for i in (0, 1))
+
+    return _rows(f"llama block {hidden}/{kv}/{mlp}, decode", dtype, r, DECODE_TOKENS, res, ceilings, work_of)
+
+
 def _training_step(device: torch.device, ceilings, scale: str, r: int, notes: list) -> list:
     """A training step (forward, backward, AdamW) of the train_step section's Llama, every projection adapted."""
     ready = train_step.setup(device, scale, notes)
@@ -77,7 +129,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
     kind = "tiny" if scale == "tiny" else device.type
     for layer, r, M in TINY if scale == "tiny" else CASES[device.type, scale]:
         if layer == "square":
-            n = SQUARE[kind]
+            n = 64 if scale == "tiny" else SQUARE[device.type, scale]
             dense, targets, name, outs = _square(n), ["proj"], f"{n}x{n}", [n]
         else:
             hidden, kv, mlp = BLOCK_DIMS[kind]
@@ -95,5 +147,7 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
             return tuple(sum(w[i] for w in per_layer) for i in (0, 1))
 
         rows += _rows(name, dtype, r, M, res, ceilings, work_of)
+    rows += _decode(device, dtype, ceilings, kind, 4 if scale == "tiny" else 16, notes)
     rows += _training_step(device, ceilings, scale, train_step.R, notes)
+    notes.append(f"decode: {DECODE_TOKENS} tokens a step, one at a time with grad off (M is the step's tokens)")
     return {"rows": rows, "notes": notes}

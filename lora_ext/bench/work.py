@@ -28,6 +28,11 @@ def lora_fwd_bwd(M: int, K: int, N: int, r: int | None, dtype: torch.dtype, four
     return nbytes, flops
 
 
+def lora_decode(K: int, N: int, r: int | None, dtype: torch.dtype, four_bit: bool) -> tuple:
+    """(bytes, FLOPs) of one token's y = x W^T (+ LoRA) with grad off: W read once, 2KN + 2r(K+N)."""
+    return weight_bytes(K * N, dtype, four_bit) + (K + N) * dtype.itemsize, 2 * K * N + (2 * r * (K + N) if r else 0)
+
+
 def train_flops_per_token(model: nn.Module, targets: list, r: int, seq: int) -> int:
     """A LoRA training step per token: 4 FLOPs per frozen weight (forward, dx), 6 per adapter weight
     (forward, dx, dW), and attention at 12 * layers * hidden * seq (counted over the full S x S, as
