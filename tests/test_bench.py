@@ -139,16 +139,17 @@ def test_cpu_rows_have_a_peak_of_at_least_what_they_hold(tiny_run):
 
 
 def test_step_peak_counts_what_a_step_allocates_and_frees():
-    """Sizes known here: the step frees the 5 MiB its last run kept, holds 3 + 7 MiB at once (and a 1 MiB
-    matmul output, made by an ATen kernel), frees them and keeps 5 MiB again: 11 - 5 = 6 MiB above its start."""
+    """Sizes known here: the step frees the 5 MiB its last run kept, then holds a 1 MiB matmul output (made
+    by an ATen kernel, first: a workspace it may take stays below the peak) and 3 + 7 MiB at once, frees them
+    and keeps 5 MiB again: 11 - 5 = 6 MiB above its start."""
     kept = {}
     x = torch.randn(512, 256)
 
     def step():
         kept.pop("old", None)
+        c = x @ x.t()  # 512 x 512 fp32: 1 MiB
         a = torch.empty(3 << 20, dtype=torch.uint8)
         b = torch.empty(7 << 20, dtype=torch.uint8)
-        c = x @ x.t()  # 512 x 512 fp32: 1 MiB
         del a, b, c
         kept["old"] = torch.empty(5 << 20, dtype=torch.uint8)
 
