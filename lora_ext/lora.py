@@ -282,17 +282,20 @@ class LoraLinear(nn.Module):
         weight = self._base_weight()
         if torch.compiler.is_compiling():  # a traced graph cannot compare data pointers: the cache as it is
             w_sq = self._dora_w_sq[1] if self._dora_w_sq is not None else dora.row_norms_squared(weight)
-            return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
-        w_key = dora.version_key(weight.packed if isinstance(weight, NF4Weight) else weight)
-        if self._dora_w_sq is None or self._dora_w_sq[0] != w_key:
-            self._dora_w_sq = (w_key, dora.row_norms_squared(weight))
-        norms = dora.active_norm_cache()
-        if norms is None:
-            return dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, self._dora_w_sq[1])
-        key = (w_key, dora.version_key(self.lora_A), dora.version_key(self.lora_B), self.scaling)
-        if self not in norms or norms[self][0] != key:
-            norms[self] = (key, dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, self._dora_w_sq[1]))
-        return norms[self][1]
+        else:
+            w_key = dora.version_key(weight.packed if isinstance(weight, NF4Weight) else weight)
+            if self._dora_w_sq is None or self._dora_w_sq[0] != w_key:
+                self._dora_w_sq = (w_key, dora.row_norms_squared(weight))
+            w_sq = self._dora_w_sq[1]
+        norms = dora.active_norm_cache()  # (None while compiling)
+        key = None if norms is None else (w_key, dora.version_key(self.lora_A), dora.version_key(self.lora_B),
+                                          self.scaling)
+        if key is not None and self in norms and norms[self][0] == key:
+            return norms[self][1]
+        norm = dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)
+        if key is not None:
+            norms[self] = (key, norm)
+        return norm
 
     def _base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T without the bias (PEFT's base product on the dropped-out x)."""

@@ -272,7 +272,8 @@ def dora_weight_norm(A, B, weight, w_sq, scale: float):
 def dora_weight_norm_from_a_w_t(A, B, a_w_t, w_sq, scale: float):
     """The same from A W^T and ||W_i||^2, in fp64: w_sq + 2s B_i (A W^T)_:,i + s^2 B_i (A A^T) B_i^T."""
     B64, A64 = B.double(), A.double()
-    sq = w_sq.double() + 2 * scale * (B64 * a_w_t.double().t()).sum(1) + scale ** 2 * ((B64 @ (A64 @ A64.t())) * B64).sum(1)
+    cross = 2 * scale * (B64 * a_w_t.double().t()).sum(1)
+    sq = w_sq.double() + cross + scale ** 2 * ((B64 @ (A64 @ A64.t())) * B64).sum(1)
     return sq.clamp_min(0).sqrt().float()
 
 

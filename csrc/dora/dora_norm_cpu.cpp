@@ -41,10 +41,10 @@ at::Tensor dora_a_times_w_t_cpu(const at::Tensor& A, const at::Tensor& weight) {
 }
 
 // sqrt(max(0, w_sq_i + sum_q B_iq both_iq)) for both = 2s (W A^T) + s^2 B (A A^T), computed in place in w_at
-// (N x r, fp32, contiguous).
-at::Tensor norms_from_w_at(at::Tensor w_at, const at::Tensor& A, const at::Tensor& B, const at::Tensor& w_sq,
+// (N x r, fp32, contiguous); A32 is A in fp32.
+at::Tensor norms_from_w_at(at::Tensor w_at, const at::Tensor& A32, const at::Tensor& B, const at::Tensor& w_sq,
                            double scale) {
-  const at::Tensor A32 = A.to(at::kFloat), B32 = B.to(at::kFloat).contiguous();
+  const at::Tensor B32 = B.to(at::kFloat).contiguous();
   const at::Tensor w_sq32 = w_sq.to(at::kFloat).contiguous();
   w_at.addmm_(B32, at::mm(A32, A32.t()), 2.0 * scale, scale * scale);
   const int64_t N = w_at.size(0), r = w_at.size(1);
@@ -68,7 +68,8 @@ at::Tensor dora_weight_norm_cpu(const at::Tensor& A, const at::Tensor& B, const 
                                 const at::Tensor& w_sq, double scale) {
   const NoAutocast no_autocast;
   check_weight_norm_args("dora_weight_norm", A, B, weight, true, w_sq);
-  return norms_from_w_at(w_a_t_cpu(A.to(at::kFloat), weight), A, B, w_sq, scale);
+  const at::Tensor A32 = A.to(at::kFloat);
+  return norms_from_w_at(w_a_t_cpu(A32, weight), A32, B, w_sq, scale);
 }
 
 at::Tensor dora_weight_norm_from_a_w_t_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& a_w_t,
@@ -76,8 +77,8 @@ at::Tensor dora_weight_norm_from_a_w_t_cpu(const at::Tensor& A, const at::Tensor
   const NoAutocast no_autocast;
   check_weight_norm_args("dora_weight_norm_from_a_w_t", A, B, a_w_t, false, w_sq);
   // a copy, which norms_from_w_at overwrites (a_w_t.t() may already be contiguous)
-  return norms_from_w_at(a_w_t.t().to(at::kFloat, false, /*copy=*/true, at::MemoryFormat::Contiguous), A, B, w_sq,
-                         scale);
+  return norms_from_w_at(a_w_t.t().to(at::kFloat, false, /*copy=*/true, at::MemoryFormat::Contiguous),
+                         A.to(at::kFloat), B, w_sq, scale);
 }
 
 }  // namespace
