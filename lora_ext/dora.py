@@ -56,10 +56,10 @@ def version_key(t: torch.Tensor) -> tuple:
 
 def active_norm_cache() -> Optional[dict]:
     """dora_caching()'s norms by layer where they may be used: inside it, grad off, not compiling."""
-    norms = _NORMS.get()
-    if norms is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # is_compiling first: torch 2.11's dynamo cannot trace ContextVar.get (an error under fullgraph).
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return None
-    return norms
+    return _NORMS.get()
 
 
 def row_blocks(rows: int, cols: int):
