@@ -84,7 +84,8 @@ if HAS_C:
     @torch.library.register_fake("lora_ext::dora_backward")
     def _dora_backward_fake(grad_y, x, base_out, T, A, B, g, scale, grad_x_base=None):
         ops._check_one_device("dora_backward", grad_y, x, base_out, T, A, B, g, grad_x_base)
-        return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(g)
+        ops._check_t_dtype("dora_backward", T, A)
+        return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape), g.new_empty(g.shape)
 
     @torch.library.register_fake("lora_ext::dora_a_times_w_t")
     def _dora_a_times_w_t_fake(A, weight):

@@ -244,7 +244,12 @@ if HAS_C:
         _check_one_device("lora_backward", grad_y, x, T, A, B, grad_x_base)
         torch._check(grad_x_base is None or grad_x_base.numel() == x.numel(),
                      lambda: f"lora_backward: grad_x_base must have the input's {x.numel()} elements")
-        return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B)
+        _check_t_dtype("lora_backward", T, A)
+        return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)  # contiguous, as the kernels'
+
+    def _check_t_dtype(op, T, A):
+        torch._check(T.dtype == A.dtype,
+                     lambda: f"{op}: T must be in lora_A's dtype (the forward's T), got {T.dtype} for {A.dtype}")
 
     @torch.library.register_fake("lora_ext::lora_linear")
     def _lora_linear_fake(x, weight, bias, A, B, scale, dropout_p, seed):

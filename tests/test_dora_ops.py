@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lora_ext
 from lora_ext import dora_ops
 from lora_ext import reference as R
 
-from conftest import backward_nodes, on_each_simd_path, requires_c, ulp
+from conftest import backward_nodes, on_each_simd_path, requires_c, requires_cuda, ulp
 
 pytestmark = requires_c
 
@@ -146,6 +147,12 @@ def test_bad_input_is_refused(device):
                           torch.randn(4, 31, device=device))
     with pytest.raises(RuntimeError, match=r"dora_backward: T must be \(4, 4\)"):
         OPS.dora_backward(torch.randn(4, 16, device=device), x, base_out, T[:3], A, B, g, 1.0, None)
+    args = (torch.randn(4, 16, device=device), x, base_out, T.double(), A, B, g, 1.0, None)
+    with pytest.raises(RuntimeError, match=r"dora_backward: T must be in lora_A's dtype \(the forward's T\), got "
+                                           r"Double for Float"):
+        OPS.dora_backward(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="dora_backward: T must be in lora_A's dtype"):
+        OPS.dora_backward(*(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args))
     with pytest.raises(RuntimeError, match="dora_linear: the base weight and bias are frozen here"):
         dora_ops.dora_layer(x, W.clone().requires_grad_(), None, A.clone().requires_grad_(), B, g, 1.0)
     with pytest.raises(RuntimeError, match=r"dora_linear: weight must be \(out_features, 32\), got \[16, 31\]"):
@@ -293,6 +300,38 @@ def test_weight_norm_opcheck_and_bad_input(device):
         OPS.dora_weight_norm(A, B, W, w_sq[:23], 0.5)
     with pytest.raises(RuntimeError, match="dora_weight_norm: every argument must be floating point"):
         OPS.dora_weight_norm(A, B, W.to(torch.int8), w_sq, 0.5)
+
+
+@requires_cuda
+def test_weight_norm_products_stay_fp32_where_tf32_is_allowed():
+    """On CUDA the norm's products are ATen's (cuBLAS). With TF32 allowed (set_float32_matmul_precision("high"),
+    as HF Trainer's tf32=True does) they must stay fp32, as the CPU's and our kernels' are. Every entry of A
+    and W is +-(1 + 2^-12), which TF32 (10 mantissa bits) reads as +-1: each product then loses 2^-11, a
+    systematic error that no sign pattern averages away, where fp32 is exact to 1e-7. cuBLAS's own matmul
+    shows that loss first, so the test shows something."""
+    gen = torch.Generator().manual_seed(23)
+
+    def signs(*shape):
+        return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).float() * (1 + 2 ** -12)
+
+    A, W = signs(16, 4096).cuda(), signs(256, 4096).cuda()
+    B = torch.randn(256, 16, generator=gen).cuda()
+    w_sq = W.double().square().sum(1).float()
+    exact = A.double() @ W.double().t()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32_loss = ((A @ W.t()).double() - exact).abs().max() / exact.abs().max()
+        a_w_t = OPS.dora_a_times_w_t(A, W)
+        norm = OPS.dora_weight_norm(A, B, W, w_sq, 0.5)
+        norm_from = OPS.dora_weight_norm_from_a_w_t(A, B, a_w_t, w_sq, 0.5)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert tf32_loss > 1e-4, f"cuBLAS took no TF32 here (max relative error {tf32_loss:.2e}): nothing to show"
+    _close(a_w_t, exact, 1e-5)
+    ref = R.dora_weight_norm(A, B, W, w_sq, 0.5)
+    _close(norm, ref, 1e-5)
+    _close(norm_from, ref, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lora_ext
 from lora_ext import reference as R
@@ -433,6 +434,13 @@ def test_layer_ops_reject_bad_input(device):
     with pytest.raises(RuntimeError, match="grad_x_base must have the input's 128 elements"):
         torch.ops.lora_ext.lora_backward(torch.randn(4, 16, device=device), x, T, A, B, 1.0, 0.0, 0,
                                          torch.randn(4, 31, device=device))
+    # T comes from the forward in A's dtype; another one is refused by the kernels and the fake kernel alike
+    args = (torch.randn(4, 16, device=device), x, T.double(), A, B, 1.0, 0.0, 0, None)
+    with pytest.raises(RuntimeError, match=r"lora_backward: T must be in lora_A's dtype \(the forward's T\), got "
+                                           r"Double for Float"):
+        torch.ops.lora_ext.lora_backward(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="lora_backward: T must be in lora_A's dtype"):
+        torch.ops.lora_ext.lora_backward(*(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args))
     # a trainable W through the functional form: the base is its own node and W gets its gradient
     Wt = W.clone().requires_grad_(True)
     lora_ext.lora.lora_linear(x, Wt, A, B, 1.0).sum().backward()

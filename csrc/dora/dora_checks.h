@@ -51,6 +51,8 @@ inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
   check_base_out(op, base_out, x, d);
   LORA_CHECK(T.dim() == 2 && T.size(0) == d.M && T.size(1) == d.r && T.device() == x.device(), op, ": T must be (",
              d.M, ", ", d.r, ") on ", x.device(), ", got ", T.sizes(), " on ", T.device());
+  LORA_CHECK(T.scalar_type() == A.scalar_type(), op, ": T must be in lora_A's dtype (the forward's T), got ",
+             T.scalar_type(), " for ", A.scalar_type());
   check_column_vector(op, g, x, d.N, "g (magnitude / weight norm)");
   lora::check_grad_x_base(grad_x_base, x, d, op);
   return d;

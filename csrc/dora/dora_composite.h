@@ -27,7 +27,7 @@ namespace dora {
 inline std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& base_out,
                                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& g,
                                                        const c10::optional<at::Tensor>& bias, double scale) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact_products;
   const LoraDims d = check_forward_args(x, base_out, A, B, g, bias);
   const at::ScalarType cdt = lora::compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
   const at::Tensor T = lora::product(x.reshape({d.M, d.K}), A.t(), 1.0, cdt);
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& T,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& g, double scale,
     const c10::optional<at::Tensor>& grad_x_base, ColumnDots column_dots) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact_products;
   const LoraDims d = check_backward_args(grad_y, x, base_out, T, A, B, g, grad_x_base);
   const at::ScalarType cdt =
       lora::compute_dtype({grad_y.scalar_type(), x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
 constexpr int64_t kWeightBlockElements = int64_t{1} << 22;
 
 inline at::Tensor a_times_w_t_blocks(const at::Tensor& A, const at::Tensor& weight) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact_products;
   check_a_times_w_t_args(A, weight);
   const at::ScalarType cdt = lora::compute_dtype({A.scalar_type(), weight.scalar_type()});
   const at::Tensor Ac = A.to(cdt);
@@ -101,7 +101,7 @@ inline at::Tensor a_times_w_t_blocks(const at::Tensor& A, const at::Tensor& weig
 // (2s (A W^T)^T + s^2 B (A A^T)), then one row dot with B.
 inline at::Tensor weight_norm_from_a_w_t_impl(const at::Tensor& A, const at::Tensor& B, const at::Tensor& a_w_t,
                                               const at::Tensor& w_sq, double scale) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact_products;
   check_weight_norm_args("dora_weight_norm_from_a_w_t", A, B, a_w_t, false, w_sq);
   const at::Tensor A32 = A.to(at::kFloat), B32 = B.to(at::kFloat);
   const at::Tensor both = at::addmm(a_w_t.to(at::kFloat).t(), B32, at::mm(A32, A32.t()), 2.0 * scale, scale * scale);

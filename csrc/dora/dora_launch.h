@@ -26,7 +26,7 @@ struct ColumnDotParams {
   int splits;
 };
 
-// Row slices to cut M into so that the launch has about target_blocks blocks (a slice at least 64 rows).
+// Row slices to cut M into so that the launch has about target_blocks blocks (at most ceil(M / 64) slices).
 int column_dot_splits(int64_t M, int64_t N, int64_t target_blocks);
 // false (nothing launched) for a dtype the kernel is not built for.
 bool launch_column_dots(const ColumnDotParams& p, cudaStream_t stream);

@@ -57,6 +57,8 @@ inline LoraDims check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
              "), got ", T.sizes());
   check_same_device(grad_y, x, "lora_backward: grad_output");
   check_same_device(T, x, "lora_backward: T");
+  LORA_CHECK(T.scalar_type() == A.scalar_type(), "lora_backward: T must be in lora_A's dtype (the forward's T), got ",
+             T.scalar_type(), " for ", A.scalar_type());
   return d;
 }
 

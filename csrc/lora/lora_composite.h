@@ -105,7 +105,7 @@ template <typename DropoutFn>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& A,
                                                 const at::Tensor& B, double scale, double dropout_p, int64_t seed,
                                                 DropoutFn dropout) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact_products;
   const auto d = check_forward_args(x, base_out, A, B, dropout_p);
   const at::ScalarType cdt = compute_dtype({x.scalar_type(), base_out.scalar_type(), A.scalar_type()});
   at::Tensor xd = x.reshape({d.M, d.K});
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
                                                              const at::Tensor& B, double scale, double dropout_p,
                                                              int64_t seed, const c10::optional<at::Tensor>& grad_x_base,
                                                              DropoutFn dropout) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact_products;
   const auto d = check_backward_args(grad_y, x, T, A, B, dropout_p);
   check_grad_x_base(grad_x_base, x, d);
   const at::ScalarType cdt = compute_dtype({grad_y.scalar_type(), x.scalar_type(), A.scalar_type()});

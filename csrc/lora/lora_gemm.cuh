@@ -36,15 +36,16 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { ret
 
 // The one rounding of an output value: alpha * acc, dropout (dx), + addend (base output), then DoRA's
 // column scale and bias (y). `draw` is element e's Philox word when the caller drew it for a group of
-// four (`drawn`).
+// four (`drawn`). `col` is e's column (e % N, which the callers know without a 64-bit division).
 template <typename TC>
-__device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int64_t e, bool drawn, uint32_t draw) {
+__device__ __forceinline__ TC finish(const LowRankGemmParams& p, float acc, int64_t e, int64_t col, bool drawn,
+                                     uint32_t draw) {
   float v = mul_rn(p.alpha, acc);
   if (p.dropout_out) {
     v = dropout_with_draw(v, drawn ? draw : dropout_draw(static_cast<uint64_t>(e), p.dropout.seed), p.dropout);
   }
   if (p.addend != nullptr) v = add_rn(v, to_float(static_cast<const TC*>(p.addend)[e]));
-  if (p.col_scale != nullptr || p.col_bias != nullptr) v = column_epilogue(v, p.col_scale, p.col_bias, e % p.N);
+  if (p.col_scale != nullptr || p.col_bias != nullptr) v = column_epilogue(v, p.col_scale, p.col_bias, col);
   return from_float<TC>(v);
 }
 
@@ -70,7 +71,7 @@ __device__ __forceinline__ void store_outputs(const LowRankGemmParams& p, int64_
     if (p.splits > 1) {
       p.workspace[static_cast<int64_t>(blockIdx.z) * p.M * p.N + e0 + n] = v[n];
     } else {
-      static_cast<TC*>(p.out)[e0 + n] = finish<TC>(p, v[n], e0 + n, grouped, r.v[n]);
+      static_cast<TC*>(p.out)[e0 + n] = finish<TC>(p, v[n], e0 + n, j + n, grouped, r.v[n]);
     }
   }
 }
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) split_sum_kernel(LowRankGemmParams p
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < mn; e += stride) {
     float s = 0.0f;
     for (int z = 0; z < p.splits; ++z) s = add_rn(s, p.workspace[z * mn + e]);
-    out[e] = finish<TC>(p, s, e, false, 0u);
+    out[e] = finish<TC>(p, s, e, e % p.N, false, 0u);
   }
 }
 
