@@ -138,6 +138,34 @@ def test_cpu_rows_have_a_peak_of_at_least_what_they_hold(tiny_run):
                 assert row["peak_MiB"] >= row["held_MiB"], (section, row)
 
 
+def test_dora_training_step_compares_checkpointed_peers_with_checkpointed_ones(tiny_run):
+    from lora_ext.bench.dora import CHECKPOINTED
+
+    rows = {r["peer"]: r for r in tiny_run[1]["dora"]["rows"] if r["layer"].startswith("training step")}
+    for mode in ("", CHECKPOINTED):
+        lora, peft_dora = rows["lora_ext LoRA" + mode], rows.get("PEFT DoRA" + mode)
+        for peer in ("lora_ext LoRA", "lora_ext DoRA", "lora_ext QDoRA"):
+            row = rows[peer + mode]
+            assert row["x_our_lora"] == pytest.approx(row["ms"] / lora["ms"]), row
+            assert row["peak_x_our_lora"] == pytest.approx(row["peak_MiB"] / lora["peak_MiB"]), row
+            if peft_dora is not None:
+                assert row["speedup_vs_peft_dora"] == pytest.approx(peft_dora["ms"] / row["ms"]), row
+    assert ("PEFT DoRA" + CHECKPOINTED in rows) == (peers.peft([]) is not None)
+
+
+def test_dora_bench_checkpointed_peers_checkpoint_every_decoder_layer():
+    from lora_ext.bench import dora, train_step
+
+    notes = []
+    _, _, _, _, dense, _ = train_step.setup(torch.device("cpu"), "tiny", notes)
+    built = dora._builders(dense, train_step.TARGETS, 4, notes, frozen_base=False, checkpointing=True)
+    assert len(built) == 3 + (peers.peft([]) is not None)
+    for name, build in built.items():
+        assert name.endswith(dora.CHECKPOINTED)
+        layers = [m for m in build().modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert layers and all(m.gradient_checkpointing for m in layers), name
+
+
 def test_step_peak_counts_what_a_step_allocates_and_frees():
     """Sizes known here: the step frees the 5 MiB its last run kept, then holds a 1 MiB matmul output (made
     by an ATen kernel, first: a workspace it may take stays below the peak) and 3 + 7 MiB at once, frees them

@@ -26,7 +26,8 @@ SECTIONS = {
     "checkpointing": ("checkpointing", ["model", "dtype", "tokens", "peer", *_TAIL, "speedup_vs_no_checkpointing",
                                         "peak_MiB"]),
     "inits": ("inits", ["layer", "dtype", "r", "peer", *_TAIL, "speedup_vs_pissa"]),
-    "dora": ("dora", ["layer", "dtype", "r", "M", "peer", *_TAIL, "x_our_lora", "speedup_vs_peft_dora", *_MEM]),
+    "dora": ("dora", ["layer", "dtype", "r", "M", "peer", *_TAIL, "x_our_lora", "speedup_vs_peft_dora", *_MEM,
+                     "peak_x_our_lora"]),
     "multi": ("multi", ["layer", "dtype", "mode", "adapters", "peer", *_TAIL, "lora_part_ms", "lora_floor_ms",
                         "lora_part_vs_one_adapter", "speedup_vs_peft"]),
 }

@@ -1,16 +1,19 @@
 """The `dora` section: DoRA forward + backward, one square layer and the seven projections of a Llama block,
-and a training step of the train_step section's Llama: ours (DoRA; QDoRA over NF4) against our LoRA on the same
-layers and PEFT's DoRA, with peak memory. PEFT builds B A and W + s B A (out x in) at every forward
-to take the row norms; ours takes them from r x out and r x r products and a cached ||W_i||^2."""
+generation, and a training step of the train_step section's Llama (without and with gradient checkpointing):
+ours (DoRA; QDoRA over NF4) against our LoRA on the same layers and PEFT's DoRA, with peak memory. PEFT
+builds B A and W + s B A (out x in) at every forward to take the row norms; ours takes them from r x out
+and r x r products and a cached ||W_i||^2."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import importlib
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..checkpointing import enable as enable_checkpointing
 from ..dora import dora_caching
 from ..model import get_peft_model
 from . import adapters, machine, peers, train_step, work
@@ -29,38 +32,57 @@ CASES = {  # (layer, r, M tokens)
 SQUARE = {("cuda", "full"): 4096, ("cuda", "quick"): 4096, ("cpu", "full"): 4096, ("cpu", "quick"): 2048}
 TINY = [("square", 4, 16), ("block", 4, 16)]
 DECODE_TOKENS = 16  # a step of the decode case: one generate call's worth of tokens
+CHECKPOINTED = ", checkpointing"  # the training step's peers with gradient checkpointing
 
 
 def _square(n: int) -> nn.Module:
     return _Holder(nn.Linear(n, n, bias=False))
 
 
-def _builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base: bool = True) -> dict:
+def _builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base: bool = True,
+              checkpointing: bool = False) -> dict:
+    """checkpointing: every decoder layer of a Hugging Face model recomputed in the backward (ours with
+    use_gradient_checkpointing=True; PEFT's model prepared the same way, as prepare_model_for_kbit_training
+    does), and the peers' names end in CHECKPOINTED."""
+    suffix = CHECKPOINTED if checkpointing else ""
+
     def ours(use_dora, quantize_base=None):
         return lambda: get_peft_model(copy.deepcopy(dense), r=r, lora_alpha=2 * r, target_modules=targets,
-                                      init_lora_weights=False, use_dora=use_dora, quantize_base=quantize_base)
+                                      init_lora_weights=False, use_dora=use_dora, quantize_base=quantize_base,
+                                      use_gradient_checkpointing=checkpointing)
 
     out = {"frozen base": lambda: copy.deepcopy(dense)} if frozen_base else {}
-    out.update({"lora_ext LoRA": ours(False), "lora_ext DoRA": ours(True), "lora_ext QDoRA": ours(True, "nf4")})
+    out.update({"lora_ext LoRA" + suffix: ours(False), "lora_ext DoRA" + suffix: ours(True),
+                "lora_ext QDoRA" + suffix: ours(True, "nf4")})
     peft = peers.peft(notes)
     if peft is not None:
         def peft_dora():
             cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False,
                                   use_dora=True)
-            return peft.get_peft_model(copy.deepcopy(dense), cfg)
+            model = copy.deepcopy(dense)
+            enable_checkpointing(model, checkpointing)
+            return peft.get_peft_model(model, cfg)
 
-        out["PEFT DoRA"] = peft_dora
+        out["PEFT DoRA" + suffix] = peft_dora
     return out
 
 
 def _rows(name: str, dtype: torch.dtype, r: int, M: int, res: dict, ceilings, work_of) -> list:
-    """Rows for run_peers results; work_of(peer) -> (bytes, flops) of one step."""
-    times = {k: v["s"] for k, v in res.items()}
-    return [{"layer": name, "dtype": str(dtype).replace("torch.", ""), "r": r, "M": M, "peer": peer,
-             "ms": v["s"] * 1e3, **ceilings.of(v["s"], *work_of(peer)),
-             "x_our_lora": v["s"] / times["lora_ext LoRA"],
-             "speedup_vs_peft_dora": times["PEFT DoRA"] / v["s"] if "PEFT DoRA" in times else None,
-             "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"]} for peer, v in res.items()]
+    """Rows for run_peers results; work_of(peer) -> (bytes, flops) of one step. A checkpointed peer is
+    compared with our LoRA and PEFT's DoRA checkpointed too."""
+    def ratio(num: dict, den: Optional[dict], key: str):
+        return None if den is None or num[key] is None or den[key] is None else num[key] / den[key]
+
+    rows = []
+    for peer, v in res.items():
+        mode = CHECKPOINTED if peer.endswith(CHECKPOINTED) else ""
+        lora, peft_dora = res.get("lora_ext LoRA" + mode), res.get("PEFT DoRA" + mode)
+        rows.append({"layer": name, "dtype": str(dtype).replace("torch.", ""), "r": r, "M": M, "peer": peer,
+                     "ms": v["s"] * 1e3, **ceilings.of(v["s"], *work_of(peer)), "x_our_lora": ratio(v, lora, "s"),
+                     "speedup_vs_peft_dora": None if peft_dora is None else ratio(peft_dora, v, "s"),
+                     "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"],
+                     "peak_x_our_lora": ratio(v, lora, "peak_MiB")})
+    return rows
 
 
 class _Decoding(nn.Module):
@@ -111,13 +133,16 @@ def _decode(device: torch.device, dtype: torch.dtype, ceilings, kind: str, r: in
 
 
 def _training_step(device: torch.device, ceilings, scale: str, r: int, notes: list) -> list:
-    """A training step (forward, backward, AdamW) of the train_step section's Llama, every projection adapted."""
+    """A training step (forward, backward, AdamW) of the train_step section's Llama, every projection adapted;
+    and again with gradient checkpointing, as QLoRA is usually trained, where the `x W^T` DoRA's op keeps
+    for dm lives only while its layer's backward runs."""
     ready = train_step.setup(device, scale, notes)
     if ready is None:
         return []
     cfg, batch, seq, dtype, dense, sets = ready
-    res = adapters.run_peers(_builders(dense, train_step.TARGETS, r, notes, frozen_base=False), train_step.make_step,
-                             sets, device, EFFORT[scale], notes)
+    build = {**_builders(dense, train_step.TARGETS, r, notes, frozen_base=False),
+             **_builders(dense, train_step.TARGETS, r, notes, frozen_base=False, checkpointing=True)}
+    res = adapters.run_peers(build, train_step.make_step, sets, device, EFFORT[scale], notes)
     flops = batch * seq * work.train_flops_per_token(dense, train_step.TARGETS, r, seq)  # LoRA's; DoRA adds little
     name = f"training step, llama L{cfg['num_hidden_layers']} d{cfg['hidden_size']} ff{cfg['intermediate_size']}"
     return _rows(name, dtype, r, batch * seq, res, ceilings, lambda peer: (0, flops))
@@ -150,4 +175,6 @@ def run(device: torch.device, ceilings, scale: str) -> dict:
     rows += _decode(device, dtype, ceilings, kind, 4 if scale == "tiny" else 16, notes)
     rows += _training_step(device, ceilings, scale, train_step.R, notes)
     notes.append(f"decode: {DECODE_TOKENS} tokens a step, one at a time with grad off (M is the step's tokens)")
+    notes.append(f"'{CHECKPOINTED.lstrip(', ')}' peers: every decoder layer recomputed in the backward; their "
+                 f"ratios are against our LoRA and PEFT's DoRA with it too (the recomputation is not in the FLOPs)")
     return {"rows": rows, "notes": notes}

@@ -11,7 +11,9 @@ from .timing import measure
 
 
 def _skipped(name: str, e: Exception, notes: list) -> None:
-    notes.append(f"{name} skipped: {type(e).__name__}: {e}")
+    note = f"{name} skipped: {type(e).__name__}: {e}"
+    if note not in notes:  # a section asks once per case
+        notes.append(note)
 
 
 def bitsandbytes(notes: list):
