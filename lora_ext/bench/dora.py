@@ -70,8 +70,8 @@ def _builders(dense: nn.Module, targets: list, r: int, notes: list, frozen_base:
 def _rows(name: str, dtype: torch.dtype, r: int, M: int, res: dict, ceilings, work_of) -> list:
     """Rows for run_peers results; work_of(peer) -> (bytes, flops) of one step. A checkpointed peer is
     compared with our LoRA and PEFT's DoRA checkpointed too."""
-    def ratio(num: dict, den: Optional[dict], key: str):
-        return None if den is None or num[key] is None or den[key] is None else num[key] / den[key]
+    def ratio(num: Optional[dict], den: Optional[dict], key: str):
+        return None if num is None or den is None or num[key] is None or den[key] is None else num[key] / den[key]
 
     rows = []
     for peer, v in res.items():
@@ -79,7 +79,7 @@ def _rows(name: str, dtype: torch.dtype, r: int, M: int, res: dict, ceilings, wo
         lora, peft_dora = res.get("lora_ext LoRA" + mode), res.get("PEFT DoRA" + mode)
         rows.append({"layer": name, "dtype": str(dtype).replace("torch.", ""), "r": r, "M": M, "peer": peer,
                      "ms": v["s"] * 1e3, **ceilings.of(v["s"], *work_of(peer)), "x_our_lora": ratio(v, lora, "s"),
-                     "speedup_vs_peft_dora": None if peft_dora is None else ratio(peft_dora, v, "s"),
+                     "speedup_vs_peft_dora": ratio(peft_dora, v, "s"),
                      "peak_MiB": v["peak_MiB"], "held_MiB": v["held_MiB"],
                      "peak_x_our_lora": ratio(v, lora, "peak_MiB")})
     return rows
@@ -100,7 +100,7 @@ class _Decoding(nn.Module):
 
 
 def _decode_step(model: nn.Module) -> tuple:
-    return (lambda x: model(x)), [model]
+    return model, [model]
 
 
 def _decode(device: torch.device, dtype: torch.dtype, ceilings, kind: str, r: int, notes: list) -> list:
