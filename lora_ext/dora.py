@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import weakref
 from typing import Iterator, Optional, Union
 
 import torch
@@ -35,9 +36,9 @@ def dora_caching() -> Iterator[None]:
     """Inside this context, a DoRA layer's forward with grad off (generation, evaluation) takes ||W + s B A||
     once and reuses it while A, B and W are unchanged, as PEFT's opt-in `peft.helpers.DoraCaching` does.
     Without it a decode step computes A W^T, r passes of multiply-adds over W, for every layer and token.
-    Unchanged means the same storage at the same version counter: in-place updates (an optimizer step,
-    load_state_dict, copy_) are seen, writes through `.data` or outside PyTorch are not. Forwards with grad
-    on, and under torch.compile, always recompute. The norms are dropped at exit; contexts nest.
+    Unchanged means the same tensors, storage and version counter (Fingerprint): in-place updates (an optimizer
+    step, load_state_dict, copy_) and new adapters are seen, writes through `.data` or outside PyTorch are not.
+    Forwards with grad on, under torch.compile, or over inference tensors (no version counter) always recompute. The norms are dropped at exit; contexts nest.
     LoraModel.generate runs inside one."""
     if _NORMS.get() is not None:
         yield
@@ -49,9 +50,30 @@ def dora_caching() -> Iterator[None]:
         _NORMS.reset(token)
 
 
-def version_key(t: torch.Tensor) -> tuple:
-    """What identifies a tensor's contents while nothing writes around its version counter."""
-    return t.data_ptr(), t._version, tuple(t.shape), t.dtype
+class Fingerprint:
+    """What identifies a tensor's contents while nothing writes around its version counter: the tensor object
+    itself, held weakly (a new tensor allocated where a freed one was is another tensor, though its address,
+    version, shape and dtype may all match), and its storage, version, shape and dtype (`p.data = other` keeps
+    the object and its version but moves the storage)."""
+
+    __slots__ = ("_ref", "_state")
+
+    def __init__(self, t: torch.Tensor):
+        self._ref = weakref.ref(t)
+        self._state = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Fingerprint):
+            return NotImplemented
+        held = self._ref()
+        return held is not None and held is other._ref() and self._state == other._state
+
+    __hash__ = None  # (compared, never a dict key)
+
+
+def fingerprint(t: torch.Tensor) -> Optional[Fingerprint]:
+    """t's Fingerprint; None for an inference tensor, which has no version counter (nothing keyed on it is cached)."""
+    return None if t.is_inference() else Fingerprint(t)
 
 
 def active_norm_cache() -> Optional[dict]:

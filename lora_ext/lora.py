@@ -132,7 +132,7 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
         # DoRA: m = ||W + s B A|| per output row at initialisation (PEFT's lora_magnitude_vector).
         self.use_dora = use_dora
-        self._dora_w_sq = None  # (weight version, ||W_i||^2): a constant of the frozen base
+        self._dora_w_sq = None  # (the weight's dora.Fingerprint, ||W_i||^2): a constant of the frozen base
         self._dora_merge_norm = None  # ||W + s B A|| of the unmerged weight, kept for unmerge (as PEFT)
         magnitude = None
         if use_dora:
@@ -236,6 +236,7 @@ class LoraLinear(nn.Module):
             self._set_weight_out_in(merged)
         else:
             ops.merge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
+        self._dora_w_sq = None  # (the writes above go through .data, which the fingerprint does not see)
         self.merged = True
 
     def _weight_out_in(self) -> torch.Tensor:
@@ -267,6 +268,7 @@ class LoraLinear(nn.Module):
         else:
             ops.unmerge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
         self._dora_merge_norm = None
+        self._dora_w_sq = None
         self.merged = False
 
     def _base_weight(self) -> Union[torch.Tensor, NF4Weight]:
@@ -277,19 +279,21 @@ class LoraLinear(nn.Module):
         return base.weight.detach().t() if is_conv1d(base) else base.weight.detach()
 
     def dora_weight_norm(self) -> torch.Tensor:
-        """||W + s B A|| per output row (fp32, detached), ||W_i||^2 cached while the base weight is unchanged;
-        inside dora.dora_caching() with grad off, the norm too while A and B are unchanged as well."""
+        """||W + s B A|| per output row (fp32, detached), ||W_i||^2 cached while the base weight is unchanged
+        (dora.Fingerprint: writes through `.data` are not seen; merge and unmerge drop it); inside
+        dora.dora_caching() with grad off, the norm too while A and B are unchanged as well. Under torch.compile
+        ||W_i||^2 is taken at every forward: a traced graph cannot compare a weight with the one cached."""
         weight = self._base_weight()
-        if torch.compiler.is_compiling():  # a traced graph cannot compare data pointers: the cache as it is
-            w_sq = self._dora_w_sq[1] if self._dora_w_sq is not None else dora.row_norms_squared(weight)
-        else:
-            w_key = dora.version_key(weight.packed if isinstance(weight, NF4Weight) else weight)
-            if self._dora_w_sq is None or self._dora_w_sq[0] != w_key:
+        w_key = None
+        if not torch.compiler.is_compiling():
+            w_key = dora.fingerprint(self.base_layer.weight)  # (NF4: the packed codes' parameter)
+            if w_key is not None and (self._dora_w_sq is None or self._dora_w_sq[0] != w_key):
                 self._dora_w_sq = (w_key, dora.row_norms_squared(weight))
-            w_sq = self._dora_w_sq[1]
-        norms = dora.active_norm_cache()  # (None while compiling)
-        key = None if norms is None else (w_key, dora.version_key(self.lora_A), dora.version_key(self.lora_B),
-                                          self.scaling)
+        w_sq = self._dora_w_sq[1] if w_key is not None else dora.row_norms_squared(weight)
+        norms, key = dora.active_norm_cache(), None  # (no cache while compiling)
+        if norms is not None and w_key is not None:
+            a_key, b_key = dora.fingerprint(self.lora_A), dora.fingerprint(self.lora_B)
+            key = None if a_key is None or b_key is None else (w_key, a_key, b_key, self.scaling)
         if key is not None and self in norms and norms[self][0] == key:
             return norms[self][1]
         norm = dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling, w_sq)

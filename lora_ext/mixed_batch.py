@@ -76,9 +76,6 @@ class MixedBatch:
     def lora_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.merged:
             raise RuntimeError("adapter_names: the active adapter is merged into the base; unmerge it first")
-        if layer.use_dora:
-            raise ValueError("adapter_names: mixed-adapter batches do not take DoRA adapters (PEFT refuses them "
-                             "too); run DoRA adapters one at a time with set_adapter")
         out = layer.base_layer(x)
         adapters = self.layer_adapters.get(id(layer), {})
         if not adapters:

@@ -316,6 +316,18 @@ def _plain_state(module: nn.Module, prefix: str, out: dict) -> None:
             _plain_state(child, f"{prefix}{name}.", out)
 
 
+def _applied(t: torch.Tensor, fn) -> torch.Tensor:
+    """fn(t) as nn.Module._apply gives it to a parameter: the same Parameter object (an optimizer may hold it)
+    with the new data where it can take it."""
+    out = fn(t)
+    if isinstance(t, nn.Parameter):
+        if torch._has_compatible_shallow_copy_type(t, out):
+            t.data = out
+            return t
+        return nn.Parameter(out, requires_grad=t.requires_grad)
+    return out
+
+
 class LoraModel(nn.Module):
     """The wrapped model lives at base_model.model, so state-dict keys match PEFT's."""
 
@@ -327,6 +339,17 @@ class LoraModel(nn.Module):
         self.active_adapter = adapter_name
         self._stored: dict = {}  # inactive adapters: name -> {module path: (A, B)}
         self._stored_magnitudes: dict = {}  # inactive DoRA adapters: name -> {module path: magnitude}
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), .cuda() ... reach the inactive adapters too, kept beside the layers (in PEFT every
+        adapter is registered and moves with the model)."""
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            self._stored = {name: {path: (_applied(A, fn), _applied(B, fn)) for path, (A, B) in pairs.items()}
+                            for name, pairs in self._stored.items()}
+            self._stored_magnitudes = {name: {path: _applied(m, fn) for path, m in magnitudes.items()}
+                                       for name, magnitudes in self._stored_magnitudes.items()}
+        return self
 
     def __getattr__(self, name):
         try:

@@ -229,6 +229,20 @@ def test_merge_keeps_the_function_and_unmerge_restores(kind):
     torch.testing.assert_close(back, y, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_layer_sees_a_base_weight_changed_after_an_eager_forward():
+    """A traced graph cannot tell the base weight the eager forward cached ||W_i||^2 for from a changed one
+    (load_state_dict, an in-place update): compiled, the layer still equals PEFT's, which takes its norm anew."""
+    ours, theirs = _pair(nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+    ours(x)  # (eager: ||W_i||^2 cached)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for factor in (2.0, 0.25):
+        with torch.no_grad():
+            for layer in (ours, theirs):
+                layer.base_layer.weight.mul_(factor)
+        torch.testing.assert_close(compiled(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_use_dora_is_refused():
     with pytest.raises(TypeError, match="use_dora must be True or False"):
         lora_ext.LoraLinear(nn.Linear(8, 8), r=2, use_dora="yes")
@@ -332,6 +346,11 @@ def test_lora_and_dora_adapters_side_by_side(tmp_path):
             torch.testing.assert_close(reread(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match=r"do not take DoRA adapters .*\['dora'\]"):
             ours(ids, adapter_names=["plain", "dora", "__base__"])
+        ours.set_adapter("dora")  # a batch that names no DoRA adapter runs beside an active one (PEFT's rule)
+        theirs.set_adapter("dora")
+        names = ["plain", "__base__", "plain"]
+        torch.testing.assert_close(ours(ids, adapter_names=names).logits, theirs(ids, adapter_names=names).logits,
+                                   rtol=1e-5, atol=1e-5)
         ours.set_adapter("plain")
         ours.add_adapter("fresh", r=2, use_dora=True)  # B = 0 and m = ||W||: the base's output
         ours.set_adapter("fresh")
@@ -342,6 +361,30 @@ def test_lora_and_dora_adapters_side_by_side(tmp_path):
     assert sorted(ours.peft_config) == ["fresh", "plain"] and "dora" not in ours._stored_magnitudes
     with pytest.raises(TypeError, match="use_dora must be True or False"):
         lora_ext.get_peft_model(llama(), r=4, target_modules=TARGETS, use_dora=1)
+
+
+def test_inactive_adapters_move_with_the_model(tmp_path):
+    """.to(dtype) (and .to(device), .half() ...) converts the adapters kept beside the layers too, as PEFT's
+    registered ones: set_adapter afterwards runs in the new dtype with PEFT's logits."""
+    torch.manual_seed(0)
+    base = llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                       use_dora=True, init_lora_weights=False))
+    theirs.add_adapter("plain", peft.LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path))
+    ours = lora_ext.LoraModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    ours.load_adapter(str(tmp_path / "plain"), "plain")
+    ours.set_adapter("plain")  # the DoRA adapter, its magnitudes too, now kept beside the layers
+    ours, theirs = ours.to(torch.float64).eval(), theirs.to(torch.float64).eval()
+    ids = _ids()
+    with torch.no_grad():
+        for name in ("default", "plain"):
+            ours.set_adapter(name)
+            theirs.set_adapter(name)
+            layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+            assert layer.lora_A.dtype == torch.float64
+            assert name == "plain" or layer.lora_magnitude_vector.dtype == torch.float64
+            torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)  # (norms fp32)
 
 
 def test_qdora_equals_peft_over_bitsandbytes_4bit():

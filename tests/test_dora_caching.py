@@ -89,3 +89,44 @@ def test_generate_takes_each_layers_norm_once_and_the_same_tokens(norm_calls):
     cached = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     assert len(norm_calls) == per_pass
     assert torch.equal(cached, uncached)
+
+
+def test_a_new_adapter_at_a_freed_ones_address_and_version_is_not_taken_for_it():
+    """An allocator hands a deleted adapter's memory to the next one of its size (delete_adapter, then
+    load_adapter): address, version, shape and dtype may all match. Here both adapters are views of one buffer
+    (a view shares its base's version counter), the second written without a version bump."""
+    torch.manual_seed(0)
+    layer = lora_ext.LoraLinear(nn.Linear(40, 24), r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    x = torch.randn(3, 40)
+    buffer = layer.lora_A.detach().clone().reshape(-1)
+    first = nn.Parameter(buffer.view(4, 40))
+    with lora_ext.dora_caching(), torch.no_grad():
+        layer.set_adapter_weights(first, layer.lora_B, layer.lora_alpha, False, 0.0)
+        layer(x)
+        buffer.data.copy_(torch.randn(160))  # (through .data: no version bump)
+        second = nn.Parameter(buffer.view(4, 40))
+        assert (second.data_ptr(), second._version) == (first.data_ptr(), first._version)
+        layer.set_adapter_weights(second, layer.lora_B, layer.lora_alpha, False, 0.0)
+        assert torch.equal(layer(x), copy.deepcopy(layer)(x))
+
+
+@pytest.mark.parametrize("base_kind", ["dense", "nf4"])
+def test_inference_mode_tensors_which_have_no_version_are_never_cached(base_kind, norm_calls):
+    """A model built, or an adapter loaded, under torch.inference_mode has tensors without a version counter:
+    nothing keyed on them is cached, and the output is the no_grad twin's."""
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    if base_kind == "nf4":
+        base = lora_ext.NF4Linear.from_linear(base, blocksize=64)
+    twin = lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    x = torch.randn(3, 40)
+    expected = _fresh(twin, x)
+    with torch.inference_mode():
+        layer = copy.deepcopy(twin)
+        layer.lora_A, layer.lora_B = nn.Parameter(twin.lora_A.clone()), nn.Parameter(twin.lora_B.clone())
+        assert layer.lora_A.is_inference()
+        norm_calls.clear()
+        with lora_ext.dora_caching():
+            for _ in range(2):
+                assert torch.equal(layer(x), expected)
+        assert len(norm_calls) == 2
