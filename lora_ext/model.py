@@ -29,22 +29,43 @@ from .peft_config import (BIAS_MODES, DEFAULT_TARGETS, LoraConfig, as_dict, chec
 from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes, under
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
+BIN_NAME = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False), and older PEFT's default
 # Keywords of Unsloth's and PEFT's get_peft_model that lora_ext accepts only with these values (they ask
 # for nothing); any other unknown keyword, or one of these with another value, is an error that names it.
-_NEUTRAL_KEYWORDS = {"layers_pattern": None, "qat_scheme": None, "ensure_weight_tying": False}
+_NEUTRAL_KEYWORDS = {"qat_scheme": None, "ensure_weight_tying": False}
 
 
-def _is_target(name: str, targets, layers) -> bool:
-    if isinstance(targets, str):
-        hit = re.fullmatch(targets, name) is not None
+def _layer_index(name: str, layers_pattern) -> Optional[int]:
+    """PEFT's layer index of a module (check_target_module_exists): the first numbered segment (lazy, so an
+    expert index further down is not taken), or the number after one of layers_pattern's names."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     else:
-        hit = any(name == t or name.endswith("." + t) for t in targets)
-    if hit and layers is not None:
-        m = _LAYER_INDEX.search(name)
-        wanted = [layers] if isinstance(layers, int) else list(layers)
-        hit = m is not None and int(m.group(1)) in wanted
-    return hit
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name) for p in patterns)), None)
+    return int(m.group(1)) if m else None
+
+
+def _in_saved_module(name: str, config: LoraConfig) -> bool:
+    """PEFT never puts an adapter on a modules_to_save module or inside one (its _ExcludedModule): the module
+    is trained in full instead."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or ())
+
+
+def _is_target(name: str, config: LoraConfig) -> bool:
+    """PEFT's matching: a str is a regex on the full path; a list entry is a full path or a suffix at a dot,
+    and only suffix matches are filtered by layers_to_transform ([] filters nothing)."""
+    targets, layers = config.target_modules, config.layers_to_transform
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(name, config.layers_pattern)
+    return index is not None and index in ([layers] if isinstance(layers, int) else layers)
 
 
 def _linear_names(model: nn.Module) -> list:
@@ -70,20 +91,59 @@ def _closest(wanted: list, names: list) -> list:
     return sorted({c for w in wanted for c in difflib.get_close_matches(str(w), names, n=5, cutoff=0.4)})
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list:
-    """Names of the Linear modules the config targets; an error naming the closest ones if none."""
+def _matched_modules(model: nn.Module, config: LoraConfig) -> list:
+    """(path, module) of every module the config's target_modules names, whatever its type, outside
+    modules_to_save; the inside of a LoRA layer or a modules_to_save wrapper is not the model's own."""
+    out, internal = [], []
+    for name, module in model.named_modules():
+        if not name or under(name, internal):
+            continue
+        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+            internal.append(name)
+        if not _in_saved_module(name, config) and _is_target(name, config):
+            out.append((name, module))
+    return out
+
+
+def _why_not(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "LoRA on embeddings (PEFT's lora_embedding_A/B) is not supported by lora_ext"
+    if any(isinstance(m, (nn.Linear, NF4Linear)) or is_conv1d(m) for m in module.modules()):
+        return "it is not a layer but a block of them: name the Linear layers inside it"
+    return "lora_ext adapts Linear, NF4Linear and GPT-2 Conv1D layers only"
+
+
+def find_targets(model: nn.Module, config: LoraConfig, origin: str = "get_peft_model") -> list:
+    """Names of the Linear modules the config targets, before anything changes. As PEFT, modules_to_save and
+    what lies inside them are never targets. A target lora_ext cannot adapt (PEFT adapts embeddings and
+    convolutions, and refuses blocks) is an error naming it, never skipped; so is matching nothing."""
     linears = _linear_names(model)
-    if config.target_modules == "all-linear":
+    if config.target_modules == "all-linear":  # as PEFT: every Linear/Conv1D but the output head, silently
         heads = _head_names(model)
-        names = [n for n in linears if n not in heads]
+        names = [n for n in linears if n not in heads and not _in_saved_module(n, config)]
     else:
-        names = [n for n in linears if _is_target(n, config.target_modules, config.layers_to_transform)]
+        matched, adaptable = _matched_modules(model, config), set(linears)
+        bad = [(n, m) for n, m in matched if n not in adaptable]
+        if bad:
+            name, module = bad[0]
+            entry = config.target_modules if isinstance(config.target_modules, str) else \
+                next(t for t in config.target_modules if name == t or name.endswith("." + t))
+            raise ValueError(f"{origin}: target_modules entry {entry!r} matches {name} ({type(module).__name__}): "
+                             f"{_why_not(module)}; lora_ext supports Linear, NF4Linear and GPT-2 Conv1D"
+                             + (f" (and {len(bad) - 1} more such modules)" if len(bad) > 1 else ""))
+        names = [n for n, _ in matched]
     if not names:
+        if config.modules_to_save and any(_is_target(n, config) for n in linears):
+            raise ValueError(f"{origin}: every module target_modules {config.target_modules!r} matches lies in "
+                             f"modules_to_save {config.modules_to_save!r}, which are trained in full and never "
+                             f"adapted (as in PEFT): nothing is left to adapt")
         wanted = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
         close = _closest(wanted, leaves + linears)
-        raise ValueError(f"target_modules {config.target_modules!r} matches no Linear module; closest Linear names: "
-                         f"{close or leaves[:10]}")
+        layers = "" if config.layers_to_transform is None else \
+            f" in layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r})"
+        raise ValueError(f"{origin}: target_modules {config.target_modules!r} matches no Linear module{layers}; "
+                         f"closest Linear names: {close or leaves[:10]}")
     return names
 
 
@@ -98,8 +158,9 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS, lora_alpha: float = 16,
                    lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False, random_state: int = 3407,
-                   init_lora_weights: Union[bool, str] = True, layers_to_transform=None, modules_to_save=None,
-                   quantize_base: Optional[str] = None, adapter_name: str = "default",
+                   init_lora_weights: Union[bool, str] = True, layers_to_transform=None, layers_pattern=None,
+                   modules_to_save=None, task_type: Optional[str] = None, quantize_base: Optional[str] = None,
+                   adapter_name: str = "default",
                    quant_storage: torch.dtype = torch.uint8, use_gradient_checkpointing: Union[bool, str] = False,
                    loftq_config: Optional[dict] = None, max_seq_length: Optional[int] = None,
                    rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
@@ -113,13 +174,15 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
     longest sequence to train on, kept as `model.max_seq_length`; at most the model's
     max_position_embeddings, as lora_ext does not stretch RoPE) and `loftq_config` (with
     init_lora_weights="loftq"). rank_pattern / alpha_pattern give matching modules their own r and alpha,
-    with PEFT's matching rule. A keyword lora_ext does not support is an error naming it, never ignored.
+    with PEFT's matching rule; layers_to_transform / layers_pattern pick layers by PEFT's rule; task_type
+    "SEQ_CLS", "TOKEN_CLS" or "QUESTION_ANS" trains the head in full, as PEFT's task models do. A keyword
+    lora_ext does not support is an error naming it, never ignored.
     Everything is checked before the model changes."""
     lora_keywords = dict(target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                          use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                         layers_to_transform=layers_to_transform, modules_to_save=modules_to_save,
-                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, loftq_config=loftq_config,
-                         use_dora=use_dora)
+                         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                         modules_to_save=modules_to_save, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                         loftq_config=loftq_config, use_dora=use_dora, task_type=task_type)
     _check_other_keywords(other_keywords)
     if is_config_object(r):
         given = sorted(k for k, v in lora_keywords.items() if not _same_value(v, _lora_defaults()[k]))
@@ -142,7 +205,7 @@ def get_peft_model(model: nn.Module, r: int = 16, target_modules=DEFAULT_TARGETS
     checkpointing.check(model, use_gradient_checkpointing)
     _check_max_seq_length(model, max_seq_length)
     targets = lora_keywords["target_modules"]
-    lora_keywords.update(target_modules=targets if isinstance(targets, str) else list(targets),
+    lora_keywords.update(target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
                          rank_pattern=dict(lora_keywords["rank_pattern"] or {}),
                          alpha_pattern=dict(lora_keywords["alpha_pattern"] or {}),
                          loftq_config=as_dict(lora_keywords["loftq_config"]))
@@ -159,8 +222,9 @@ def _lora_defaults() -> dict:
     """get_peft_model's own defaults for the LoRA keywords (what 'not given' means beside a LoraConfig)."""
     params = inspect.signature(get_peft_model).parameters
     return {k: params[k].default for k in ("target_modules", "lora_alpha", "lora_dropout", "bias", "use_rslora",
-                                           "init_lora_weights", "layers_to_transform", "modules_to_save",
-                                           "rank_pattern", "alpha_pattern", "loftq_config", "use_dora")}
+                                           "init_lora_weights", "layers_to_transform", "layers_pattern",
+                                           "modules_to_save", "rank_pattern", "alpha_pattern", "loftq_config",
+                                           "use_dora", "task_type")}
 
 
 def _same_value(a, b) -> bool:
@@ -189,7 +253,7 @@ def _check_init(config: LoraConfig, origin: str) -> None:
     """The adapter's initialisation and patterns, before anything changes."""
     from .inits import check_init_lora_weights
 
-    check_patterns(config, origin)
+    config.check(origin)
     if config.loftq_config and config.init_lora_weights != "loftq":
         raise ValueError(f"{origin}: loftq_config is given but init_lora_weights={config.init_lora_weights!r}; "
                          f"LoftQ runs with init_lora_weights='loftq'")
@@ -262,12 +326,13 @@ def _check_ranks(model: nn.Module, config: LoraConfig, targets: list) -> None:
 
 
 def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str,
-            initialize: bool = True) -> None:
+            initialize: bool = True, origin: str = "get_peft_model") -> None:
     """initialize=False (an adapter about to be loaded): plain init, whatever the config's init says, so a
-    loaded PiSSA/OLoRA/LoftQ adapter does not change the base it is loaded onto."""
+    loaded PiSSA/OLoRA/LoftQ adapter does not change the base it is loaded onto. Every check that can fail
+    (the config's own, by the caller) comes before the first change to the model."""
     from .inits import needs_dense_base
 
-    targets = find_targets(model, config)  # raises before anything changes
+    targets = find_targets(model, config, origin)  # raises before anything changes
     saved = _saved_paths(model, config, targets)
     _check_ranks(model, config, targets)
     config.fan_in_fan_out = any(is_conv1d(model.get_submodule(t)) for t in targets)
@@ -452,7 +517,7 @@ class LoraModel(nn.Module):
         for name in names:
             full = {k: full_tensor(v) for k, v in self._adapter_state(name).items()}  # a collective: every rank
             cfg = self.peft_config[name].to_peft(getattr(getattr(self.base_model.model, "config", None),
-                                                         "name_or_path", None) or None)
+                                                         "name_or_path", None) or None, self._auto_mapping(name))
             if initial is not None:
                 full, cfg = to_plain_lora({k: v.detach().cpu() for k, v in full.items()}, initial, cfg)
             files["" if name == "default" else name] = (
@@ -468,27 +533,53 @@ class LoraModel(nn.Module):
                 with open(fresh(os.path.join(directory, CONFIG_NAME)), "w") as f:
                     json.dump(cfg, f, indent=2)
 
+    def _auto_mapping(self, adapter_name: str) -> Optional[dict]:
+        """What PEFT writes as auto_mapping when the adapter has no task_type: the base model's class and module,
+        from which AutoPeftModel rebuilds the base."""
+        if self.peft_config[adapter_name].task_type is not None:
+            return None
+        cls = type(self.base_model.model)
+        return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+
+    @staticmethod
+    def _files(directory: str) -> tuple:
+        """(config path, weights path) of a saved adapter: adapter_model.safetensors, else the adapter_model.bin
+        of PEFT's save_pretrained(safe_serialization=False); an error naming what is missing."""
+        directory = existing(directory)  # or what a save killed half way left in its place
+        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"adapter file not found: {cfg_path}")
+        if not os.path.isfile(w_path):
+            if not os.path.isfile(os.path.join(directory, BIN_NAME)):
+                raise FileNotFoundError(f"adapter file not found: {w_path} (nor {BIN_NAME} beside it)")
+            w_path = os.path.join(directory, BIN_NAME)
+        return cfg_path, w_path
+
     @staticmethod
     def _read_adapter(directory: str):
         from safetensors.torch import load_file
 
-        directory = existing(directory)  # or what a save killed half way left in its place
-        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (cfg_path, w_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"adapter file not found: {path}")
+        cfg_path, w_path = LoraModel._files(directory)
         try:
             with open(cfg_path) as f:
                 config = LoraConfig.from_peft(json.load(f), cfg_path)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-        try:
-            weights = load_file(w_path)
-        except Exception as e:  # noqa: BLE001  (safetensors raises several types for a damaged file)
-            raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from None
+        if w_path.endswith(".bin"):
+            try:  # as PEFT reads it: tensors only (no pickled code), onto the CPU
+                weights = torch.load(w_path, weights_only=True, map_location="cpu")
+            except Exception as e:  # noqa: BLE001  (pickle and zip raise several types for a damaged file)
+                raise ValueError(f"{w_path} is not a readable PyTorch file: {e}") from None
+            if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+                raise ValueError(f"{w_path}: expected a dict of tensors, got {type(weights).__name__}")
+        else:
+            try:
+                weights = load_file(w_path)
+            except Exception as e:  # noqa: BLE001  (safetensors raises several types for a damaged file)
+                raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from None
         # PEFT's keys carry the wrapper's prefix; ours are model paths.
         prefix = "base_model.model."
-        odd = [k for k in weights if not k.startswith(prefix)]
+        odd = [k for k in weights if not (isinstance(k, str) and k.startswith(prefix))]
         if odd:
             raise ValueError(f"{w_path}: keys must start with {prefix!r}, got {odd[:5]}")
         return config, {k[len(prefix):]: v for k, v in weights.items()}
@@ -524,9 +615,10 @@ class LoraModel(nn.Module):
                         quantize_base: Optional[str] = None, quant_storage: torch.dtype = torch.uint8) -> "LoraModel":
         """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched."""
         config, weights = cls._read_adapter(directory)
+        cfg_path, w_path = cls._files(directory)
         config.quantize_base, config.quant_storage = quantize_base, quant_storage
-        cls._check_weights(model, find_targets(model, config), config, weights, os.path.join(directory, WEIGHTS_NAME))
-        _inject(model, config, random_state=0, adapter_name=adapter_name, initialize=False)
+        cls._check_weights(model, find_targets(model, config, cfg_path), config, weights, w_path)
+        _inject(model, config, random_state=0, adapter_name=adapter_name, initialize=False, origin=cfg_path)
         lora = cls(model, config, adapter_name)
         lora._copy_in(weights, adapter_name, config)
         return lora
@@ -558,10 +650,12 @@ class LoraModel(nn.Module):
         the base, which every adapter shares. Everything is checked before the model changes; the cost is
         that adapter's size, whatever the others hold."""
         config, weights = self._read_adapter(directory)
+        cfg_path, w_path = self._files(directory)
         model = self.base_model.model
-        names = find_targets(model, config)
-        saved = self._check_weights(model, names, config, weights, os.path.join(directory, WEIGHTS_NAME))
+        names = find_targets(model, config, cfg_path)
+        saved = self._check_weights(model, names, config, weights, w_path)
         self._check_trained_parts(config, saved, adapter_name, directory)
+        like = self._adapter_like()
         config.fan_in_fan_out = any(is_conv1d(_unwrapped(model.get_submodule(n))) for n in names)
         active = adapter_name == self.active_adapter
         if active:
@@ -576,14 +670,13 @@ class LoraModel(nn.Module):
         for p in _bias_params(model, config.bias, names, saved).values():
             p.requires_grad_(True)
         _add_saved_copies(model, saved, adapter_name, self.active_adapter)
-        self.peft_config[adapter_name] = config
         if in_place:
             self._copy_in(weights, adapter_name, config)
             for name in names:
                 layers[name].set_adapter_weights(layers[name].lora_A, layers[name].lora_B, config.alpha_for(name),
                                                  config.use_rslora, config.lora_dropout)
+            self.peft_config[adapter_name] = config
             return
-        like = self._adapter_like()
         for name in names:
             if not isinstance(model.get_submodule(name), LoraLinear):
                 _set_module(model, name, LoraLinear.without_adapter(model.get_submodule(name)))
@@ -592,6 +685,7 @@ class LoraModel(nn.Module):
         self._stored_magnitudes.pop(adapter_name, None)
         if config.use_dora:
             self._stored_magnitudes[adapter_name] = {n: weights[f"{n}.lora_magnitude_vector"].to(like) for n in names}
+        self.peft_config[adapter_name] = config  # _install reads it
         if active:
             self._install(adapter_name)
         self._copy_in(weights, adapter_name, config)  # biases and modules_to_save copies
@@ -630,16 +724,22 @@ class LoraModel(nn.Module):
                              f"{init_lora_weights!r} (an init that changes the base weight would change it under "
                              f"every other adapter)")
         active = self.peft_config[self.active_adapter]
-        config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
-                            init_lora_weights, active.layers_to_transform, modules_to_save,
-                            fan_in_fan_out=active.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
-                            alpha_pattern=dict(alpha_pattern or {}), use_dora=use_dora)
-        check_patterns(config, f"add_adapter({adapter_name!r})")
         if not isinstance(use_dora, bool):
             raise TypeError(f"add_adapter: use_dora must be True or False, got {use_dora!r}")
+        origin = f"add_adapter({adapter_name!r})"
+        # The model's task (PEFT: its task model's class) gives every adapter its own copy of the head.
+        config = LoraConfig(r, lora_alpha, active.target_modules, lora_dropout, "none", use_rslora,
+                            init_lora_weights, active.layers_to_transform, active.layers_pattern, modules_to_save,
+                            fan_in_fan_out=active.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
+                            alpha_pattern=dict(alpha_pattern or {}), use_dora=use_dora, task_type=active.task_type)
+        config.check(origin)
         if use_dora:  # its magnitudes start at the row norms of the unmerged base
             self._check_unmerged(f"add_adapter({adapter_name!r}, use_dora=True)")
-        targets = sorted(self._pairs(self.active_adapter))  # the modules the active adapter targets
+        # The modules the active adapter targets, but those this one trains in full (as PEFT)
+        targets = sorted(n for n in self._pairs(self.active_adapter) if not _in_saved_module(n, config))
+        if not targets:
+            raise ValueError(f"{origin}: every module the adapters target lies in modules_to_save "
+                             f"{config.modules_to_save!r}: nothing is left to adapt")
         _check_ranks(self.base_model.model, config, targets)
         saved = _saved_paths(self.base_model.model, config, targets)
         self._check_trained_parts(config, saved, adapter_name, f"add_adapter({adapter_name!r})")

@@ -17,11 +17,17 @@ CONFIG_NAME = "adapter_config.json"
 # Fields of PEFT's LoraConfig that lora_ext takes, and those that only describe the file or are
 # derived from the model (task type, fan_in_fan_out). Any other field must keep PEFT's default.
 _TAKEN = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "init_lora_weights",
-          "layers_to_transform", "modules_to_save", "rank_pattern", "alpha_pattern", "loftq_config", "use_dora")
-_BOOKKEEPING = ("peft_type", "task_type", "base_model_name_or_path", "revision", "fan_in_fan_out", "auto_mapping",
+          "layers_to_transform", "layers_pattern", "modules_to_save", "rank_pattern", "alpha_pattern", "loftq_config",
+          "use_dora", "task_type")
+_BOOKKEEPING = ("peft_type", "base_model_name_or_path", "revision", "fan_in_fan_out", "auto_mapping",
                 "runtime_config", "peft_version", "inference_mode")
 # PEFT LoraConfig fields whose default is not None/False/empty, for when peft itself is not installed.
 _PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+# PEFT's TaskType values
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# PEFT's task models (peft_model.py: PeftModelForSequenceClassification, ...) train their heads in full: these
+# names join modules_to_save, and so PEFT's adapter files of those tasks carry the heads' weights.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
 
 @dataclass
@@ -34,6 +40,7 @@ class LoraConfig:
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
     layers_to_transform: Optional[Union[int, list]] = None
+    layers_pattern: Optional[Union[str, list]] = None  # the name(s) before the layer index (PEFT's rule)
     modules_to_save: Optional[list] = None
     quantize_base: Optional[str] = None
     quant_storage: torch.dtype = torch.uint8  # of the NF4 packed bytes (bitsandbytes' bnb_4bit_quant_storage)
@@ -42,6 +49,50 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)  # module-name pattern -> lora_alpha
     loftq_config: dict = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": N} with init "loftq"
     use_dora: bool = False  # DoRA: a magnitude per output feature beside A and B (lora_ext/dora.py)
+    task_type: Optional[str] = None  # PEFT's TaskType; SEQ_CLS etc. add their heads to modules_to_save
+
+    def __post_init__(self):
+        # PEFT's task models add their heads to modules_to_save (only names not there yet: a config read back
+        # from a file of such a task already has them).
+        heads = TASK_HEADS.get(self.task_type, []) if isinstance(self.task_type, str) else []
+        if heads and (self.modules_to_save is None or isinstance(self.modules_to_save, list)):
+            self.modules_to_save = list(self.modules_to_save or []) + [h for h in heads if h not in
+                                                                         (self.modules_to_save or [])]
+
+    def check(self, origin: str) -> None:
+        """Every field's type and range, and PEFT's rules between fields (its LoraConfig.__post_init__), so a
+        bad config is refused before anything changes; `origin` (the call, or the file) starts each message."""
+        def refuse(name, wanted):
+            raise ValueError(f"{origin}: {name} must be {wanted}, got {getattr(self, name)!r}")
+
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        for name, ok, wanted in (
+                ("r", _is_rank(self.r), "an integer >= 1"),
+                ("lora_alpha", _is_alpha(self.lora_alpha), "a number >= 0"),
+                ("lora_dropout", _is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
+                ("use_rslora", isinstance(self.use_rslora, bool), "True or False"),
+                ("use_dora", isinstance(self.use_dora, bool), "True or False"),
+                ("bias", self.bias in BIAS_MODES, f"one of {BIAS_MODES}"),
+                ("target_modules", isinstance(self.target_modules, str) or _is_names(self.target_modules),
+                 "a regular expression (str) or a list of module names"),
+                ("layers_to_transform", layers is None or _is_index(layers) or
+                 (isinstance(layers, list) and all(map(_is_index, layers))), "None, a layer index or a list of them"),
+                ("layers_pattern", pattern is None or isinstance(pattern, str) or _is_names(pattern),
+                 "None, a name or a list of names"),
+                ("modules_to_save", self.modules_to_save is None or _is_names(self.modules_to_save),
+                 "None or a list of module names"),
+                ("task_type", self.task_type is None or self.task_type in TASK_TYPES, f"None or one of {TASK_TYPES}")):
+            if not ok:
+                refuse(name, wanted)
+        # PEFT's own rules and words (LoraConfig.__post_init__)
+        if isinstance(self.target_modules, str) and layers is not None:
+            raise ValueError(f"{origin}: `layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and pattern is not None:
+            raise ValueError(f"{origin}: `layers_pattern` cannot be used when `target_modules` is a str.")
+        if pattern and layers is None:
+            raise ValueError(f"{origin}: When `layers_pattern` is specified, `layers_to_transform` must also be "
+                             f"specified.")
+        check_patterns(self, origin)
 
     def r_for(self, module_name: str) -> int:
         """The rank of the layer at `module_name`: rank_pattern's first matching key, else r."""
@@ -52,13 +103,15 @@ class LoraConfig:
         key = pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
-    def to_peft(self, base_model_name_or_path=None) -> dict:
-        """adapter_config.json as PEFT writes it for a LoRA adapter."""
-        return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+    def to_peft(self, base_model_name_or_path=None, auto_mapping: Optional[dict] = None) -> dict:
+        """adapter_config.json as PEFT writes it for a LoRA adapter. auto_mapping: the base model's class and
+        module, which PEFT writes when task_type is None (AutoPeftModel builds the base from it)."""
+        return {"peft_type": "LORA", "task_type": self.task_type, "auto_mapping": auto_mapping,
+                "base_model_name_or_path": base_model_name_or_path,
                 "r": self.r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules,
                 "lora_dropout": self.lora_dropout, "bias": self.bias, "use_rslora": self.use_rslora,
                 "init_lora_weights": self.init_lora_weights, "layers_to_transform": self.layers_to_transform,
-                "layers_pattern": None, "modules_to_save": self.modules_to_save,
+                "layers_pattern": self.layers_pattern, "modules_to_save": self.modules_to_save,
                 "fan_in_fan_out": self.fan_in_fan_out, "rank_pattern": dict(self.rank_pattern),
                 "alpha_pattern": dict(self.alpha_pattern), "loftq_config": dict(self.loftq_config),
                 "use_dora": self.use_dora, "lora_bias": False, "inference_mode": True, "revision": None}
@@ -75,16 +128,19 @@ class LoraConfig:
         missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
         if missing:
             raise ValueError(f"{path}: missing {missing}")
-        if (cfg.get("bias") or "none") not in BIAS_MODES:
-            raise ValueError(f"{path}: bias must be one of {BIAS_MODES}, got {cfg['bias']!r}")
-        config = cls(r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
-                     lora_dropout=float(cfg.get("lora_dropout") or 0.0), bias=cfg.get("bias") or "none",
-                     use_rslora=bool(cfg.get("use_rslora")), init_lora_weights=cfg.get("init_lora_weights", True),
-                     layers_to_transform=cfg.get("layers_to_transform"), modules_to_save=cfg.get("modules_to_save"),
-                     rank_pattern=dict(cfg.get("rank_pattern") or {}),
-                     alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-                     loftq_config=dict(cfg.get("loftq_config") or {}), use_dora=bool(cfg.get("use_dora")))
-        check_patterns(config, path)
+        def value_or(name, default):  # null in the file is the default; any other value is checked, never coerced
+            return default if cfg.get(name) is None else cfg[name]
+
+        config = cls(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
+                     lora_dropout=value_or("lora_dropout", 0.0), bias=value_or("bias", "none"),
+                     use_rslora=value_or("use_rslora", False), init_lora_weights=value_or("init_lora_weights", True),
+                     layers_to_transform=cfg.get("layers_to_transform"),
+                     layers_pattern=cfg.get("layers_pattern") or None, modules_to_save=cfg.get("modules_to_save"),
+                     rank_pattern=value_or("rank_pattern", {}), alpha_pattern=value_or("alpha_pattern", {}),
+                     loftq_config=value_or("loftq_config", {}), use_dora=value_or("use_dora", False),
+                     task_type=cfg.get("task_type"))
+        config.check(path)
+        config.loftq_config = as_dict(config.loftq_config)
         return config
 
 
@@ -101,8 +157,20 @@ def _is_rank(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_alpha(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return _is_number(value) and value >= 0
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
 def check_patterns(config: LoraConfig, origin: str) -> None:
@@ -150,8 +218,10 @@ def _unsupported_fields(fields: dict, defaults: Optional[dict]) -> list:
     for name, value in fields.items():
         if name in _TAKEN or name in _BOOKKEEPING:
             continue
-        known = defaults is not None and name in defaults
-        if not (defaults[name] == value if known else value in (None, False, {}, [], ())):
+        default = defaults.get(name) if defaults is not None and name in defaults else None
+        # An empty container where PEFT's default is None asks for nothing either (exclude_modules=[], which
+        # PEFT's LoraConfig turns into set(), ...).
+        if not (value == default or (default is None and value in (None, False, {}, [], (), set()))):
             out.append(f"{name}={value!r}")
     return out
 
@@ -188,6 +258,8 @@ def kwargs_from_config_object(config, model=None) -> dict:
     elif not isinstance(targets, str):
         kwargs["target_modules"] = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
     kwargs["loftq_config"] = as_dict(kwargs.get("loftq_config"))
+    task_type = kwargs.get("task_type")
+    kwargs["task_type"] = getattr(task_type, "value", task_type)  # PEFT's TaskType enum: its name
     kwargs["rank_pattern"] = dict(kwargs.get("rank_pattern") or {})
     kwargs["alpha_pattern"] = dict(kwargs.get("alpha_pattern") or {})
     return kwargs

@@ -303,3 +303,52 @@ def test_lora_model_copies_and_forwards_attributes():
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(twin(ids).logits, model(ids).logits)
+
+
+def _peft_targets(peft_model):
+    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["q_proj", "mlp"], r"entry 'mlp' matches model.layers.0.mlp \(LlamaMLP\): it is not a layer but a block of "
+                        r"them: name the Linear layers inside it; lora_ext supports Linear, NF4Linear and "
+                        r"GPT-2 Conv1D"),
+    (["q_proj", "embed_tokens"], r"entry 'embed_tokens' matches model.embed_tokens \(Embedding\): LoRA on embeddings"),
+    (r".*\.(q_proj|embed_tokens)", r"entry '.*' matches model.embed_tokens \(Embedding\)"),
+])
+def test_targets_lora_ext_cannot_adapt_are_named_and_change_nothing(targets, message):
+    """PEFT adapts embeddings and convolutions and refuses blocks (LlamaMLP); lora_ext refuses all three by name
+    rather than leave out what PEFT would adapt."""
+    if targets[-1] == "mlp":
+        with pytest.raises(ValueError, match="Target module LlamaMLP"):
+            peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=targets))
+    model = _llama()
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="get_peft_model: target_modules " + message):
+        lora_ext.get_peft_model(model, r=4, target_modules=targets)
+    after = {n: (p.requires_grad, p.detach()) for n, p in model.named_parameters()}
+    assert after.keys() == before.keys() and all(after[n][0] == g and torch.equal(after[n][1], v)
+                                                 for n, (g, v) in before.items())
+    assert not any(isinstance(m, lora_ext.LoraLinear) for m in model.modules())
+
+
+def test_unadaptable_targets_in_files_and_other_models(tmp_path):
+    # PEFT's adapter on the embedding: the load says why, naming the file
+    peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"])).save_pretrained(
+        str(tmp_path))
+    fresh = _llama()
+    with pytest.raises(ValueError, match=r"adapter_config.json: target_modules entry 'embed_tokens' matches "
+                                         r"model.embed_tokens \(Embedding\): LoRA on embeddings"):
+        lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path))
+    assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
+    # a convolution, in a model of one's own
+    net = torch.nn.Sequential()
+    net.add_module("conv", torch.nn.Conv2d(3, 4, 3))
+    net.add_module("fc", torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"entry 'conv' matches conv \(Conv2d\): lora_ext adapts Linear"):
+        lora_ext.get_peft_model(net, r=2, target_modules=["conv", "fc"])
+    # "all-linear" leaves them out silently, as PEFT
+    ours = lora_ext.get_peft_model(_llama(), r=4, target_modules="all-linear")
+    assert sorted(ours.lora_layers()) == _peft_targets(peft.get_peft_model(_llama(), peft.LoraConfig(
+        r=4, target_modules="all-linear")))

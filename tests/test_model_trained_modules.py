@@ -12,7 +12,7 @@ pytestmark = requires_c
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from hf_models import llama, randomize_adapters, token_ids  # noqa: E402
+from hf_models import llama, llama_classifier, randomize_adapters, token_ids  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -151,8 +151,8 @@ def test_bad_trained_module_requests_name_what_was_expected(tmp_path):
         lora_ext.get_peft_model(llama(), bias="some")
     with pytest.raises(ValueError, match=r"modules_to_save \['lm_haed'\] matches no module; closest: \['lm_head'\]"):
         lora_ext.get_peft_model(llama(), modules_to_save=["lm_haed"])
-    with pytest.raises(ValueError, match="are \\(or contain\\) LoRA targets"):
-        lora_ext.get_peft_model(llama(), target_modules=["q_proj"], modules_to_save=["self_attn"])
+    with pytest.raises(ValueError, match=r"every module target_modules \['q_proj'\] matches lies in modules_to_save"):
+        lora_ext.get_peft_model(llama(), target_modules=["q_proj"], modules_to_save=["self_attn"])  # PEFT: the same
     model = lora_ext.get_peft_model(_biased_llama(), r=4, target_modules=TARGETS, bias="all")
     model.save_pretrained(str(tmp_path / "biased"))
     with pytest.raises(ValueError, match="adapter 'default' already trains the biases"):
@@ -221,3 +221,42 @@ def test_nf4_parameter_count_does_not_depend_on_the_storage_dtype():
               .get_nb_trainable_parameters() for st in (torch.uint8, torch.bfloat16, torch.float32)}
     assert len(set(counts.values())) == 1, counts
     assert counts[torch.uint8] == lora_ext.get_peft_model(llama(), r=4).get_nb_trainable_parameters()
+
+
+def _roberta_classifier(seed=0):
+    """Its head `classifier` is a block: two Linear layers (classifier.dense, classifier.out_proj)."""
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=40, num_labels=3)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+def _peft_targets(peft_model):
+    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+@pytest.mark.parametrize("make, config", [
+    (llama_classifier, dict(target_modules="all-linear", modules_to_save=["score"])),
+    (llama_classifier, dict(target_modules=["q_proj", "score"], modules_to_save=["score"])),
+    (_roberta_classifier, dict(target_modules="all-linear", task_type="SEQ_CLS")),  # classifier.dense/out_proj
+], ids=["all-linear", "named", "inside a block"])
+def test_targets_in_modules_to_save_are_left_out_as_in_peft(tmp_path, make, config):
+    """PEFT never adapts a modules_to_save module or one inside it (its _ExcludedModule): the module is trained
+    in full instead. Its saved adapter lists such modules in target_modules (all-linear, expanded) and loads
+    here with the same logits; ours loads there."""
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, **config))
+    ours = lora_ext.get_peft_model(make(), r=4, **config)
+    assert sorted(ours.lora_layers()) == _peft_targets(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(5))
+    _perturb_trained(theirs)
+    theirs.eval().save_pretrained(str(tmp_path / "theirs"))
+    loaded = lora_ext.LoraModel.from_pretrained(make(), str(tmp_path / "theirs"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    _perturb_trained(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,9 @@
 """The calls users paste from Unsloth and PEFT: Unsloth's get_peft_model keywords (gradient checkpointing,
 offloaded too), a PEFT LoraConfig object, rank_pattern / alpha_pattern both ways with PEFT, LoRA+.
 Real Hugging Face model classes from small configs; the real PEFT package as the oracle."""
+import json
+import re
+
 import pytest
 import torch
 
@@ -13,7 +16,7 @@ pytestmark = requires_c
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from hf_models import llama, randomize_adapters, token_ids  # noqa: E402
+from hf_models import llama, llama_classifier, randomize_adapters, t5, token_ids  # noqa: E402
 
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -148,7 +151,7 @@ def test_peft_lora_config_object_gives_what_the_keywords_give():
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(layers_pattern="layers", layers_to_transform=[0]), "layers_pattern='layers'"),
+    (dict(exclude_modules=["q_proj"]), "exclude_modules="),
     (dict(lora_bias=True), "lora_bias=True"),
     (dict(inference_mode=True), "inference_mode=True"),
 ])
@@ -161,7 +164,7 @@ def test_config_fields_lora_ext_lacks_are_named_and_change_nothing(config, messa
 
 
 def test_keywords_that_ask_for_nothing_pass_and_the_others_are_named():
-    lora_ext.get_peft_model(llama(), r=4, use_dora=False, layers_pattern=None, qat_scheme=None)
+    lora_ext.get_peft_model(llama(), r=4, use_dora=False, layers_pattern=None, qat_scheme=None, task_type=None)
     model = llama()
     before = _frozen_state(model)
     with pytest.raises(TypeError, match=r"not supported by lora_ext: qat_scheme='int4-weight', "
@@ -281,3 +284,161 @@ def test_loftq_through_get_peft_model():
             loftq = layer.base_layer.dequantize(torch.float32) + layer.scaling * layer.lora_B @ layer.lora_A
         plain = lora_ext.quantize_nf4(w, 64, True).dequantize(torch.float32)
         assert (w - loftq).norm() < 0.97 * (w - plain).norm(), name
+
+
+def _peft_targets(peft_model):
+    """The module paths PEFT put a LoRA layer on."""
+    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+def _logits(model, ids=None):
+    ids = token_ids() if ids is None else ids
+    extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        return model(input_ids=ids, **extra).logits
+
+
+LAYER_CASES = {  # PEFT's rule: the first numbered segment, or the number after a layers_pattern name
+    "t5 block, not its sublayer": (t5, dict(target_modules=["q", "v"], layers_to_transform=[1])),
+    "pattern str": (llama, dict(target_modules=["q_proj", "down_proj"], layers_to_transform=1,
+                                layers_pattern="layers")),
+    "pattern list": (llama, dict(target_modules=["q_proj"], layers_to_transform=[0],
+                                 layers_pattern=["blocks", "layers"])),
+    "a full path is not filtered": (llama, dict(target_modules=["q_proj", "model.layers.0.self_attn.v_proj"],
+                                                layers_to_transform=[1])),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layers_to_transform_picks_the_layers_peft_picks(tmp_path, case):
+    make, kw = LAYER_CASES[case]
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, init_lora_weights=False, **kw)).eval()
+    ours = lora_ext.get_peft_model(make(), r=4, **kw)
+    assert sorted(ours.lora_layers()) == _peft_targets(theirs)
+    # both ways through the files, layers_pattern included
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded = lora_ext.LoraModel.from_pretrained(make(), str(tmp_path / "theirs"))
+    torch.testing.assert_close(_logits(loaded), _logits(theirs), rtol=1e-5, atol=1e-5)
+    randomize_adapters(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["layers_pattern"] == kw.get("layers_pattern")
+    back = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(back), _logits(ours), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [r".*\.(q_proj|down_proj)", "all-linear"])
+@pytest.mark.parametrize("field, message", [
+    ("layers_to_transform", "`layers_to_transform` cannot be used when `target_modules` is a str."),
+    ("layers_pattern", "`layers_pattern` cannot be used when `target_modules` is a str."),
+])
+def test_layer_selection_with_a_str_target_is_refused_as_in_peft(targets, field, message):
+    kw = dict(layers_pattern="layers") if field == "layers_pattern" else dict(layers_to_transform=[1])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        peft.LoraConfig(r=4, target_modules=targets, **kw)
+    model = llama()
+    before = _frozen_state(model)
+    with pytest.raises(ValueError, match="get_peft_model: " + re.escape(message)):
+        lora_ext.get_peft_model(model, r=4, target_modules=targets, **kw)
+    _assert_untouched(model, before)
+
+
+def test_empty_containers_ask_for_nothing_as_in_peft(tmp_path):
+    """A field whose PEFT default is None, set to [] or {}, is the default (PEFT reads it so)."""
+    empty = dict(exclude_modules=[], target_parameters=[], layers_pattern=[])
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, **empty)
+    ours = lora_ext.get_peft_model(llama(), config)
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                          **empty)).eval()
+    assert sorted(ours.lora_layers()) == _peft_targets(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(empty, megatron_config={}, eva_config={}, corda_config={})
+    path.write_text(json.dumps(cfg))
+    reread = peft.PeftModel.from_pretrained(llama(), str(tmp_path)).eval()
+    loaded = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path))
+    torch.testing.assert_close(_logits(loaded), _logits(reread), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(loaded), _logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lora_alpha="16"), "lora_alpha must be a number >= 0, got '16'"),
+    (dict(lora_alpha=True), "lora_alpha must be a number >= 0, got True"),
+    (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\), got 1.0"),
+    (dict(lora_dropout=-0.1), r"lora_dropout must be a number in \[0, 1\), got -0.1"),
+    (dict(use_rslora="no"), "use_rslora must be True or False, got 'no'"),
+    (dict(layers_to_transform="1"), "layers_to_transform must be None, a layer index or a list of them, got '1'"),
+    (dict(layers_pattern="layers"), "When `layers_pattern` is specified, `layers_to_transform` must also be"),
+    (dict(modules_to_save="lm_head"), "modules_to_save must be None or a list of module names, got 'lm_head'"),
+    (dict(task_type="CLASSIFY"), "task_type must be None or one of"),
+])
+def test_bad_values_are_refused_before_the_model_changes(bad, message):
+    model = llama()
+    before = _frozen_state(model)
+    with pytest.raises(ValueError, match="get_peft_model: " + message):
+        lora_ext.get_peft_model(model, r=4, target_modules=["q_proj"], **bad)
+    _assert_untouched(model, before)
+    keywords = ("lora_alpha", "lora_dropout", "use_rslora", "modules_to_save")
+    if set(bad) <= set(keywords):  # add_adapter too: refused, nothing added
+        lora = lora_ext.get_peft_model(llama(), r=4, target_modules=["q_proj"])
+        with pytest.raises(ValueError, match=r"add_adapter\('x'\): " + message):
+            lora.add_adapter("x", **bad)
+        assert list(lora.peft_config) == ["default"] and not lora._stored
+
+
+def _trained_outside_lora(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_seq_cls_trains_the_head_as_peft_and_saves_its_task(tmp_path, targets):
+    """task_type='SEQ_CLS': the head (score/classifier) joins modules_to_save as PEFT's
+    PeftModelForSequenceClassification does, so all-linear leaves it out; the file says the task."""
+    config = dict(r=4, target_modules=targets, task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(llama_classifier(), peft.LoraConfig(**config))
+    ours = lora_ext.get_peft_model(llama_classifier(), peft.LoraConfig(**config))
+    by_keywords = lora_ext.get_peft_model(llama_classifier(), **config)
+    assert _trained_outside_lora(ours) == _trained_outside_lora(theirs) == _trained_outside_lora(by_keywords) == \
+        ["base_model.model.score.modules_to_save.default.weight"]
+    assert sorted(ours.lora_layers()) == _peft_targets(theirs) == sorted(by_keywords.lora_layers())
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    ours.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["modules_to_save"], cfg["auto_mapping"]) == ("SEQ_CLS", ["classifier", "score"], None)
+    back = peft.PeftModel.from_pretrained(llama_classifier(), str(tmp_path)).eval()
+    assert type(back).__name__ == "PeftModelForSequenceClassification"
+    torch.testing.assert_close(_logits(back), _logits(ours), rtol=1e-5, atol=1e-5)
+    again = lora_ext.LoraModel.from_pretrained(llama_classifier(), str(tmp_path))
+    assert again.peft_config["default"].task_type == "SEQ_CLS"
+    torch.testing.assert_close(_logits(again), _logits(ours), rtol=1e-5, atol=1e-5)
+
+
+def test_task_type_and_auto_mapping_as_peft_writes_them(tmp_path):
+    """No task_type: PEFT's auto_mapping (so AutoPeftModel rebuilds the base); a task_type survives a load and a
+    save here."""
+    llama().save_pretrained(str(tmp_path / "base"))
+
+    def base():
+        return transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+
+    ours = lora_ext.get_peft_model(base(), r=4, target_modules=["q_proj"])
+    randomize_adapters(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    peft.get_peft_model(base(), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "peft"))
+    mine, reference = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft"))
+    assert mine["task_type"] is None and mine["auto_mapping"] == reference["auto_mapping"] is not None
+    for auto in (peft.AutoPeftModelForCausalLM, peft.AutoPeftModel):
+        torch.testing.assert_close(_logits(auto.from_pretrained(str(tmp_path / "ours")).eval()), _logits(ours),
+                                   rtol=1e-5, atol=1e-5)
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    theirs.save_pretrained(str(tmp_path / "causal"))
+    lora_ext.LoraModel.from_pretrained(base(), str(tmp_path / "causal")).save_pretrained(str(tmp_path / "again"))
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["auto_mapping"]) == ("CAUSAL_LM", None)
+    assert type(peft.PeftModel.from_pretrained(base(), str(tmp_path / "again"))).__name__ == "PeftModelForCausalLM"

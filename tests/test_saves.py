@@ -187,6 +187,30 @@ def _break_config(tmp_path, edit):
      r"rank_pattern\['q_proj'\] must be an integer >= 1"),
     (lambda d: _break_config(d, lambda c: c.update(r=8)), ValueError, r"has shape \(4, 64\), the model needs \(8, 64\)"),
     (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "adapter file not found"),
+    (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError,
+     r"adapter file not found: .*adapter_model.safetensors \(nor adapter_model.bin beside it\)"),
+    # every field checked before anything changes, named with the file (none coerced: "false" is not False)
+    (lambda d: _break_config(d, lambda c: c.update(lora_alpha="8")), ValueError,
+     r"adapter_config.json: lora_alpha must be a number >= 0, got '8'"),
+    (lambda d: _break_config(d, lambda c: c.update(lora_alpha=None)), ValueError,
+     "lora_alpha must be a number >= 0, got None"),
+    (lambda d: _break_config(d, lambda c: c.update(lora_dropout=1.5)), ValueError,
+     r"adapter_config.json: lora_dropout must be a number in \[0, 1\), got 1.5"),
+    (lambda d: _break_config(d, lambda c: c.update(lora_dropout=-0.1)), ValueError,
+     r"lora_dropout must be .* got -0.1"),
+    (lambda d: _break_config(d, lambda c: c.update(use_rslora="false")), ValueError,
+     "use_rslora must be True or False, got 'false'"),
+    (lambda d: _break_config(d, lambda c: c.update(use_dora="false")), ValueError,
+     "use_dora must be True or False, got 'false'"),
+    (lambda d: _break_config(d, lambda c: c.update(r="4")), ValueError, "r must be an integer >= 1, got '4'"),
+    (lambda d: _break_config(d, lambda c: c.update(target_modules=None)), ValueError,
+     r"target_modules must be a regular expression \(str\) or a list of module names, got None"),
+    (lambda d: _break_config(d, lambda c: c.update(layers_to_transform="1")), ValueError,
+     "layers_to_transform must be None, a layer index or a list of them, got '1'"),
+    (lambda d: _break_config(d, lambda c: c.update(modules_to_save="lm_head")), ValueError,
+     "modules_to_save must be None or a list of module names, got 'lm_head'"),
+    (lambda d: _break_config(d, lambda c: c.update(target_modules=".*q_proj", layers_to_transform=[0])), ValueError,
+     "adapter_config.json: `layers_to_transform` cannot be used when `target_modules` is a str."),  # PEFT's words
     (lambda d: _retype(d, torch.int32), ValueError, r"lora_A.weight is torch.int32, expected a floating-point"),
 ])
 def test_a_damaged_adapter_is_refused_and_the_model_unchanged(tmp_path, damage, error, message):
@@ -208,6 +232,30 @@ def test_a_damaged_adapter_is_refused_and_the_model_unchanged(tmp_path, damage, 
     torch.testing.assert_close(target(ids).logits, logits, rtol=0, atol=0)
     fresh = llama()
     with pytest.raises(error, match=message):
+        lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path))
+    assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
+    assert all(p.requires_grad for p in fresh.parameters())  # not even frozen
+
+
+def test_peft_bin_adapter_loads_with_the_same_logits(tmp_path):
+    """PEFT's save_pretrained(safe_serialization=False) writes adapter_model.bin: read as PEFT reads it."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False)).eval()
+    theirs.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert not (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_model.bin").exists()
+    ids = token_ids()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        loaded = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path))
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        second = lora_ext.get_peft_model(llama(), r=2, target_modules=["k_proj"])
+        second.load_adapter(str(tmp_path), "bin")
+        second.set_adapter("bin")
+        torch.testing.assert_close(second(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle")
+    fresh = llama()
+    with pytest.raises(ValueError, match="adapter_model.bin is not a readable PyTorch file"):
         lora_ext.LoraModel.from_pretrained(fresh, str(tmp_path))
     assert not any(isinstance(m, lora_ext.LoraLinear) for m in fresh.modules())
 
