@@ -45,6 +45,18 @@ def _kind(value) -> Optional[str]:
     return None
 
 
+def init_when_loaded(value) -> Union[bool, str]:
+    """The init a loaded adapter saved with init_lora_weights=value starts from, before its weights are copied in
+    (PEFT's rule): PiSSA and OLoRA are taken again, as their file is meant for the original base, whose top
+    they move out of W; any other init is plain, which the loaded weights replace. An adapter meant for the base
+    its init left (LoraModel.base_state_dict) says init_lora_weights=True, as PEFT's examples write it."""
+    return value if _kind(value) in ("pissa", "olora") else True
+
+
+def changes_base_when_loaded(value) -> bool:
+    return init_when_loaded(value) is not True
+
+
 def _loftq_settings(loftq_config) -> tuple[int, int]:
     """(bits, iterations) from PEFT's dict or a peft.LoftQConfig; a ValueError saying what is expected otherwise."""
     if not loftq_config:

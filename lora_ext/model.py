@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -327,16 +328,21 @@ def _check_ranks(model: nn.Module, config: LoraConfig, targets: list) -> None:
 
 def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_name: str,
             initialize: bool = True, origin: str = "get_peft_model") -> None:
-    """initialize=False (an adapter about to be loaded): plain init, whatever the config's init says, so a
-    loaded PiSSA/OLoRA/LoftQ adapter does not change the base it is loaded onto. Every check that can fail
+    """initialize=False (an adapter about to be loaded): PiSSA and OLoRA taken again on the base given (the
+    original one, as PEFT reads such a file), any other init plain (inits.init_when_loaded). Every check that can fail
     (the config's own, by the caller) comes before the first change to the model."""
-    from .inits import needs_dense_base
+    from .inits import init_when_loaded, needs_dense_base
 
     targets = find_targets(model, config, origin)  # raises before anything changes
     saved = _saved_paths(model, config, targets)
     _check_ranks(model, config, targets)
     config.fan_in_fan_out = any(is_conv1d(model.get_submodule(t)) for t in targets)
-    init = config.init_lora_weights if initialize else True
+    init = config.init_lora_weights if initialize else init_when_loaded(config.init_lora_weights)
+    if not initialize and isinstance(init, str) and init.startswith("pissa_niter_"):
+        warnings.warn(f"{origin}: init_lora_weights={init!r}: the randomised SVD taken again as the adapter loads "
+                      f"gives another residual base than the one it was trained on (PEFT's too); save PiSSA "
+                      f"adapters with path_initial_model_for_weight_conversion for an exact reload", UserWarning,
+                      stacklevel=3)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.quantize_base == "nf4":
@@ -649,8 +655,16 @@ class LoraModel(nn.Module):
         otherwise the new weights replace it. Biases an adapter carries (bias != 'none') are written into
         the base, which every adapter shares. Everything is checked before the model changes; the cost is
         that adapter's size, whatever the others hold."""
+        from .inits import changes_base_when_loaded
+
         config, weights = self._read_adapter(directory)
         cfg_path, w_path = self._files(directory)
+        if changes_base_when_loaded(config.init_lora_weights):
+            raise ValueError(f"{cfg_path}: init_lora_weights={config.init_lora_weights!r}: such an adapter is read (as "
+                             f"PEFT reads it) as meant for the original base, whose top its init moves into the "
+                             f"adapter; that would change the base under this model's other adapters. Load it with "
+                             f"LoraModel.from_pretrained onto the original base, or, if it was saved for the base its "
+                             f"init left (base_state_dict), set init_lora_weights to true in its adapter_config.json")
         model = self.base_model.model
         names = find_targets(model, config, cfg_path)
         saved = self._check_weights(model, names, config, weights, w_path)

@@ -235,8 +235,9 @@ def test_init_checkpointing_and_loraplus_flags(tmp_path, capsys):
     assert not torch.allclose(residual.state_dict()[q], original.state_dict()[q], atol=1e-3)
     assert torch.equal(residual.state_dict()["model.layers.0.mlp.up_proj.weight"],
                        original.state_dict()["model.layers.0.mlp.up_proj.weight"])  # not a target: as it was
-    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["base_model_name_or_path"] == \
-        os.path.join(out, "base_model")
+    saved = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    # for that base as it is: PEFT (and lora_ext) would take a "pissa" init again on load
+    assert saved["base_model_name_or_path"] == os.path.join(out, "base_model") and saved["init_lora_weights"] is True
     again = str(tmp_path / "again")
     assert main(["finetune", "--resume", out, "--steps", "6", "--out", again, *SMALL]) == 0
     assert _summary(again)["steps"] == 6 and _summary(again)["loraplus_ratio"] == 8.0

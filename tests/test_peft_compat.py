@@ -1,6 +1,7 @@
 """The calls users paste from Unsloth and PEFT: Unsloth's get_peft_model keywords (gradient checkpointing,
 offloaded too), a PEFT LoraConfig object, rank_pattern / alpha_pattern both ways with PEFT, LoRA+.
 Real Hugging Face model classes from small configs; the real PEFT package as the oracle."""
+import copy
 import json
 import re
 
@@ -267,6 +268,51 @@ def test_pissa_and_olora_models_save_as_plain_lora_over_the_original_base(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, trained, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours(ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def _nudge_adapters(model):
+    """As training would: A and B (ours or PEFT's) moved off their initial values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_load_onto_the_original_base_as_in_peft(tmp_path, init):
+    """A PiSSA/OLoRA adapter saved as it is, by PEFT or by us, is read as PEFT reads it: meant for the original
+    base, whose top the init moves into the adapter again before the saved A and B replace it. Saved for the base
+    the init left (init_lora_weights=True, PEFT's advice), it loads onto that base as it is; load_adapter, which
+    would change the base under the other adapters, refuses such an adapter and changes nothing."""
+    ids, targets = token_ids(), ["q_proj", "v_proj"]
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                          init_lora_weights=init))
+    _nudge_adapters(theirs)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = lora_ext.get_peft_model(llama(), r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init)
+    _nudge_adapters(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    with torch.no_grad():
+        for trained, saved in ((theirs.eval(), "peft"), (ours.eval(), "ours")):
+            expected = trained(ids).logits
+            for reader in (lora_ext.LoraModel, peft.PeftModel):
+                reloaded = reader.from_pretrained(llama(), str(tmp_path / saved)).eval()
+                torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    residual = llama()
+    residual.load_state_dict(ours.base_state_dict())
+    ours.peft_config["default"].init_lora_weights = True
+    ours.save_pretrained(str(tmp_path / "for_residual"))
+    with torch.no_grad():
+        for reader in (lora_ext.LoraModel, peft.PeftModel):
+            reloaded = reader.from_pretrained(copy.deepcopy(residual), str(tmp_path / "for_residual")).eval()
+            torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    other = lora_ext.get_peft_model(llama(), r=4, target_modules=targets)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}': such an adapter is read .* as meant for "
+                                         rf"the original base"):
+        other.load_adapter(str(tmp_path / "peft"), "pissa")
+    assert sorted(other.peft_config) == ["default"] and other.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def test_loftq_through_get_peft_model():

@@ -181,6 +181,8 @@ def run(args) -> dict:
             base_path = os.path.abspath(os.path.join(args.out, "base_model"))
             _save_model(model, base_path, state_dict=lora.base_state_dict())
             model.config.name_or_path = base_path
+            # the adapter is for that base: PEFT (and lora_ext) would take a "pissa"/"olora" init again on load
+            lora.peft_config[lora.active_adapter].init_lora_weights = True
     lora.train()
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = _optimizer(lora, args.lr, loraplus_ratio)
