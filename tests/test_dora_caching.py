@@ -34,13 +34,18 @@ def _fresh(layer, x):
         return layer(x)
 
 
-@pytest.mark.parametrize("base_kind", ["dense", "nf4"])
-def test_norms_are_reused_while_nothing_changes_and_recomputed_after_any_change(base_kind, norm_calls):
+def _dora_layer(base_kind: str) -> lora_ext.LoraLinear:
+    """A DoRA layer (random B) over a dense or NF4 base of 24 x 40."""
     torch.manual_seed(0)
     base = nn.Linear(40, 24)
     if base_kind == "nf4":
         base = lora_ext.NF4Linear.from_linear(base, blocksize=64)
-    layer = lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    return lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+
+
+@pytest.mark.parametrize("base_kind", ["dense", "nf4"])
+def test_norms_are_reused_while_nothing_changes_and_recomputed_after_any_change(base_kind, norm_calls):
+    layer = _dora_layer(base_kind)
     x = torch.randn(3, 40)
     norm_calls.clear()  # (the magnitude's initialisation)
     changes = {"B in place": lambda: layer.lora_B.add_(0.05),
@@ -114,11 +119,7 @@ def test_a_new_adapter_at_a_freed_ones_address_and_version_is_not_taken_for_it()
 def test_inference_mode_tensors_which_have_no_version_are_never_cached(base_kind, norm_calls):
     """A model built, or an adapter loaded, under torch.inference_mode has tensors without a version counter:
     nothing keyed on them is cached, and the output is the no_grad twin's."""
-    torch.manual_seed(0)
-    base = nn.Linear(40, 24)
-    if base_kind == "nf4":
-        base = lora_ext.NF4Linear.from_linear(base, blocksize=64)
-    twin = lora_ext.LoraLinear(base, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    twin = _dora_layer(base_kind)
     x = torch.randn(3, 40)
     expected = _fresh(twin, x)
     with torch.inference_mode():
