@@ -270,10 +270,12 @@ def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
     if config.modules_to_save and not paths:
         close = _closest(config.modules_to_save, [n for n, _ in model.named_modules() if n])
         raise ValueError(f"modules_to_save {config.modules_to_save!r} matches no module; closest: {close}")
-    if paths and config.bias == "all":
-        raise ValueError("bias='all' together with modules_to_save is not supported: a bias inside a module trained "
-                         "in full would be two things at once; use bias='lora_only' or train that module's bias "
-                         "through modules_to_save")
+    with_bias = [p for p in paths if any(n.rpartition(".")[2] == "bias" for n, _ in
+                                         model.get_submodule(p).named_parameters())] if config.bias == "all" else []
+    if with_bias:  # (one without a bias, such as a language model's head, is no conflict)
+        raise ValueError(f"bias='all' together with modules_to_save {with_bias}, which have biases, is not supported: "
+                         f"a bias inside a module trained in full would be two things at once; use bias='lora_only' "
+                         f"or train that module's bias through modules_to_save")
     clash = [p for p in paths if any(under(t, (p,), inclusive=True) for t in targets)]
     if clash:
         raise ValueError(f"modules_to_save {clash} are (or contain) LoRA targets; a module is either adapted "

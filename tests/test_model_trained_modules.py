@@ -193,13 +193,25 @@ def test_hot_swap_follows_the_new_adapter_and_refuses_a_merged_model(tmp_path):
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_bias_all_with_modules_to_save_is_refused_and_nothing_changes():
-    with pytest.raises(ValueError, match="bias='all' together with modules_to_save is not supported"):
-        lora_ext.get_peft_model(_biased_llama(), target_modules=TARGETS, bias="all", modules_to_save=["lm_head"])
+def test_bias_all_with_modules_to_save_that_have_biases_is_refused_and_nothing_changes():
+    with pytest.raises(ValueError, match=r"bias='all' together with modules_to_save \['model.layers.0.mlp.gate_proj', "
+                                         r"'model.layers.1.mlp.gate_proj'\], which have biases, is not supported"):
+        lora_ext.get_peft_model(_biased_llama(), target_modules=TARGETS, bias="all", modules_to_save=["gate_proj"])
     model = lora_ext.get_peft_model(_biased_llama(), r=4, target_modules=TARGETS, bias="all")
     with pytest.raises(ValueError, match="bias='all' together with modules_to_save"):
         model.add_adapter("head", modules_to_save=["lm_head"])
     assert sorted(model.peft_config) == ["default"] and not model.saved_modules()
+
+
+def test_bias_all_with_modules_to_save_without_biases_matches_peft_both_ways(tmp_path):
+    """A head without a bias (a language model's) trained in full beside bias='all' is no conflict."""
+    kwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, bias="all", modules_to_save=["lm_head"])
+    ours = lora_ext.get_peft_model(_biased_llama(), **kwargs)
+    theirs = peft.get_peft_model(_biased_llama(), peft.LoraConfig(**kwargs))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n}
+    _trained_and_read_both_ways(ours, theirs, _biased_llama, tmp_path)
 
 
 def test_bias_all_means_parameters_named_bias_as_in_peft():
