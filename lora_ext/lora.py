@@ -199,6 +199,12 @@ class LoraLinear(nn.Module):
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
         init_lora_(self.lora_A, self.lora_B, init_lora_weights)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if getattr(self, "_unmerged_qweight", None) is not None:  # unmerge() restores it where the layer is now
+            self._unmerged_qweight = self._unmerged_qweight.to(self.base_layer.weight.device)
+        return self
+
     def _tied_with(self) -> list:
         users = _WEIGHT_USERS.get(id(self.base_layer.weight), ())
         return [m for m in users if m is not self and m.base_layer.weight is self.base_layer.weight]
@@ -225,7 +231,7 @@ class LoraLinear(nn.Module):
             self._merge_dora(safe_merge)
         elif isinstance(base, NF4Linear):
             new, err = merge_nf4(base.qweight, self.lora_A, self.lora_B, self.scaling)
-            _check_finite_merge(new.dequantize(torch.float32), safe_merge)
+            _check_finite_merge(new.dequantize(new.dtype), safe_merge)  # (finite in fp32 may be Inf in fp16)
             self._unmerged_qweight = base.qweight
             base._set_weight(new)
             self.merge_error = err

@@ -24,7 +24,7 @@ from . import checkpointing, dora, mixed_batch
 from .atomic import atomic_directory, existing, fresh
 from .distributed import copy_full_into, full_tensor, rank
 from .lora import LoraLinear, _in_out, init_lora_, is_conv1d, lora_scaling
-from .nf4 import NF4Linear
+from .nf4 import NF4Linear, check_quantizable
 from .peft_config import (BIAS_MODES, DEFAULT_TARGETS, LoraConfig, as_dict, check_patterns,  # noqa: F401
                           is_config_object, kwargs_from_config_object)
 from .saved_modules import ModulesToSaveWrapper, find_saved_modules, saved_module_shapes, under
@@ -345,8 +345,7 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
                       f"gives another residual base than the one it was trained on (PEFT's too); save PiSSA "
                       f"adapters with path_initial_model_for_weight_conversion for an exact reload", UserWarning,
                       stacklevel=3)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    quantized = []
     if config.quantize_base == "nf4":
         heads = _head_names(model)
         left_dense = set(targets) if needs_dense_base(init) else set()  # LoftQ quantizes these itself
@@ -354,7 +353,12 @@ def _inject(model: nn.Module, config: LoraConfig, random_state: int, adapter_nam
             module = model.get_submodule(name)
             linear = isinstance(module, nn.Linear) or is_conv1d(module)
             if linear and name not in heads and name not in left_dense and not under(name, saved, inclusive=True):
-                _set_module(model, name, NF4Linear.from_linear(module, quant_storage=config.quant_storage))
+                check_quantizable(name, module.weight, config.quant_storage)  # all of them before the first change
+                quantized.append(name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in quantized:
+        _set_module(model, name, NF4Linear.from_linear(model.get_submodule(name), quant_storage=config.quant_storage))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         for name in targets:

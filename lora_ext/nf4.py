@@ -5,7 +5,9 @@ A bitsandbytes `Linear4bit` state dict loads into NF4Linear and ours loads into 
 
 NaN and Inf, as bitsandbytes does it: a block holding a NaN stores absmax NaN and dequantizes to
 NaN in full; a block holding +-Inf stores absmax Inf and dequantizes to NaN except the Inf
-entries, which come back as +Inf. Other blocks are unaffected. All-zero blocks come back as zeros.
+entries, which come back as +Inf. Without double quantization other blocks are unaffected; with it
+(the default) the absmaxes' mean, the nested offset, is not finite either, and the whole weight
+dequantizes to NaN. All-zero blocks come back as zeros.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from . import ops, reference
 QUANT_TYPE = "nf4"
 NESTED_BLOCKSIZE = reference.NESTED_BLOCKSIZE
 _QS_KEY = "quant_state.bitsandbytes__nf4"
+# what bitsandbytes writes after "weight." for a 4-bit weight (nested_* with double quantization)
+_QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QS_KEY)
 _FLOAT_TYPES = ops._FLOAT_TYPES
 _STORAGE_TYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 _code_cache: dict = {}
@@ -146,6 +150,8 @@ class NF4Weight:
             meta = json.loads(bytes(qs[_QS_KEY].cpu().to(torch.uint8).tolist()).decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"'{_QS_KEY}' is not a valid packed JSON quant state: {e}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"'{_QS_KEY}' must hold a JSON object, got {type(meta).__name__}")
         if meta.get("quant_type") != QUANT_TYPE:
             raise ValueError(f"quant_type must be 'nf4', got {meta.get('quant_type')!r}")
         blocksize = meta.get("blocksize")
@@ -181,6 +187,8 @@ class NF4Weight:
             if key not in meta:
                 raise ValueError(f"packed quant state has nested_absmax but is missing '{key}'")
         nbs = meta["nested_blocksize"]
+        if not isinstance(nbs, int) or isinstance(nbs, bool) or nbs < 1:
+            raise ValueError(f"nested_blocksize must be a positive integer, got {nbs!r}")
         if absmax.dtype != torch.uint8:
             raise ValueError(f"absmax must be uint8 under double quantization, got {absmax.dtype}")
         nested_absmax, nested_code = qs["nested_absmax"], qs["nested_quant_map"]
@@ -192,6 +200,19 @@ class NF4Weight:
         offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
         return cls(data, absmax.reshape(-1), shape, dtype, blocksize, nested_absmax.reshape(-1),
                    nested_code.reshape(-1).contiguous(), offset, int(nbs))
+
+
+def check_quantizable(name: str, weight: torch.Tensor, quant_storage: torch.dtype) -> None:
+    """What quantize_nf4 would refuse for this weight, found without quantizing it: a caller converting many
+    layers checks them all before it changes the first."""
+    if weight.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"{name}: NF4 quantizes float32, float16 or bfloat16 weights, got {weight.dtype}")
+    if quant_storage not in _STORAGE_TYPES:
+        raise ValueError(f"quant_storage must be one of {_STORAGE_TYPES}, got {quant_storage}")
+    nbytes, size = (weight.numel() + 1) // 2, torch.empty((), dtype=quant_storage).element_size()
+    if nbytes % size:
+        raise ValueError(f"{name}: {nbytes} packed bytes cannot be viewed as {quant_storage} ({size} bytes each); "
+                         f"use quant_storage=torch.uint8")
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
@@ -259,6 +280,7 @@ class NF4Linear(nn.Module):
 
     _QUANT_STATE = ("absmax", "nested_absmax", "nested_code", "offset")
     _conv1d_type = None  # the Hugging Face Conv1D class it was quantized from, if any (to_linear rebuilds one)
+    _cast_dtype = None  # the float dtype the module was last cast to, where not the weight's own (to_linear's)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
                  double_quant: bool = True, dtype: torch.dtype = torch.float32, device=None,
@@ -325,17 +347,19 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_nf4(self.qweight, dtype)
 
-    def to_linear(self) -> nn.Module:
-        """A frozen dense layer holding the dequantized weight (in the dtype it was quantized from): an
-        nn.Linear, or the Hugging Face Conv1D it came from (weight transposed back), so a model saved
-        with it loads as the original architecture."""
-        w = self.dequantize(self.dtype)
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """A frozen dense layer holding the dequantized weight: an nn.Linear, or the Hugging Face Conv1D it came
+        from (weight transposed back), so a model saved with it loads as the original architecture. dtype: by
+        default the one the module was last cast to (model.half(), .to(torch.bfloat16)), else the one its
+        weight was quantized from."""
+        dtype = dtype or self._cast_dtype or self.dtype
+        w = self.dequantize(dtype)
         if self._conv1d_type is not None:
-            layer = self._conv1d_type(self.out_features, self.in_features).to(device=w.device, dtype=self.dtype)
+            layer = self._conv1d_type(self.out_features, self.in_features).to(device=w.device, dtype=dtype)
             w = w.t()
         else:
             layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                              device=w.device, dtype=self.dtype)
+                              device=w.device, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_(w)
             if self.bias is not None:
@@ -348,6 +372,9 @@ class NF4Linear(nn.Module):
         kept = {name: self._buffers[name] for name in self._QUANT_STATE if self._buffers.get(name) is not None}
         packed = self.weight.data
         super()._apply(fn, recurse)
+        # What a float tensor of the weight's dtype became: the dtype to_linear dequantizes to.
+        cast = fn(torch.empty(0, dtype=self._cast_dtype or self.dtype)).dtype
+        self._cast_dtype = None if cast == self.dtype else cast
         for name, old in kept.items():
             if self._buffers[name].dtype != old.dtype:
                 self._buffers[name] = old.to(self._buffers[name].device)
@@ -383,11 +410,15 @@ class NF4Linear(nn.Module):
         except ValueError as e:
             error_msgs.append(f"NF4Linear '{prefix}': {e}")
             return
-        device = self.weight.device
+        # load_state_dict(assign=True), or a module built on the meta device: the checkpoint's tensors as they are
+        assign = local_metadata.get("assign_to_params_buffers", False) or self.weight.is_meta
+        device = ours["weight"].device if assign else self.weight.device
         self._set_weight(qw.to(device))
         if bias is not None and self.bias is not None:
             with torch.no_grad():
-                self.bias.data = bias.detach().to(device=device, dtype=bias.dtype).clone()
+                self.bias = nn.Parameter(bias.detach() if assign else bias.detach().to(self.bias).clone(),
+                                         requires_grad=self.bias.requires_grad)
         if strict:
-            known = {"weight", "bias"} | {"weight." + k for k in qs}
-            unexpected_keys.extend(prefix + k for k in ours if k not in known and "." not in k)
+            known = {"weight"} | ({"bias"} if self.bias is not None else set()) | \
+                {"weight." + k for k in _QUANT_STATE_KEYS}
+            unexpected_keys.extend(prefix + k for k in ours if k not in known)

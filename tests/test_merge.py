@@ -120,6 +120,32 @@ def test_nf4_lora_merge_and_exact_unmerge():
     torch.testing.assert_close(layer(x), y)
 
 
+def test_nf4_unmerge_restores_the_weight_where_the_layer_is_now():
+    """A layer moved while merged (.to(device)): unmerge puts the original 4-bit weight back on the layer's
+    device, not where it was merged (the meta device stands in for another one)."""
+    layer = lora_ext.LoraLinear(lora_ext.NF4Linear.from_linear(nn.Linear(64, 32)), r=2, init_lora_weights=False)
+    layer.merge()
+    layer.to("meta")
+    layer.unmerge()
+    base = layer.base_layer
+    assert {t.device.type for t in (base.weight, base.absmax, base.nested_absmax, layer.lora_A)} == {"meta"}
+
+
+def test_nf4_safe_merge_checks_the_weight_in_its_own_dtype():
+    """A merged fp16 weight past fp16's range is Inf in the layer that holds it, though finite in fp32: refused
+    over NF4 as over a dense fp16 weight, and the base is left as it was."""
+    for base in (nn.Linear(64, 32, dtype=torch.float16).requires_grad_(False),
+                 lora_ext.NF4Linear.from_linear(nn.Linear(64, 32, dtype=torch.float16))):
+        layer = lora_ext.LoraLinear(base, r=2)
+        with torch.no_grad():
+            layer.lora_A.fill_(300.0)
+            layer.lora_B.fill_(300.0)  # s B A = 2 * 2 * 300 * 300 = 360000 > 65504
+        before = {k: v.clone() for k, v in base.state_dict().items()}
+        with pytest.raises(ValueError, match="NaN or Inf; the base weight was left unchanged"):
+            layer.merge(safe_merge=True)
+        assert not layer.merged and all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
 def test_merge_twice_warns_and_does_nothing():
     layer = lora_ext.LoraLinear(nn.Linear(32, 16), r=4, lora_alpha=8, init_lora_weights=False)
     layer.merge()

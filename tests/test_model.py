@@ -352,3 +352,21 @@ def test_unadaptable_targets_in_files_and_other_models(tmp_path):
     ours = lora_ext.get_peft_model(_llama(), r=4, target_modules="all-linear")
     assert sorted(ours.lora_layers()) == _peft_targets(peft.get_peft_model(_llama(), peft.LoraConfig(
         r=4, target_modules="all-linear")))
+
+
+@pytest.mark.parametrize("make, storage, message", [
+    (lambda: _llama(), torch.bfloat16, r"packed bytes cannot be viewed as torch.bfloat16"),
+    (lambda: _llama().double(), torch.uint8, r"NF4 quantizes float32, float16 or bfloat16 weights, got torch.float64"),
+])
+def test_quantize_base_checks_every_layer_before_the_first_changes(make, storage, message):
+    """A layer NF4 cannot hold (its packed bytes not a whole number of the storage dtype's; fp64) is refused
+    before any layer is quantized or any parameter frozen."""
+    model = make()
+    with torch.no_grad():  # one odd-sized layer, after layers that would quantize
+        model.model.layers[-1].mlp.down_proj = torch.nn.Linear(3, 3, dtype=model.dtype)  # 5 packed bytes
+    before = {n: (p.requires_grad, type(m).__name__) for n, p in model.named_parameters()
+              for m in [model.get_submodule(n.rpartition(".")[0])]}
+    with pytest.raises((ValueError, TypeError), match=message):
+        lora_ext.get_peft_model(model, r=4, target_modules=["q_proj"], quantize_base="nf4", quant_storage=storage)
+    assert before == {n: (p.requires_grad, type(m).__name__) for n, p in model.named_parameters()
+                      for m in [model.get_submodule(n.rpartition(".")[0])]}

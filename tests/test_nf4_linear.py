@@ -1,4 +1,6 @@
 """NF4Linear: forward against an fp64 reference, state dicts interchangeable with bitsandbytes' Linear4bit."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -129,6 +131,13 @@ def _assert_unchanged(module, before):
         assert torch.equal(after[k], before[k]), k
 
 
+def _with_meta(sd, **changes):
+    """sd with its packed JSON quant state changed."""
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = {**json.loads(bytes(sd[key].tolist()).decode()), **changes}
+    return {**sd, key: torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+
+
 def _good_state_dict(in_features=64, out_features=48, double_quant=True):
     return lora_ext.NF4Linear.from_linear(nn.Linear(in_features, out_features), double_quant=double_quant).state_dict()
 
@@ -144,6 +153,10 @@ def _good_state_dict(in_features=64, out_features=48, double_quant=True):
      "expected the packed quant state key"),
     (lambda sd: {**sd, "weight.nested_absmax": torch.ones(3)}, "nested_absmax must be float32 with 1 entries"),
     (lambda sd: {**sd, "bias": torch.zeros(7)}, r"bias must have shape \(48,\)"),
+    (lambda sd: {**sd, "weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)},
+     "must hold a JSON object, got list"),
+    (lambda sd: _with_meta(sd, nested_blocksize=0), "nested_blocksize must be a positive integer, got 0"),
+    (lambda sd: _with_meta(sd, nested_blocksize="256"), "nested_blocksize must be a positive integer, got '256'"),
 ])
 def test_bad_checkpoint_is_refused_and_changes_nothing(corrupt, message):
     layer = lora_ext.NF4Linear.from_linear(nn.Linear(64, 48))
@@ -161,6 +174,45 @@ def test_fp4_checkpoint_is_refused():
     layer = lora_ext.NF4Linear(64, 48)
     with pytest.raises(RuntimeError, match="only nf4 is supported"):
         layer.load_state_dict(l4.state_dict())
+
+
+def test_unexpected_keys_are_reported_as_nn_linear_reports_them():
+    """A bias for a layer without one, and a quant-state key bitsandbytes does not write, are unexpected (a
+    bias-less layer would silently drop the checkpoint's bias); a loaded bias keeps the module's dtype."""
+    src = lora_ext.NF4Linear.from_linear(nn.Linear(64, 48))
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "bias"'):
+        lora_ext.NF4Linear.from_linear(nn.Linear(64, 48, bias=False)).load_state_dict(src.state_dict())
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight.quant_state.bitsandbytes__fp4"'):
+        lora_ext.NF4Linear(64, 48).load_state_dict({**src.state_dict(),
+                                                    "weight.quant_state.bitsandbytes__fp4": torch.zeros(2)})
+    half = lora_ext.NF4Linear.from_linear(nn.Linear(64, 48)).half()
+    half.load_state_dict(src.state_dict())
+    assert half.bias.dtype == torch.float16 and torch.equal(half.bias, src.bias.half())
+
+
+def test_assign_keeps_the_checkpoints_tensors_for_a_meta_module():
+    """load_state_dict(assign=True) into a module built on the meta device, the usual way to build a large
+    model without allocating it: the checkpoint's tensors, not meta ones; the output is the source layer's."""
+    src = lora_ext.NF4Linear.from_linear(nn.Linear(64, 48))
+    dst = lora_ext.NF4Linear(64, 48).to("meta")  # (as accelerate's init_empty_weights leaves it)
+    dst.load_state_dict(src.state_dict(), assign=True)
+    assert dst.weight.device.type == dst.absmax.device.type == dst.bias.device.type == "cpu"
+    x = torch.randn(3, 64)
+    assert torch.equal(dst(x), src(x))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_to_linear_dequantizes_to_the_dtype_the_module_was_cast_to(cast):
+    """After model.half() the dense layer merge_and_unload(dequantize=True) and base_state_dict build is fp16,
+    as the rest of the model: it runs beside it, with the dequantized weight by the format's definition."""
+    layer = getattr(lora_ext.NF4Linear.from_linear(nn.Linear(64, 48)), cast)()
+    dense = layer.to_linear()
+    dtype = getattr(torch, "float16" if cast == "half" else cast)
+    assert dense.weight.dtype == dense.bias.dtype == dtype and layer.dtype == torch.float32
+    assert torch.equal(dense.weight, layer.dequantize(dtype))
+    x = torch.randn(3, 64, dtype=dtype)
+    torch.testing.assert_close(dense(x), layer(x), rtol=2e-2, atol=2e-2)
+    assert layer.float().to_linear().weight.dtype == torch.float32
 
 
 def test_missing_weight_is_reported():
