@@ -219,14 +219,8 @@ class LoraLinear(nn.Module):
             return
         if self.lora_A is None:
             return  # no adapter in this layer: nothing to fold in
-        if self._tied_with():
-            raise RuntimeError("LoraLinear.merge: the base weight is shared with another LoRA layer (tied weights); "
-                               "merging would apply the update to both. Untie the weights or merge one copy.")
+        self.check_mergeable()
         base = self.base_layer
-        if not isinstance(base, NF4Linear) and torch._debug_has_internal_overlap(base.weight) != 0:
-            raise RuntimeError("LoraLinear.merge: the base weight's elements share memory (an expanded view), so "
-                               "it cannot take a merged update in place; give the base a weight of its own "
-                               "(base.weight.data = base.weight.data.clone())")
         if self.use_dora:
             self._merge_dora(safe_merge)
         elif isinstance(base, NF4Linear):
@@ -244,6 +238,17 @@ class LoraLinear(nn.Module):
             ops.merge_lora_(base.weight.data, self.lora_A, self.lora_B, self.scaling)
         self._dora_w_sq = None  # (the writes above go through .data, which the fingerprint does not see)
         self.merged = True
+
+    def check_mergeable(self) -> None:
+        """What merge() refuses whatever the numbers: a model checks every layer before it merges the first."""
+        if self._tied_with():
+            raise RuntimeError("LoraLinear.merge: the base weight is shared with another LoRA layer (tied weights); "
+                               "merging would apply the update to both. Untie the weights or merge one copy.")
+        base = self.base_layer
+        if not isinstance(base, NF4Linear) and torch._debug_has_internal_overlap(base.weight) != 0:
+            raise RuntimeError("LoraLinear.merge: the base weight's elements share memory (an expanded view), so "
+                               "it cannot take a merged update in place; give the base a weight of its own "
+                               "(base.weight.data = base.weight.data.clone())")
 
     def _weight_out_in(self) -> torch.Tensor:
         w = self.base_layer.weight.detach()

@@ -5,7 +5,8 @@ grouped by adapter once per batch, then one shrink and one expand over all adapt
 rounding). Where autograd would need a gradient (grad mode on and an adapter or input that requires it),
 each adapter's rows go through the differentiable LoRA operator instead, so gradients stay right.
 modules_to_save run each row through its adapter's copy. As in PEFT, the model must be in eval mode,
-and with beam search each name covers its row's beams.
+and with beam search each name covers its row's beams: a layer's batch may hold any multiple of the names'
+rows, in contiguous blocks (an encoder sees the prompts once, a decoder each prompt's beams).
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ def layer_adapters(model, wanted: set) -> dict:
 
 
 @contextlib.contextmanager
-def adapter_names(model, names, rows: Optional[int] = None, beams: int = 1):
+def adapter_names(model, names, rows: Optional[int] = None):
     """Run `model` (a LoraModel) with one adapter per row. rows: the batch's rows, checked against names."""
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), one per row, got {names!r}")
@@ -153,7 +154,7 @@ def adapter_names(model, names, rows: Optional[int] = None, beams: int = 1):
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {rows} rows; give one per row")
     if current() is not None:
         raise RuntimeError("adapter_names: a mixed-adapter batch is already running in this thread")
-    _current.batch = MixedBatch([n for n in names for _ in range(beams)], layer_adapters(model, set(names)))
+    _current.batch = MixedBatch(list(names), layer_adapters(model, set(names)))
     try:
         yield
     finally:

@@ -276,6 +276,10 @@ def _saved_paths(model: nn.Module, config: LoraConfig, targets: list) -> list:
         raise ValueError(f"bias='all' together with modules_to_save {with_bias}, which have biases, is not supported: "
                          f"a bias inside a module trained in full would be two things at once; use bias='lora_only' "
                          f"or train that module's bias through modules_to_save")
+    adapted = [p for p in paths if any(isinstance(m, LoraLinear) for m in model.get_submodule(p).modules())]
+    if adapted:  # (another adapter's LoRA layers: a copy of them would be saved under this adapter's name, as PEFT)
+        raise ValueError(f"modules_to_save {adapted} are (or contain) LoRA layers of the model's other adapters; "
+                         f"a module is either adapted or trained in full, not both (PEFT refuses this too)")
     clash = [p for p in paths if any(under(t, (p,), inclusive=True) for t in targets)]
     if clash:
         raise ValueError(f"modules_to_save {clash} are (or contain) LoRA targets; a module is either adapted "
@@ -449,8 +453,7 @@ class LoraModel(nn.Module):
         if adapter_names is None:
             with dora.dora_caching():
                 return self.base_model.model.generate(*args, **kwargs)
-        beams = kwargs.get("num_beams") or 1
-        with mixed_batch.adapter_names(self, adapter_names, mixed_batch.batch_rows(args, kwargs), beams):
+        with mixed_batch.adapter_names(self, adapter_names, mixed_batch.batch_rows(args, kwargs)):
             return self.base_model.model.generate(*args, **kwargs)
 
     def lora_layers(self) -> dict:
@@ -698,8 +701,9 @@ class LoraModel(nn.Module):
             self.peft_config[adapter_name] = config
             return
         for name in names:
-            if not isinstance(model.get_submodule(name), LoraLinear):
-                _set_module(model, name, LoraLinear.without_adapter(model.get_submodule(name)))
+            module = model.get_submodule(name)
+            if not isinstance(module, LoraLinear):  # (in the module's mode: no dropout in a model in eval mode)
+                _set_module(model, name, LoraLinear.without_adapter(module).train(module.training))
         self._stored[adapter_name] = {n: (weights[f"{n}.lora_A.weight"].to(like), weights[f"{n}.lora_B.weight"].to(like))
                                       for n in names}
         self._stored_magnitudes.pop(adapter_name, None)
@@ -831,7 +835,14 @@ class LoraModel(nn.Module):
                     copy_full_into(t, weights[f"{path}.{key}"])
 
     # ---------------------------------------------------------------- merge / unload / disable
+    def _check_mergeable(self) -> None:
+        """Every layer merge() would refuse, before the first is merged (a refused call changes nothing)."""
+        for layer in self.lora_layers().values():
+            if layer.lora_A is not None and not layer.merged:
+                layer.check_mergeable()
+
     def merge_adapter(self) -> None:
+        self._check_mergeable()
         for layer in self.lora_layers().values():
             if layer.lora_A is not None:
                 layer.merge()
@@ -842,6 +853,8 @@ class LoraModel(nn.Module):
                 layer.unmerge()
 
     def _replace_layers(self, merge: bool, dequantize: bool = False) -> nn.Module:
+        if merge:
+            self._check_mergeable()
         model = self.base_model.model
         for name, layer in list(self.lora_layers().items()):
             if dequantize and isinstance(layer.base_layer, NF4Linear):

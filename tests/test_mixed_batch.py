@@ -100,6 +100,26 @@ def test_nf4_base_and_generate(saved):
             assert torch.equal(out[i:i + 1], alone), name
 
 
+@pytest.mark.parametrize("beams", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2)])
+def test_encoder_decoder_beam_search_generates_peft_tokens(tmp_path, beams):
+    """T5 with beams: the encoder sees each prompt once, the decoder each prompt's beams; both runs of a layer
+    take the names' rows in contiguous blocks, and the tokens are PEFT's."""
+    from hf_models import t5
+
+    theirs = peft.get_peft_model(t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
+                                                       init_lora_weights=False))
+    theirs.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path))
+    ours = lora_ext.LoraModel.from_pretrained(t5(), str(tmp_path))
+    ours.load_adapter(str(tmp_path / "b"), "b")
+    prompts = torch.randint(2, 96, (3, 7), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(adapter_names=["default", "b", "__base__"], max_new_tokens=5, do_sample=False,
+                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=None, **beams)
+    with torch.no_grad():
+        assert torch.equal(ours.eval().generate(input_ids=prompts, **kwargs),
+                           theirs.eval().generate(input_ids=prompts, **kwargs))
+
+
 def test_gpt2_conv1d_and_modules_to_save(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)

@@ -370,3 +370,53 @@ def test_quantize_base_checks_every_layer_before_the_first_changes(make, storage
         lora_ext.get_peft_model(model, r=4, target_modules=["q_proj"], quantize_base="nf4", quant_storage=storage)
     assert before == {n: (p.requires_grad, type(m).__name__) for n, p in model.named_parameters()
                       for m in [model.get_submodule(n.rpartition(".")[0])]}
+
+
+def test_load_adapter_makes_new_layers_in_the_models_mode(tmp_path):
+    """An adapter reaching modules no other adapter targets gives them LoRA layers in the model's mode: in eval,
+    no dropout, so two forwards agree, with PEFT's logits."""
+    torch.manual_seed(0)
+    peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["k_proj"], lora_dropout=0.3,
+                                                  init_lora_weights=False)).save_pretrained(str(tmp_path))
+    ours = lora_ext.get_peft_model(_llama(), r=4, target_modules=["q_proj"]).eval()
+    ours.load_adapter(str(tmp_path), "k")
+    ours.set_adapter("k")
+    theirs = peft.PeftModel.from_pretrained(_llama(), str(tmp_path)).eval()
+    assert not any(m.training for m in ours.modules())
+    with torch.no_grad():
+        first = ours(_ids()).logits
+        assert torch.equal(first, ours(_ids()).logits)
+        torch.testing.assert_close(first, theirs(_ids()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_on_another_adapters_lora_layer_is_refused_and_nothing_changes(tmp_path):
+    """PEFT refuses to train in full a module that is another adapter's LoRA layer; here too, and the other
+    adapter still saves and reloads as it was."""
+    ours = lora_ext.get_peft_model(_llama(), r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+        peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).add_adapter(
+            "b", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["v_proj"]))
+    with pytest.raises(ValueError, match=r"modules_to_save \[.*v_proj.*\] are \(or contain\) LoRA layers of the "
+                                         r"model's other adapters"):
+        ours.add_adapter("b", r=4, modules_to_save=["v_proj"])
+    assert sorted(ours.peft_config) == ["default"] and not ours.saved_modules() and len(ours.lora_layers()) == 4
+    ours.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(lora_ext.LoraModel.from_pretrained(_llama(), str(tmp_path))(_ids()).logits,
+                                   ours(_ids()).logits)
+
+
+def test_merging_tied_weights_is_refused_before_any_layer_merges():
+    """Layer 1's v_proj shares layer 0's weight: merge_adapter and merge_and_unload refuse before the first layer
+    merges (no layer merged, none unloaded, the output as before)."""
+    model = _llama()
+    model.model.layers[1].self_attn.v_proj.weight = model.model.layers[0].self_attn.v_proj.weight
+    ours = lora_ext.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False).eval()
+    with torch.no_grad():
+        before = ours(_ids()).logits
+    for call in (ours.merge_adapter, ours.merge_and_unload):
+        with pytest.raises(RuntimeError, match="tied weights"):
+            call()
+        assert len(ours.lora_layers()) == 4 and not any(m.merged for m in ours.lora_layers().values())
+    with torch.no_grad():
+        assert torch.equal(ours(_ids()).logits, before)
