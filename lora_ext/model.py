@@ -740,7 +740,11 @@ class LoraModel(nn.Module):
                     alpha_pattern: Optional[dict] = None, use_dora: bool = False) -> None:
         """A new adapter on the same modules, initialised like PEFT's; activate it with set_adapter.
         modules_to_save gives it its own fresh copies of those modules (from the frozen originals). The
-        inits that change the base weight (PiSSA, OLoRA, LoftQ) are for get_peft_model: the base is shared."""
+        inits that change the base weight (PiSSA, OLoRA, LoftQ) are for get_peft_model: the base is shared.
+        As PEFT's add_adapter(name, config), `r` may be a LoraConfig (PEFT's or ours) whose targets are the
+        active adapter's."""
+        if is_config_object(r):
+            return self.add_adapter(adapter_name, **self._keywords_of(r, adapter_name))
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} exists; load_adapter replaces its weights")
         if init_lora_weights not in (True, False, "gaussian"):
@@ -782,6 +786,38 @@ class LoraModel(nn.Module):
         if magnitudes:
             self._stored_magnitudes[adapter_name] = magnitudes
         self.peft_config[adapter_name] = config
+
+    def _keywords_of(self, config, adapter_name: str) -> dict:
+        """add_adapter's keywords from a LoraConfig object; what add_adapter cannot follow is refused by name."""
+        origin = f"add_adapter({adapter_name!r}, LoraConfig)"
+        kwargs = kwargs_from_config_object(config, self.base_model.model)
+        active = self.peft_config[self.active_adapter]
+        def same(a, b):  # (a PEFT config holds its targets as a set)
+            return sorted(a) == sorted(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+        differ = [k for k in ("target_modules", "layers_to_transform", "layers_pattern")
+                  if not same(kwargs.get(k), getattr(active, k))]
+        if differ:
+            raise ValueError(f"{origin}: a new adapter goes on the active adapter's modules; the config's "
+                             f"{', '.join(f'{k}={kwargs.get(k)!r}' for k in differ)} differ from its "
+                             f"{', '.join(f'{k}={getattr(active, k)!r}' for k in differ)} (an adapter saved for other "
+                             f"modules loads with load_adapter)")
+        unsupported = [f"{k}={kwargs[k]!r}" for k, default in (("bias", "none"), ("loftq_config", {}))
+                       if kwargs.get(k) not in (default, None)]
+        if unsupported:
+            raise ValueError(f"{origin}: add_adapter does not take {', '.join(unsupported)}")
+        keep = ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "modules_to_save",
+                "rank_pattern", "alpha_pattern", "use_dora")
+        return {k: kwargs[k] for k in keep if k in kwargs}
+
+    @property
+    def active_adapters(self) -> list:
+        """PEFT's list of the active adapters: one here."""
+        return [self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model itself (its LoRA layers in place), as PEFT's get_base_model."""
+        return self.base_model.model
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the one the model runs (and trains); the base is untouched."""

@@ -488,3 +488,31 @@ def test_task_type_and_auto_mapping_as_peft_writes_them(tmp_path):
     cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert (cfg["task_type"], cfg["auto_mapping"]) == ("CAUSAL_LM", None)
     assert type(peft.PeftModel.from_pretrained(base(), str(tmp_path / "again"))).__name__ == "PeftModelForCausalLM"
+
+
+def test_add_adapter_takes_a_peft_lora_config_as_peft_does():
+    """PEFT's add_adapter(name, LoraConfig): the same adapter as the keywords give, PEFT's logits once set
+    active; a config for other modules is refused by name and changes nothing. active_adapters and
+    get_base_model are PEFT's."""
+    targets = ["v_proj", "q_proj"]
+    ours = lora_ext.get_peft_model(llama(), r=4, lora_alpha=8, target_modules=targets)
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    config = peft.LoraConfig(r=8, lora_alpha=32, target_modules=targets, use_rslora=True, init_lora_weights=False)
+    ours.add_adapter("b", config)
+    theirs.add_adapter("b", config)
+    assert (ours.peft_config["b"].r, ours.peft_config["b"].lora_alpha, ours.peft_config["b"].use_rslora) == (8, 32, True)
+    ours.set_adapter("b")
+    theirs.set_adapter("b")
+    with torch.no_grad():  # B of both copied from PEFT's (each side's init draws its own random numbers)
+        for name, layer in ours.lora_layers().items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            layer.lora_A.copy_(peft_layer.lora_A["b"].weight)
+            layer.lora_B.copy_(peft_layer.lora_B["b"].weight)
+        torch.testing.assert_close(ours.eval()(token_ids()).logits, theirs.eval()(token_ids()).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert ours.active_adapters == theirs.active_adapters == ["b"]
+    assert ours.get_base_model() is ours.base_model.model
+    with pytest.raises(ValueError, match=r"add_adapter\('c', LoraConfig\): a new adapter goes on the active "
+                                         r"adapter's modules; the config's target_modules=\['k_proj'\] differ"):
+        ours.add_adapter("c", peft.LoraConfig(r=4, target_modules=["k_proj"]))
+    assert sorted(ours.peft_config) == ["b", "default"]
