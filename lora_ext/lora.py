@@ -175,6 +175,13 @@ class LoraLinear(nn.Module):
         self.use_dora = magnitude is not None
         return old
 
+    def set_trainable(self, trainable: bool) -> None:
+        """The adapter's tensors (A, B, DoRA's magnitude) trainable or frozen, and what one set in later gets."""
+        for t in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if t is not None:
+                t.requires_grad_(trainable)
+        self._trainable = trainable
+
     def clear_adapter(self) -> tuple:
         """No adapter here (the active one does not target this layer, when a model's adapters target
         different modules): the layer runs its base alone. Returns the previous (lora_A, lora_B)."""

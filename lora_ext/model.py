@@ -627,8 +627,11 @@ class LoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
-                        quantize_base: Optional[str] = None, quant_storage: torch.dtype = torch.uint8) -> "LoraModel":
-        """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched."""
+                        quantize_base: Optional[str] = None, quant_storage: torch.dtype = torch.uint8,
+                        is_trainable: bool = False) -> "LoraModel":
+        """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched.
+        As in PEFT, for inference unless is_trainable=True: the adapter frozen and the model in eval mode (no
+        dropout)."""
         config, weights = cls._read_adapter(directory)
         cfg_path, w_path = cls._files(directory)
         config.quantize_base, config.quant_storage = quantize_base, quant_storage
@@ -636,6 +639,9 @@ class LoraModel(nn.Module):
         _inject(model, config, random_state=0, adapter_name=adapter_name, initialize=False, origin=cfg_path)
         lora = cls(model, config, adapter_name)
         lora._copy_in(weights, adapter_name, config)
+        if not is_trainable:
+            lora._set_trainable(False)
+            lora.eval()
         return lora
 
     def _check_trained_parts(self, config: LoraConfig, saved: list, adapter_name: str, origin: str) -> None:
@@ -656,14 +662,15 @@ class LoraModel(nn.Module):
         if any(layer.merged for layer in self.lora_layers().values()):
             raise RuntimeError(f"{origin}: the active adapter is merged into the base; call unmerge_adapter() first")
 
-    def load_adapter(self, directory: str, adapter_name: str = "default") -> None:
+    def load_adapter(self, directory: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Load an adapter saved by lora_ext or PEFT as `adapter_name`, beside the others. It may target other
         modules and have other ranks than they do: modules only it targets get a LoRA layer (holding no
         adapter while another is active), and it is absent where it does not reach. Loading the active
         adapter's name with the same targets and ranks hot-swaps its weights in place (no module changes);
         otherwise the new weights replace it. Biases an adapter carries (bias != 'none') are written into
         the base, which every adapter shares. Everything is checked before the model changes; the cost is
-        that adapter's size, whatever the others hold."""
+        that adapter's size, whatever the others hold. As in PEFT, for inference unless is_trainable=True: the
+        adapter frozen and the model in eval mode."""
         from .inits import changes_base_when_loaded
 
         config, weights = self._read_adapter(directory)
@@ -690,8 +697,6 @@ class LoraModel(nn.Module):
         if previous is not None:  # the biases it trained are no longer its own unless the new one says so
             for p in _bias_params(model, previous.bias, list(self._pairs(adapter_name)), self.saved_modules()).values():
                 p.requires_grad_(False)
-        for p in _bias_params(model, config.bias, names, saved).values():
-            p.requires_grad_(True)
         _add_saved_copies(model, saved, adapter_name, self.active_adapter)
         if in_place:
             self._copy_in(weights, adapter_name, config)
@@ -699,6 +704,7 @@ class LoraModel(nn.Module):
                 layers[name].set_adapter_weights(layers[name].lora_A, layers[name].lora_B, config.alpha_for(name),
                                                  config.use_rslora, config.lora_dropout)
             self.peft_config[adapter_name] = config
+            self._after_load(active, is_trainable)
             return
         for name in names:
             module = model.get_submodule(name)
@@ -713,6 +719,15 @@ class LoraModel(nn.Module):
         if active:
             self._install(adapter_name)
         self._copy_in(weights, adapter_name, config)  # biases and modules_to_save copies
+        self._after_load(active, is_trainable)
+
+    def _after_load(self, active: bool, is_trainable: bool) -> None:
+        """As PEFT's load_adapter: the loaded adapter trains only with is_trainable=True (set_adapter makes
+        an adapter trainable when it becomes the active one); without it, the model goes to eval mode."""
+        if active:
+            self._set_trainable(is_trainable)
+        if not is_trainable:
+            self.eval()
 
     def _adapter_like(self) -> torch.Tensor:
         """A tensor of the adapters' device and dtype (the active adapter's, or any stored one's)."""
@@ -819,11 +834,26 @@ class LoraModel(nn.Module):
         """The wrapped model itself (its LoRA layers in place), as PEFT's get_base_model."""
         return self.base_model.model
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the one the model runs (and trains); the base is untouched."""
+    def _set_trainable(self, trainable: bool) -> None:
+        """The active adapter's tensors trainable or frozen: its LoRA layers', its modules_to_save copies and the
+        biases it trains (bias != 'none'), as PEFT's set_adapter and inference mode do."""
+        name, model = self.active_adapter, self.base_model.model
+        for layer in self.lora_layers().values():
+            layer.set_trainable(trainable)
+        for wrapper in self.saved_modules().values():
+            if name in wrapper.modules_to_save:
+                wrapper.modules_to_save[name].requires_grad_(trainable)
+        config = self.peft_config[name]
+        for p in _bias_params(model, config.bias, list(self._pairs(name)), self.saved_modules()).values():
+            p.requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the one the model runs and, as in PEFT, trains (frozen with inference_mode=True);
+        the adapters beside it are frozen. The base is untouched."""
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         if adapter_name == self.active_adapter:
+            self._set_trainable(not inference_mode)
             return
         self._check_unmerged(f"set_adapter({adapter_name!r})")
         previous = {n: (A, B) for n, (A, B) in self._pairs(self.active_adapter).items()}
@@ -835,8 +865,11 @@ class LoraModel(nn.Module):
             wrapper.active_adapter = adapter_name
             for name, copy in wrapper.modules_to_save.items():
                 copy.requires_grad_(name == adapter_name)
+        for t in [t for pair in previous.values() for t in pair] + list(previous_magnitudes.values()):
+            t.requires_grad_(False)
         self._stored[self.active_adapter] = previous
         self.active_adapter = adapter_name
+        self._set_trainable(not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name == self.active_adapter:

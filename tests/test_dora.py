@@ -289,7 +289,9 @@ def test_peft_reads_our_dora_adapter_and_we_read_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
     layer = loaded.lora_layers()["model.layers.0.self_attn.q_proj"]
-    assert layer.use_dora and layer.lora_magnitude_vector.requires_grad
+    assert layer.use_dora and not layer.lora_magnitude_vector.requires_grad  # for inference, as PEFT's
+    trainable = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "peft"), is_trainable=True)
+    assert trainable.lora_layers()["model.layers.0.self_attn.q_proj"].lora_magnitude_vector.requires_grad
 
 
 def test_a_peft_lora_config_object_with_use_dora():

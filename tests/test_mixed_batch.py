@@ -245,7 +245,7 @@ def test_sixty_four_adapters_in_one_batch_through_the_operator(monkeypatch):
 def test_with_gradients_on_rows_go_through_the_differentiable_operator(saved, monkeypatch):
     """Grad mode on (eval, no torch.no_grad()): the same logits, and the active adapter's gradient is the
     one its own rows give run alone (the operator computes no gradient, so it must not be used)."""
-    ours = _ours(saved)
+    ours = _ours(saved, is_trainable=True)
     ids = _ids(len(NAMES))
     calls = _count_operator_calls(monkeypatch)
     mixed = ours(input_ids=ids, adapter_names=NAMES).logits

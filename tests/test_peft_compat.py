@@ -516,3 +516,38 @@ def test_add_adapter_takes_a_peft_lora_config_as_peft_does():
                                          r"adapter's modules; the config's target_modules=\['k_proj'\] differ"):
         ours.add_adapter("c", peft.LoraConfig(r=4, target_modules=["k_proj"]))
     assert sorted(ours.peft_config) == ["b", "default"]
+
+
+def test_trainable_tensors_follow_peft_through_loads_and_switches(tmp_path):
+    """Which tensors train after each call, against PEFT making the same calls: from_pretrained and
+    load_adapter are for inference unless is_trainable=True (frozen, eval mode); an adapter loaded beside the
+    active one trains nothing, its biases neither; set_adapter makes the adapter it activates trainable (frozen
+    with inference_mode=True)."""
+    targets = ["q_proj", "v_proj"]
+    for name, bias in (("a", "none"), ("b", "all")):
+        peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=targets, bias=bias)).save_pretrained(
+            str(tmp_path / name))
+
+    def trainable(model):
+        return model.get_nb_trainable_parameters()[0]
+
+    ours = lora_ext.LoraModel.from_pretrained(llama(), str(tmp_path / "a"))
+    theirs = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "a"))
+    assert trainable(ours) == trainable(theirs) == 0 and not ours.training and not theirs.training
+    ours = lora_ext.LoraModel.from_pretrained(llama().train(), str(tmp_path / "a"), is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(llama().train(), str(tmp_path / "a"), is_trainable=True)
+    assert trainable(ours) == trainable(theirs) > 0
+    before = trainable(ours)
+    ours.load_adapter(str(tmp_path / "b"), "b", is_trainable=True)
+    theirs.load_adapter(str(tmp_path / "b"), "b", is_trainable=True)
+    # b's biases (bias="all") wait for set_adapter; PEFT counts b's A and B already (its inactive adapters are
+    # parameters of the model, ours are kept beside the layers)
+    assert trainable(ours) == before and ours.training
+    for model in (ours, theirs):
+        model.requires_grad_(False)
+        model.set_adapter("b")
+    assert trainable(ours) == trainable(theirs) > 0
+    for model in (ours, theirs):
+        model.set_adapter("b", inference_mode=True)
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == \
+        sorted(n for n, p in theirs.named_parameters() if p.requires_grad and ".b." not in n)

@@ -168,7 +168,7 @@ def run(args) -> dict:
     quantize = "nf4" if qlora else None
     gradient_checkpointing = CHECKPOINTING[args.gradient_checkpointing]
     if adapter_dir:
-        lora = LoraModel.from_pretrained(model, adapter_dir, quantize_base=quantize)
+        lora = LoraModel.from_pretrained(model, adapter_dir, quantize_base=quantize, is_trainable=True)
         checkpointing.enable(model, gradient_checkpointing)
     else:
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
