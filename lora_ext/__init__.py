@@ -14,11 +14,14 @@ from .merge import merge_nf4
 from .model import LoraConfig, LoraModel, get_peft_model
 from .loraplus import create_loraplus_optimizer
 from .multi_lora import multi_lora_linear
+from .trainer import AdapterCheckpoints
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCheckpoints",
     "HAS_C",
+    "LoraTrainer",
     "LoraConfig",
     "LoraLinear",
     "LoraModel",
@@ -39,3 +42,11 @@ __all__ = [
     "quantize_nf4",
     "reference",
 ]
+
+
+def __getattr__(name: str):
+    if name == "LoraTrainer":  # (transformers imported on first use)
+        from . import trainer
+
+        return trainer.LoraTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

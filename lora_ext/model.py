@@ -977,3 +977,20 @@ class LoraModel(nn.Module):
         finally:
             for m in switches:
                 m.disabled = False
+
+
+def _forward_signature() -> inspect.Signature:
+    """What LoraModel.forward shows to inspection: transformers.Trainer keeps only the batch columns a model's
+    forward names (remove_unused_columns) and takes its label names from it (its evaluation loss), and PEFT's
+    task models name these. The call itself passes everything on to the wrapped model."""
+    P = inspect.Parameter
+    names = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
+             "output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
+             "token_type_ids", "pixel_values", "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds",
+             "encoder_outputs")
+    return inspect.Signature([P("self", P.POSITIONAL_OR_KEYWORD)]
+                             + [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+                             + [P("adapter_names", P.KEYWORD_ONLY, default=None), P("kwargs", P.VAR_KEYWORD)])
+
+
+LoraModel.forward.__signature__ = _forward_signature()

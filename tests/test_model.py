@@ -420,3 +420,24 @@ def test_merging_tied_weights_is_refused_before_any_layer_merges():
         assert len(ours.lora_layers()) == 4 and not any(m.merged for m in ours.lora_layers().values())
     with torch.no_grad():
         assert torch.equal(ours(_ids()).logits, before)
+
+
+def test_trainer_with_its_default_arguments_trains_and_evaluates_as_with_peft(tmp_path):
+    """transformers.Trainer keeps only the batch columns the model's forward names and takes its label names
+    from it: with the default remove_unused_columns=True our model trains, and evaluate() reports the loss
+    PEFT's model gives (B = 0 at the start: the base model's loss)."""
+    pattern = torch.arange(16) % 12 + 3
+    data = [{"input_ids": pattern.roll(i), "labels": pattern.roll(i), "unused": i} for i in range(8)]
+    results = {}
+    for name, model in (("ours", lora_ext.get_peft_model(_llama(), r=4, lora_alpha=8)),
+                        ("peft", peft.get_peft_model(_llama(), peft.LoraConfig(
+                            r=4, lora_alpha=8, target_modules=lora_ext.model.DEFAULT_TARGETS)))):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / name), max_steps=2,
+                                              per_device_train_batch_size=4, report_to=[], save_strategy="no",
+                                              logging_steps=1, use_cpu=True, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+        assert trainer.label_names == ["labels"]
+        results[name] = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
+    assert results["ours"] == pytest.approx(results["peft"], rel=1e-5)
