@@ -14,10 +14,24 @@ import sys
 import time
 
 from .atomic import write_text
+from .finetune.cli import positive_int
 
 DEMO = {"aesop": "aesop_fables.txt", "alice": "alice_chapter_one.txt"}
 DEMO_PROMPTS = [("A Fox once saw", "aesop"), ("Alice was very", "alice"), ("A Fox once saw", "__base__"),
                 ("Alice was very", "aesop"), ("The Lion said", "aesop"), ("The Rabbit said", "alice")]
+
+
+def _adapter_arguments(given: list) -> dict:
+    """--adapter NAME=DIR values: name -> directory, each a directory."""
+    out = {}
+    for value in given:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter {value!r}: expected NAME=DIR (a name for the adapter, '=', its directory)")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"--adapter {value!r}: {directory} is not a directory")
+        out[name] = directory
+    return out
 
 
 def add_arguments(p) -> None:
@@ -27,12 +41,12 @@ def add_arguments(p) -> None:
                    help="an adapter directory (PEFT format) under a name; repeat for more (default: the demo "
                         "adapters, trained on first use)")
     p.add_argument("--model", default=None, help="the base model's directory (default: the adapters' recorded base)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per mixed batch")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per mixed batch")
     p.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=True, help="the base in NF4")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="generate_out", help="where the demo adapters and generations.jsonl go")
-    p.add_argument("--train-steps", type=int, default=60, help="steps of each demo adapter's training")
+    p.add_argument("--train-steps", type=positive_int, default=60, help="steps of each demo adapter's training")
 
 
 def _demo_adapters(out: str, steps: int) -> dict:
@@ -134,7 +148,7 @@ def run(args) -> int:
 
     try:
         device = resolve_device(args.device)
-        adapters = dict(a.split("=", 1) for a in args.adapter) if args.adapter else \
+        adapters = _adapter_arguments(args.adapter) if args.adapter else \
             _demo_adapters(args.out, args.train_steps)
         prompts = _prompts(args.prompts)
         unknown = sorted({a for _, a in prompts} - set(adapters) - {"__base__"})

@@ -195,6 +195,28 @@ def test_bad_data_and_arguments(tmp_path, capsys):
     assert "must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_a_refused_run_leaves_the_run_in_out_as_it_was(tmp_path, capsys):
+    """Arguments found bad only once the model is built (a learning rate, a target that matches nothing) are
+    refused before anything is written: the run already in --out keeps its base model (another seed's)."""
+    out = tmp_path / "run"
+    assert main(["finetune", "--steps", "1", "--seed", "1", "--out", str(out), *SMALL]) == 0
+    capsys.readouterr()
+
+    def base_files():
+        return {p.name: p.read_bytes() for p in (out / "base_model").iterdir()}
+
+    before = base_files()
+    for argv, message in ((["--lr", "-1"], "Invalid learning rate"),
+                          (["--targets", "nothing_here"], "matches no Linear module"),
+                          (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N")):
+        assert main(["finetune", "--steps", "1", "--out", str(out), *SMALL, *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert base_files() == before, argv
+    (tmp_path / "a_file").write_text("x")
+    assert main(["finetune", "--steps", "1", "--out", str(tmp_path / "a_file"), *SMALL]) == 2
+    assert "a file is there, not a directory" in capsys.readouterr().err
+
+
 def test_no_command_runs_finetune_on_its_defaults(monkeypatch):
     from lora_ext.finetune import cli
 

@@ -47,3 +47,17 @@ def test_generate_mixes_adapters_as_each_prompt_alone(tmp_path, capsys):
     path.write_text("not json\n")
     assert main(argv) == 2
     assert "--prompts: line 1 must be a JSON object" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_refused_by_name(tmp_path, capsys):
+    """Refused before any model loads: an adapter without its name, one whose directory is missing, counts
+    that are not positive, a device that does not exist."""
+    for argv, message in ((["--adapter", str(tmp_path)], "expected NAME=DIR"),
+                          (["--adapter", f"a={tmp_path / 'missing'}"], "missing is not a directory"),
+                          (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N")):
+        assert main(["generate", "--out", str(tmp_path / "out"), *argv]) == 2
+        assert message in capsys.readouterr().err
+    for argv in (["--batch-size", "0"], ["--max-new-tokens", "-3"]):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", *argv])
+        assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err

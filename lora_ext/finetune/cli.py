@@ -5,7 +5,7 @@ import argparse
 import sys
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: a small built-in "
                                                  "Llama built from a config, nothing downloaded)")
     p.add_argument("--data", default=None, help=".txt, or .jsonl with a 'text' field (default: built-in corpus)")
-    p.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
+    p.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32.0, help="lora_alpha (scale = alpha/r, alpha/sqrt(r) with "
                                                              "--rslora)")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
@@ -26,11 +26,11 @@ def add_arguments(p) -> None:
     p.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=None,
                    help="store the frozen base in NF4 (QLoRA, the default); --no-qlora keeps it dense (LoRA); "
                         "a resumed run keeps what it used")
-    p.add_argument("--steps", type=_positive_int, default=300, help="total optimizer steps (a resumed run "
+    p.add_argument("--steps", type=positive_int, default=300, help="total optimizer steps (a resumed run "
                                                                     "continues up to this number)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when visible)")
     p.add_argument("--out", default="finetune_out", help="output directory")
     p.add_argument("--merge", action="store_true", help="also save the merged model and print the merge error")

@@ -57,7 +57,10 @@ def _stop_on_ctrl_c():
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is visible")
     return device
@@ -158,10 +161,13 @@ def run(args) -> dict:
     base_path = _base_path(args, adapter_dir)
     model, tokenizer = _load_model(base_path, device, args.seed)
     windows = Windows(token_stream(texts, tokenizer), args.seq_len, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: a file is there, not a directory")
+    # Nothing is written before every argument has been taken (below): a refused run leaves --out as it was.
+    base_to_write = None
     if base_path is None:  # the adapter needs its base: the built-in one exists only here, so keep a copy
         base_path = os.path.join(args.out, "base_model")
-        _save_model(model, base_path)
+        base_to_write = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_path = os.path.abspath(base_path)
     model.config.name_or_path = base_path
     model.to(device)
@@ -179,7 +185,7 @@ def run(args) -> dict:
                               use_gradient_checkpointing=gradient_checkpointing)
         if init in ("pissa", "olora", "loftq"):  # the adapter belongs to the base the init made: keep that base
             base_path = os.path.abspath(os.path.join(args.out, "base_model"))
-            _save_model(model, base_path, state_dict=lora.base_state_dict())
+            base_to_write = lora.base_state_dict()
             model.config.name_or_path = base_path
             # the adapter is for that base: PEFT (and lora_ext) would take a "pissa"/"olora" init again on load
             lora.peft_config[lora.active_adapter].init_lora_weights = True
@@ -187,6 +193,9 @@ def run(args) -> dict:
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = _optimizer(lora, args.lr, loraplus_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args.steps))
+    os.makedirs(args.out, exist_ok=True)
+    if base_to_write is not None:
+        _save_model(model, base_path, state_dict=base_to_write)
     start, losses, eval_losses = 0, [], {}
     if state:
         if "adapter" in state:  # the adapter of the same step as the optimizer state (see the save below)
