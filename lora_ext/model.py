@@ -571,7 +571,8 @@ class LoraModel(nn.Module):
         return cfg_path, w_path
 
     @staticmethod
-    def _read_adapter(directory: str):
+    def _read_adapter(directory: str) -> tuple:
+        """(config, weights by model path, config file, weights file) of a saved adapter."""
         from safetensors.torch import load_file
 
         cfg_path, w_path = LoraModel._files(directory)
@@ -597,7 +598,7 @@ class LoraModel(nn.Module):
         odd = [k for k in weights if not (isinstance(k, str) and k.startswith(prefix))]
         if odd:
             raise ValueError(f"{w_path}: keys must start with {prefix!r}, got {odd[:5]}")
-        return config, {k[len(prefix):]: v for k, v in weights.items()}
+        return config, {k[len(prefix):]: v for k, v in weights.items()}, cfg_path, w_path
 
     @staticmethod
     def _check_weights(model: nn.Module, names: list, config: LoraConfig, weights: dict, path: str) -> list:
@@ -632,8 +633,7 @@ class LoraModel(nn.Module):
         """Wrap `model` with the adapter saved in `directory` (ours or PEFT's). Checked before the model is touched.
         As in PEFT, for inference unless is_trainable=True: the adapter frozen and the model in eval mode (no
         dropout)."""
-        config, weights = cls._read_adapter(directory)
-        cfg_path, w_path = cls._files(directory)
+        config, weights, cfg_path, w_path = cls._read_adapter(directory)
         config.quantize_base, config.quant_storage = quantize_base, quant_storage
         cls._check_weights(model, find_targets(model, config, cfg_path), config, weights, w_path)
         _inject(model, config, random_state=0, adapter_name=adapter_name, initialize=False, origin=cfg_path)
@@ -673,8 +673,7 @@ class LoraModel(nn.Module):
         adapter frozen and the model in eval mode."""
         from .inits import changes_base_when_loaded
 
-        config, weights = self._read_adapter(directory)
-        cfg_path, w_path = self._files(directory)
+        config, weights, cfg_path, w_path = self._read_adapter(directory)
         if changes_base_when_loaded(config.init_lora_weights):
             raise ValueError(f"{cfg_path}: init_lora_weights={config.init_lora_weights!r}: such an adapter is read (as "
                              f"PEFT reads it) as meant for the original base, whose top its init moves into the "

@@ -117,13 +117,8 @@ class NF4Weight:
 
     def with_storage(self, quant_storage: torch.dtype) -> "NF4Weight":
         """The same bytes viewed as another dtype (bitsandbytes' quant_storage, so FSDP can shard them)."""
-        if quant_storage not in _STORAGE_TYPES:
-            raise ValueError(f"quant_storage must be one of {_STORAGE_TYPES}, got {quant_storage}")
         raw = self.packed.reshape(-1)
-        size = torch.empty((), dtype=quant_storage).element_size()
-        if raw.numel() % size:
-            raise ValueError(f"{raw.numel()} packed bytes cannot be viewed as {quant_storage} "
-                             f"({size} bytes each); use quant_storage=torch.uint8")
+        _check_storage_fits(raw.numel(), quant_storage)
         return replace(self, data=raw.view(quant_storage).view(-1, 1))
 
     # -- bitsandbytes QuantState, packed for a state dict (keys without the "weight." prefix) --
@@ -207,11 +202,16 @@ def check_quantizable(name: str, weight: torch.Tensor, quant_storage: torch.dtyp
     layers checks them all before it changes the first."""
     if weight.dtype not in _FLOAT_TYPES:
         raise TypeError(f"{name}: NF4 quantizes float32, float16 or bfloat16 weights, got {weight.dtype}")
+    _check_storage_fits((weight.numel() + 1) // 2, quant_storage, f"{name}: ")
+
+
+def _check_storage_fits(nbytes: int, quant_storage: torch.dtype, prefix: str = "") -> None:
+    """nbytes packed bytes viewed as quant_storage (bitsandbytes' storage dtypes) must fill whole elements."""
     if quant_storage not in _STORAGE_TYPES:
         raise ValueError(f"quant_storage must be one of {_STORAGE_TYPES}, got {quant_storage}")
-    nbytes, size = (weight.numel() + 1) // 2, torch.empty((), dtype=quant_storage).element_size()
+    size = torch.empty((), dtype=quant_storage).element_size()
     if nbytes % size:
-        raise ValueError(f"{name}: {nbytes} packed bytes cannot be viewed as {quant_storage} ({size} bytes each); "
+        raise ValueError(f"{prefix}{nbytes} packed bytes cannot be viewed as {quant_storage} ({size} bytes each); "
                          f"use quant_storage=torch.uint8")
 
 

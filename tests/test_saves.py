@@ -31,7 +31,7 @@ def _big_adapter():
 def _version(directory):
     """The one value every lora_B of a saved adapter holds (its save's number), and its config's alpha,
     which the saver sets to the same number."""
-    config, weights = lora_ext.LoraModel._read_adapter(directory)
+    config, weights = lora_ext.LoraModel._read_adapter(directory)[:2]
     values = {v.flatten()[0].item() for k, v in weights.items() if k.endswith("lora_B.weight")}
     assert len(values) == 1 and all(torch.all(v == v.flatten()[0]) for k, v in weights.items()
                                     if k.endswith("lora_B.weight")), "tensors from two saves"
